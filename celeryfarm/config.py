@@ -1,0 +1,138 @@
+"""All of celeryfarm's configuration, read from ``CELERYFARM_*`` environment variables.
+
+This is the one place that reads the environment. Every process (the Katana plug-in, the
+render-node workers, Flower, the command line) builds a :class:`Settings` from its own
+environment, so a value that must agree between them (the broker URL, the visibility timeout)
+has one name everywhere. The README's configuration table documents each variable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import getpass
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Optional
+
+PREFIX = "CELERYFARM_"
+
+
+class ConfigError(ValueError):
+    """A ``CELERYFARM_*`` variable holds a value that cannot be used."""
+
+
+def _parse_dso_paths(text: str) -> dict[str, str]:
+    """Parse ``"dl=/opt/3delight/katana,prman=/opt/prman/katana"`` into a dict."""
+    paths: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, path = item.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise ConfigError(
+                f"{PREFIX}RENDERER_DSO_PATHS: expected name=path items separated by commas, "
+                f"got {item!r}"
+            )
+        paths[name.strip()] = path.strip()
+    return paths
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """celeryfarm's configuration; :meth:`from_env` is the way to build one."""
+
+    #: Redis URL of the Celery broker.
+    broker_url: str = "redis://127.0.0.1:6379/0"
+    #: Redis URL of Celery's result backend (defaults to the broker).
+    result_backend: str = ""
+    #: Redis URL where job records live (defaults to the broker).
+    store_url: str = ""
+    #: The shared mount, as *this* host sees it.
+    shared_root: Path = Path("~/.celeryfarm/shared").expanduser()
+    #: The shared mount, as the render nodes see it (defaults to ``shared_root``).
+    remote_shared_root: Optional[Path] = None
+    #: Katana installation on the render nodes, reported to Katana.
+    katana_root: str = "/opt/Foundry/Katana"
+    #: Renderer plug-in DSO folders on the render nodes, reported to Katana.
+    renderer_dso_paths: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    #: renderboot executable on the render nodes ("" lets Katana derive it from katana_root).
+    renderboot: str = ""
+    #: Queue (pool) that jobs go to when their settings name none.
+    default_queue: str = "renders"
+    #: Longest a render step may run; also sizes the broker's visibility timeout.
+    max_render_seconds: int = 7 * 24 * 3600
+    #: Seconds between SIGTERM and SIGKILL when a render is stopped.
+    stop_grace_seconds: float = 5.0
+    #: How often a running step checks its job's stop flag, in seconds.
+    poll_seconds: float = 0.25
+    #: Prefix of every Redis key celeryfarm writes, so farms can share a Redis.
+    key_prefix: str = "celeryfarm"
+    #: User recorded on submitted jobs and used as the default ``getJobs`` filter.
+    user: str = ""
+    #: Katana session recorded on submitted jobs ("" lets the plug-in make one).
+    session: str = ""
+
+    @property
+    def results_url(self) -> str:
+        return self.result_backend or self.broker_url
+
+    @property
+    def records_url(self) -> str:
+        return self.store_url or self.broker_url
+
+    @property
+    def node_shared_root(self) -> Path:
+        """The shared mount as the render nodes see it."""
+        return self.remote_shared_root or self.shared_root
+
+    @property
+    def visibility_timeout(self) -> int:
+        """Broker visibility timeout: above the longest render, so no step is redelivered
+        while it still runs. Every process derives it from the same variable."""
+        return self.max_render_seconds + 3600
+
+    @classmethod
+    def from_env(cls, environ: Optional[Mapping[str, str]] = None) -> Settings:
+        env = os.environ if environ is None else environ
+
+        def get(name: str, default: str = "") -> str:
+            return env.get(PREFIX + name, default).strip()
+
+        def number(name: str, default: float, kind: type = float):
+            raw = get(name)
+            if not raw:
+                return kind(default)
+            try:
+                value = kind(raw)
+            except ValueError:
+                raise ConfigError(f"{PREFIX}{name}: expected a number, got {raw!r}") from None
+            if value <= 0:
+                raise ConfigError(f"{PREFIX}{name}: must be positive, got {raw!r}")
+            return value
+
+        defaults = cls()
+        shared_root = Path(get("SHARED_ROOT") or defaults.shared_root).expanduser()
+        remote_root = get("REMOTE_SHARED_ROOT")
+        return cls(
+            broker_url=get("BROKER_URL") or defaults.broker_url,
+            result_backend=get("RESULT_BACKEND"),
+            store_url=get("STORE_URL"),
+            shared_root=shared_root,
+            remote_shared_root=Path(remote_root) if remote_root else None,
+            katana_root=get("KATANA_ROOT") or defaults.katana_root,
+            renderer_dso_paths=_parse_dso_paths(get("RENDERER_DSO_PATHS")),
+            renderboot=get("RENDERBOOT"),
+            default_queue=get("DEFAULT_QUEUE") or defaults.default_queue,
+            max_render_seconds=number("MAX_RENDER_SECONDS", defaults.max_render_seconds, int),
+            stop_grace_seconds=number("STOP_GRACE_SECONDS", defaults.stop_grace_seconds),
+            poll_seconds=number("POLL_SECONDS", defaults.poll_seconds),
+            key_prefix=get("KEY_PREFIX") or defaults.key_prefix,
+            user=get("USER") or _login_name(),
+            session=get("SESSION"),
+        )
+
+
+def _login_name() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry, e.g. an arbitrary container uid
+        return str(os.getuid())

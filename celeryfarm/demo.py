@@ -231,7 +231,7 @@ def _report(console: Any, job: DemoJob) -> None:
     reason = f": {job.reason}" if job.reason else ""
     colour = STATE_COLOURS.get(job.state, "white")
     console.print(f"{mark} [bold]{job.job_id[:8]}[/] {job.name}: "
-                  f"[{colour}]{job.state}[/] ({intent}){reason}")
+                  f"[{colour}]{job.state}[/] ({intent}){reason}", soft_wrap=True)
     console.print(f"     render log  {job.log_path}", soft_wrap=True)
     if job.writes_frames:
         frames_dir = job.local_dir / "frames"

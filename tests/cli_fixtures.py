@@ -32,7 +32,7 @@ def base_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def farm_env(base: Path, **extra: str) -> dict[str, str]:
+def up_env(base: Path, **extra: str) -> dict[str, str]:
     """The environment of a farm whose data folder and shared root are under ``base``."""
     return base_env(CELERYFARM_DATA_DIR=str(base / "data"),
                     CELERYFARM_SHARED_ROOT=str(base / "shared"), **extra)

@@ -30,10 +30,10 @@ from .cli_fixtures import (
     alive,
     base_env,
     cli,
-    farm_env,
     job_status,
     ok,
     processes_tagged,
+    up_env,
     wait_for_state,
     wait_until,
 )
@@ -45,7 +45,7 @@ HEX32 = re.compile(r"^[0-9a-f]{32}$")
 def farm(tmp_path_factory):
     """One ``celeryfarm up`` (1 node with 2 slots, Flower) shared by this module's tests."""
     base = tmp_path_factory.mktemp("farm")
-    env = farm_env(base, CELERYFARM_FLOWER_PORT=str(free_port()))
+    env = up_env(base, CELERYFARM_FLOWER_PORT=str(free_port()))
     up = Up(env, "--workers", "1", "--concurrency", "2").wait_ready()
     up.base = base
     yield up
@@ -171,7 +171,7 @@ def test_an_unreachable_farm_gives_a_one_line_error_at_once():
 
 
 def test_env_without_a_farm_says_how_to_start_one(tmp_path):
-    one_line_error(cli(farm_env(tmp_path), "env"), "no farm is running", "celeryfarm up")
+    one_line_error(cli(up_env(tmp_path), "env"), "no farm is running", "celeryfarm up")
 
 
 def test_flower_shows_steps_by_name_behind_its_login(farm):
@@ -228,7 +228,7 @@ def test_a_dead_worker_is_started_again(farm):
 # -- stopping and restarting up -----------------------------------------------------------
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_stopping_up_leaves_no_process_and_a_restart_finds_the_jobs(tmp_path, sig):
-    env = farm_env(tmp_path)
+    env = up_env(tmp_path)
     up = Up(env, "--workers", "1", "--no-flower").wait_ready()
     tag = f"ctrl-c-test-{os.getpid()}-{sig}"
     try:
@@ -264,13 +264,13 @@ def test_stopping_up_leaves_no_process_and_a_restart_finds_the_jobs(tmp_path, si
 def test_up_without_redis_server_says_how_to_install_it(tmp_path):
     empty = tmp_path / "bin"
     empty.mkdir()
-    result = cli(farm_env(tmp_path, PATH=str(empty)), "up", "--no-flower", timeout=60)
+    result = cli(up_env(tmp_path, PATH=str(empty)), "up", "--no-flower", timeout=60)
     one_line_error(result, "redis-server not found", "apt-get install redis-server")
 
 
 # -- demo -------------------------------------------------------------------------------------
 def test_demo_runs_its_jobs_and_exits_0(tmp_path):
-    env = farm_env(tmp_path)
+    env = up_env(tmp_path)
     demo = subprocess.Popen([*CELERYFARM, "demo"], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     output = Output(demo.stdout)

@@ -174,27 +174,46 @@ def test_env_without_a_farm_says_how_to_start_one(tmp_path):
     one_line_error(cli(up_env(tmp_path), "env"), "no farm is running", "celeryfarm up")
 
 
+def flower(farm, path: str, data: bytes | None = None, login: bool = True):
+    """Call Flower's API as an admin would (``data`` makes it a POST)."""
+    port = re.search(r"http://127\.0\.0\.1:(\d+)", farm.output.text).group(1)
+    password = json.loads((farm.base / "data" / "embedded.json").read_text())["flower_password"]
+    headers = {}
+    if login:
+        token = base64.b64encode(f"admin:{password}".encode()).decode()
+        headers["Authorization"] = f"Basic {token}"
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data,
+                                     headers=headers)
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.load(response)
+
+
 def test_flower_shows_steps_by_name_behind_its_login(farm):
     job_id = submit(farm.env, *RENDERBOOT, "--seconds", "0.2", name="flowerjob")
     wait_for_state(farm.env, job_id, ("Completed",))
-    port = re.search(r"http://127\.0\.0\.1:(\d+)", farm.output.text).group(1)
-    password = json.loads((farm.base / "data" / "embedded.json").read_text())["flower_password"]
-    url = f"http://127.0.0.1:{port}/api/tasks"
     with pytest.raises(urllib.error.HTTPError) as refused:
-        urllib.request.urlopen(url, timeout=10)
+        flower(farm, "/api/tasks", login=False)
     assert refused.value.code == 401
-    login = base64.b64encode(f"admin:{password}".encode()).decode()
-    request = urllib.request.Request(url, headers={"Authorization": f"Basic {login}"})
 
     def task():
-        with urllib.request.urlopen(request, timeout=10) as response:
-            tasks = json.load(response)
-        found = tasks.get(f"{job_id}-1-0")
+        found = flower(farm, "/api/tasks").get(f"{job_id}-1-0")
         return found if found and found["state"] == "SUCCESS" else None
 
     found = wait_until(task, 30, "Flower to show the finished step", every=0.5)
     assert found["name"] == "flowerjob [1/1]"
     assert "renderboot" in found["kwargs"] and job_id in found["kwargs"]
+
+
+def test_terminating_a_step_from_flower_cancels_the_job(farm):
+    tag = f"flower-test-{os.getpid()}"
+    job_id = submit(farm.env, *RENDERBOOT, "--live", "--tag", tag, name="flowerstop")
+    wait_for_state(farm.env, job_id, ("Running",))
+    renders = wait_until(lambda: processes_tagged(tag), 30, "the render")
+    # What Flower's Terminate button on the task page sends.
+    flower(farm, f"/api/task/revoke/{job_id}-1-0", data=b"terminate=true")
+    status = wait_for_state(farm.env, job_id, ("Cancelled",), timeout=30)
+    assert "revoked outside celeryfarm" in status["reason"]
+    wait_until(lambda: not alive(renders), 30, "the render processes to be gone")
 
 
 def test_worker_joins_this_machine_to_the_farm(farm):

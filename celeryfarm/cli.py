@@ -16,7 +16,6 @@ import re
 import shlex
 import signal
 import sys
-import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -27,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from .config import PREFIX, ConfigError, Settings, redact
-from .jobs import RENDER_TYPES, FarmError, JobNotFound, JobRecord, State
+from .jobs import RENDER_TYPES, FarmError, JobNotFound, JobRecord, State, parse_command
 
 if TYPE_CHECKING:
     from .farm import Farm
@@ -154,38 +153,10 @@ def cli(ctx: click.Context, data_dir: str | None) -> None:
 
 
 # -- running a farm ---------------------------------------------------------------------------
-_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-
-def _interrupt(_signum: int, _frame: object) -> None:
-    raise KeyboardInterrupt
-
-
-@contextmanager
-def interrupted_by_signals() -> Iterator[None]:
-    """SIGTERM and SIGHUP interrupt the main thread as Ctrl-C does, so ``up`` and ``demo``
-    clean up the same way whichever way they are stopped (also during start-up)."""
-    previous = {sig: signal.signal(sig, _interrupt) for sig in _STOP_SIGNALS}
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-
-
-@contextmanager
-def shielded() -> Iterator[None]:
-    """Ignore stop signals while cleaning up, so a second Ctrl-C cannot cut it short."""
-    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in _STOP_SIGNALS}
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-
-
-def make_local_farm(session: Session, workers: int, concurrency: int, queues: str,
-                flower: bool, flower_port: int | None, echo: Any = click.echo) -> Any:
+def make_local_farm(session: Session, *, workers: int, concurrency: int = 1, queues: str = "",
+                    flower: bool = True, flower_port: int | None = None,
+                    echo: Any = click.echo) -> Any:
+    """The LocalFarm that ``up`` (and the demo) run, from the session's environment."""
     from .localfarm import LocalFarm, wants_embedded_redis
 
     settings = session.local_settings
@@ -221,22 +192,19 @@ def up(session: Session, workers: int, concurrency: int, queues: str, flower: bo
     (a worker that dies is started again), and Flower with a login. Ctrl-C or SIGTERM stops
     them all; a later `up` on the same data folder finds the earlier jobs.
     """
+    from .localfarm import supervised
+
     started = time.monotonic()
-    farm = make_local_farm(session, workers, concurrency, queues, flower, flower_port)
+    farm = make_local_farm(session, workers=workers, concurrency=concurrency, queues=queues,
+                           flower=flower, flower_port=flower_port)
+    click.echo(f"starting a farm from {farm.data_dir} ...")
     try:
-        with interrupted_by_signals():
-            click.echo(f"starting a farm from {farm.data_dir} ...")
-            state = farm.start()
+        with supervised(farm) as state:
             _print_farm(state, farm, time.monotonic() - started)
-            farm.run(threading.Event())  # until a signal interrupts it
+            while True:  # until a signal interrupts us
+                signal.pause()
     except KeyboardInterrupt:
-        pass
-    finally:
-        with shielded():
-            if farm.children:
-                click.echo("stopping the farm ...")
-            farm.stop()
-    click.echo("farm stopped")
+        click.echo("farm stopped")
 
 
 def _print_farm(state: Any, farm: Any, seconds: float) -> None:
@@ -398,9 +366,8 @@ def submit(session: Session, command: tuple[str, ...], commands: tuple[str, ...]
     plugin.createTempDirectory(context)
     copied = plugin.copyRenderFiles(list(files), context) if files else {}
     settings = {k: v for k, v in (("pool", pool), ("priority", priority)) if v is not None}
-    first = steps[0] if isinstance(steps[0], list) else shlex.split(steps[0]) or ["job"]
     request = FarmPluginManager.JobRequest(
-        name=name or Path(first[0]).name,
+        name=name or Path(parse_command(steps[0])[0]).name,
         renderContextName=context,
         commands=steps,
         environment={**plugin.getEnvironmentForJob(context), **environment},

@@ -14,13 +14,12 @@ import dataclasses
 import re
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .config import redact
+from .config import PREFIX, redact
 from .farmapi import FarmPluginManager
 from .jobs import FarmError, State
 
@@ -125,46 +124,28 @@ def run(session: Session, workers: int = 2, timeout: float = 300.0) -> bool:
         from rich.console import Console
     except ImportError:
         raise FarmError("the demo needs rich: pip install 'celeryfarm[cli]'") from None
-    from .cli import interrupted_by_signals, shielded
+    from .cli import make_local_farm
+    from .localfarm import running_farm, supervised
 
     console = Console(highlight=False)
-    farm = None
-    stop = threading.Event()
+    settings = session.local_settings
     try:
-        with interrupted_by_signals():
-            farm = _own_farm(session, workers, console)
-            if farm is not None:
-                threading.Thread(target=farm.run, args=(stop,), daemon=True).start()
+        if session.environ.get(PREFIX + "BROKER_URL") or running_farm(settings.data_dir):
+            console.print(f"using the running farm at "
+                          f"[bold]{redact(session.settings.broker_url)}[/]")
+            return _show(session, console, timeout)
+        console.print(f"starting a farm with {workers} render node(s) from "
+                      f"{settings.data_dir} ...")
+        started = time.monotonic()
+        farm = make_local_farm(session, workers=workers, flower=False, echo=console.print)
+        with supervised(farm) as state:
+            session.point_at(state.env)
+            console.print(f"farm up in {time.monotonic() - started:.1f} s "
+                          f"(broker {redact(state.broker_url)})")
             return _show(session, console, timeout)
     except KeyboardInterrupt:
         console.print("[yellow]demo interrupted[/]")
         return False
-    finally:
-        stop.set()
-        if farm is not None:
-            with shielded():
-                console.print("stopping the demo's farm ...")
-                farm.stop()
-                console.print("demo farm stopped")
-
-
-def _own_farm(session: Session, workers: int, console: Any) -> Any:
-    """Start a farm for the demo unless one is there; return it (None: one was there)."""
-    from .cli import make_local_farm
-    from .localfarm import running_farm
-
-    settings = session.local_settings
-    if session.environ.get("CELERYFARM_BROKER_URL") or running_farm(settings.data_dir):
-        console.print(f"using the running farm at "
-                      f"[bold]{redact(session.settings.broker_url)}[/]")
-        return None
-    console.print(f"starting a farm with {workers} render node(s) from {settings.data_dir} ...")
-    started = time.monotonic()
-    farm = make_local_farm(session, workers, 1, "", False, None, echo=console.print)
-    session.point_at(farm.start().env)
-    console.print(f"farm up in {time.monotonic() - started:.1f} s "
-                  f"(broker {redact(farm.broker_url)})")
-    return farm
 
 
 def _show(session: Session, console: Any, timeout: float) -> bool:

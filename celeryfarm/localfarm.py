@@ -28,7 +28,8 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Callable
 
@@ -431,6 +432,49 @@ class LocalFarm:
         if self._lock is not None:
             self._lock.close()
             self._lock = None
+
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def _interrupt(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+@contextmanager
+def _signals(handler: Callable | int) -> Iterator[None]:
+    previous = {sig: signal.signal(sig, handler) for sig in _STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+@contextmanager
+def supervised(farm: LocalFarm) -> Iterator[FarmState]:
+    """Start ``farm``, supervise it from a thread while the body runs, then stop it.
+
+    SIGTERM and SIGHUP interrupt the main thread as Ctrl-C does (``KeyboardInterrupt``), so
+    the farm is stopped whichever way its process is told to end, also during start-up;
+    while it stops, those signals are ignored, so a second Ctrl-C cannot leave children
+    behind. Must be used from the main thread.
+    """
+    stop = threading.Event()
+    supervisor = threading.Thread(target=farm.run, args=(stop,), daemon=True)
+    try:
+        with _signals(_interrupt):
+            state = farm.start()
+            supervisor.start()
+            yield state
+    finally:
+        with _signals(signal.SIG_IGN):
+            if farm.children:
+                farm.echo("stopping the farm ...")
+            stop.set()
+            if supervisor.is_alive():
+                supervisor.join()
+            farm.stop()
 
 
 def _port_free(port: int) -> bool:

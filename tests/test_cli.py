@@ -245,7 +245,7 @@ def test_a_dead_worker_is_started_again(farm):
 
 
 # -- stopping and restarting up -----------------------------------------------------------
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_stopping_up_leaves_no_process_and_a_restart_finds_the_jobs(tmp_path, sig):
     env = up_env(tmp_path)
     up = Up(env, "--workers", "1", "--no-flower").wait_ready()

@@ -10,6 +10,7 @@ non-zero exit status; heavy modules are imported only by the commands that need 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -30,6 +31,7 @@ from .jobs import RENDER_TYPES, FarmError, JobNotFound, JobRecord, State, parse_
 
 if TYPE_CHECKING:
     from .farm import Farm
+    from .localfarm import FarmState, LocalFarm
     from .plugin import CeleryFarmPlugin
 
 #: Exit status of ``submit --wait`` and ``demo`` when a job did not end as it should.
@@ -155,14 +157,12 @@ def cli(ctx: click.Context, data_dir: str | None) -> None:
 # -- running a farm ---------------------------------------------------------------------------
 def make_local_farm(session: Session, *, workers: int, concurrency: int = 1, queues: str = "",
                     flower: bool = True, flower_port: int | None = None,
-                    echo: Any = click.echo) -> Any:
+                    echo: Any = click.echo) -> LocalFarm:
     """The LocalFarm that ``up`` (and the demo) run, from the session's environment."""
     from .localfarm import LocalFarm, wants_embedded_redis
 
     settings = session.local_settings
     if flower_port:
-        import dataclasses
-
         settings = dataclasses.replace(settings, flower_port=flower_port)
     return LocalFarm(
         settings, workers=workers, concurrency=concurrency, queues=queues, flower=flower,
@@ -207,7 +207,7 @@ def up(session: Session, workers: int, concurrency: int, queues: str, flower: bo
         click.echo("farm stopped")
 
 
-def _print_farm(state: Any, farm: Any, seconds: float) -> None:
+def _print_farm(state: FarmState, farm: LocalFarm, seconds: float) -> None:
     nodes = ", ".join(state.nodes)
     rows = [
         ("broker", redact(state.broker_url)

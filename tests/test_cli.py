@@ -112,6 +112,27 @@ def test_submit_and_watch_a_job_to_completed(farm, tmp_path):
     assert "frame 3 written" in ok(farm.env, "log", job_id[:6])  # a unique prefix is enough
 
 
+def test_submit_steps_with_cmd_and_wait_for_the_outcome(farm, tmp_path):
+    boot = shlex.join(RENDERBOOT)
+    env = {**farm.env, "CELERYFARM_USER": f"td{os.getpid()}"}
+    passing = cli(env, "submit", "--name", "two steps", "--wait",
+                  "--cmd", f"{boot} --seconds 0.2 --output {tmp_path}/a",
+                  "--cmd", f"{boot} --seconds 0.2 --output {tmp_path}/b")
+    assert passing.returncode == 0, passing.stderr
+    assert "Completed" in passing.stderr
+    assert (tmp_path / "a" / "frame.0001.ppm").exists()
+    assert (tmp_path / "b" / "frame.0001.ppm").exists()
+    failing = cli(env, "submit", "--wait", "--cmd", f"{boot} --seconds 0.2 --exit-code 3",
+                  "--cmd", f"{boot} --output {tmp_path}/never")
+    assert failing.returncode == 1
+    assert "Failed: step 1/2 failed: exit status 3" in failing.stderr
+    assert not (tmp_path / "never").exists()
+    mine = [json.loads(line)["id"] for line in ok(env, "jobs", "--mine", "--json").splitlines()]
+    assert mine == [failing.stdout.strip(), passing.stdout.strip()]  # newest first
+    assert ok(farm.env, "jobs", "--user", env["CELERYFARM_USER"], "--state", "Failed",
+              "--json").count("\n") == 1
+
+
 def test_log_follow_prints_lines_as_they_come(farm):
     job_id = submit(farm.env, *RENDERBOOT, "--frames", "1-8", "--seconds", "4", name="slow")
     follower = subprocess.Popen([*CELERYFARM, "log", "-f", job_id], env=farm.env,

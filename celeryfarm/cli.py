@@ -416,8 +416,12 @@ def _as_json(session: Session, record: JobRecord) -> dict[str, Any]:
         "step": None if record.step is None else record.step + 1, "node": record.node,
         "submitted": record.submitted_ms, "started": record.start_ms,
         "finished": record.end_ms, "reason": record.reason,
-        "log": str(session.farm.root.local / record.log_path) if record.log_path else None,
+        "log": _log_path(session, record),
     }
+
+
+def _log_path(session: Session, record: JobRecord) -> str | None:
+    return str(session.farm.root.local / record.log_path) if record.log_path else None
 
 
 @cli.command()
@@ -443,7 +447,7 @@ def jobs(session: Session, states: tuple[str, ...], user: str | None, mine: bool
         return
     rows = [
         [r.job_id[:8], r.spec.name, r.state, _time(r.submitted_ms, True),
-         _time(r.end_ms, True), r.node or "-", _as_json(session, r)["log"] or "-"]
+         _time(r.end_ms, True), r.node or "-", _log_path(session, r) or "-"]
         for r in records
     ]
     _table(["ID", "NAME", "STATE", "SUBMITTED", "FINISHED", "NODE", "LOG"], rows, state_col=2)

@@ -1,6 +1,7 @@
 """Helpers for the command-line tests: run ``celeryfarm`` commands and ``celeryfarm up`` as
 real processes in a temporary data folder, and wait on what they print or on the farm's
-state, always with a bounded timeout."""
+state, always with a bounded timeout (``wait_until`` and ``renderboot`` are the core tests'
+helpers)."""
 
 from __future__ import annotations
 
@@ -14,15 +15,15 @@ import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Callable, TypeVar
 
 import psutil
 
-T = TypeVar("T")
+from .helpers import renderboot, wait_until
+
 SCRIPT = Path(sys.executable).with_name("celeryfarm")
 #: The command under test: the installed console script, else the module.
 CELERYFARM = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "celeryfarm"]
-RENDERBOOT = [sys.executable, "-m", "celeryfarm.testing.renderboot"]
+RENDERBOOT = renderboot()
 
 
 def base_env(**extra: str) -> dict[str, str]:
@@ -36,18 +37,6 @@ def up_env(base: Path, **extra: str) -> dict[str, str]:
     """The environment of a farm whose data folder and shared root are under ``base``."""
     return base_env(CELERYFARM_DATA_DIR=str(base / "data"),
                     CELERYFARM_SHARED_ROOT=str(base / "shared"), **extra)
-
-
-def wait_until(check: Callable[[], T], timeout: float, what: str, every: float = 0.1) -> T:
-    """Return ``check()``'s first truthy value; raise ``AssertionError`` after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(every)
 
 
 def cli(env: Mapping[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -73,8 +62,7 @@ def wait_for_state(env: Mapping[str, str], job_id: str, states: tuple[str, ...],
         status = job_status(env, job_id)
         return status if status["state"] in states else None
 
-    return wait_until(reached, timeout, f"job {job_id} to be {' or '.join(states)}",
-                      every=0.2)
+    return wait_until(reached, timeout, f"job {job_id} to be {' or '.join(states)}")
 
 
 def processes_tagged(tag: str) -> list[psutil.Process]:

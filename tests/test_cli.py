@@ -220,7 +220,7 @@ def test_flower_shows_steps_by_name_behind_its_login(farm):
         found = flower(farm, "/api/tasks").get(f"{job_id}-1-0")
         return found if found and found["state"] == "SUCCESS" else None
 
-    found = wait_until(task, 30, "Flower to show the finished step", every=0.5)
+    found = wait_until(task, 30, "Flower to show the finished step")
     assert found["name"] == "flowerjob [1/1]"
     assert "renderboot" in found["kwargs"] and job_id in found["kwargs"]
 

@@ -71,7 +71,7 @@ class FarmAMQP(AMQP):
 
 def create_app(settings: Settings | None = None) -> Celery:
     settings = settings or Settings.from_env()
-    app = Celery("celeryfarm", include=["celeryfarm.tasks"], amqp=FarmAMQP)
+    app = Celery("celeryfarm", include=["celeryfarm.tasks", "celeryfarm.node"], amqp=FarmAMQP)
     app.conf.update(celery_config(settings))
     app.conf.celeryfarm_settings = settings
     return app

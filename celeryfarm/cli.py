@@ -274,7 +274,7 @@ def worker(session: Session, queues: str, concurrency: int, name: str) -> None:
     the shared folder), or the one `celeryfarm up` runs here.
     """
     from .localfarm import check_redis
-    from .node import node_name, worker_command
+    from .worker import node_name, worker_command
 
     settings = session.settings
     check_redis(settings.broker_url)
@@ -412,7 +412,8 @@ def _as_json(session: Session, record: JobRecord) -> dict[str, Any]:
         "id": record.job_id, "name": spec.name, "state": record.state,
         "user": spec.user, "host": spec.host, "session": spec.session,
         "render_type": spec.render_type, "pool": spec.queue, "priority": spec.priority,
-        "attempt": record.attempt, "steps": len(record.task_ids),
+        "attempt": record.attempt,
+        "steps": len(spec.commands) or None,  # None in listings, which skip the commands
         "step": None if record.step is None else record.step + 1, "node": record.node,
         "submitted": record.submitted_ms, "started": record.start_ms,
         "finished": record.end_ms, "reason": record.reason,
@@ -476,7 +477,7 @@ def status(session: Session, job_id: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
-    step = f"{info['step']}/{info['steps']}" if info["step"] else f"-/{info['steps']}"
+    step = f"{info['step'] or '-'}/{info['steps']}"
     lines = [
         ("id", record.job_id), ("name", record.spec.name), ("state", _state(record.state)),
         ("step", step), ("node", record.node or "-"),

@@ -39,9 +39,9 @@ import redis
 from .celery import create_app
 from .config import PREFIX, Settings, redact
 from .jobs import FarmError
-from .node import node_name, wait_for_workers, worker_command
 from .process import become_subreaper
 from .redisserver import RedisServer, free_port
+from .worker import node_name, wait_for_workers, worker_command
 
 STATE_FILE = "farm.json"
 KEEP_FILE = "embedded.json"

@@ -216,13 +216,19 @@ def test_flower_shows_steps_by_name_behind_its_login(farm):
         flower(farm, "/api/tasks", login=False)
     assert refused.value.code == 401
 
-    def task():
-        found = flower(farm, "/api/tasks").get(f"{job_id}-1-0")
-        return found if found and found["state"] == "SUCCESS" else None
-
-    found = wait_until(task, 30, "Flower to show the finished step")
+    found = wait_until(lambda: flower_task(farm, job_id, "SUCCESS"), 30,
+                       "Flower to show the finished step")
     assert found["name"] == "flowerjob [1/1]"
-    assert "renderboot" in found["kwargs"] and job_id in found["kwargs"]
+    assert "renderboot" in found["kwargs"]
+
+
+def flower_task(farm, job_id: str, state: str) -> dict | None:
+    """The task Flower shows in ``state`` for a step of the job (its id starts with the
+    job's, and its arguments hold it), as an admin finds it."""
+    for task_id, task in flower(farm, f"/api/tasks?state={state}").items():
+        if task_id.startswith(job_id) and job_id in task["kwargs"]:
+            return {"id": task_id, **task}
+    return None
 
 
 def test_terminating_a_step_from_flower_cancels_the_job(farm):
@@ -230,8 +236,9 @@ def test_terminating_a_step_from_flower_cancels_the_job(farm):
     job_id = submit(farm.env, *RENDERBOOT, "--live", "--tag", tag, name="flowerstop")
     wait_for_state(farm.env, job_id, ("Running",))
     renders = wait_until(lambda: processes_tagged(tag), 30, "the render")
+    step = wait_until(lambda: flower_task(farm, job_id, "STARTED"), 30, "Flower to show it")
     # What Flower's Terminate button on the task page sends.
-    flower(farm, f"/api/task/revoke/{job_id}-1-0", data=b"terminate=true")
+    flower(farm, f"/api/task/revoke/{step['id']}", data=b"terminate=true")
     status = wait_for_state(farm.env, job_id, ("Cancelled",), timeout=30)
     assert "revoked outside celeryfarm" in status["reason"]
     wait_until(lambda: not alive(renders), 30, "the render processes to be gone")

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from celery import Celery
 
-from ..node import wait_for_workers, worker_command
 from ..redisserver import RedisServer
+from ..worker import wait_for_workers, worker_command
 
 __all__ = ["LocalCluster", "worker_command"]
 

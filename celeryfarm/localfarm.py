@@ -515,12 +515,27 @@ def _reap_orphans(known: set[int]) -> None:
 
 
 def _end_descendants(grace: float = 5.0) -> None:
-    """SIGTERM, then SIGKILL, every process still under us, and wait until they are gone."""
+    """SIGTERM, then SIGKILL, every process still under us, and wait until they are gone.
+
+    Not ``psutil.wait_procs``: it polls a process that is not our child until it vanishes,
+    and a grandchild orphaned during the wait becomes our zombie, which only we can reap.
+    """
     left = psutil.Process().children(recursive=True)
     for sig, seconds in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-        if not left:
-            return
         for proc in left:
             with contextlib.suppress(psutil.NoSuchProcess):
                 proc.send_signal(sig)
-        _, left = psutil.wait_procs(left, timeout=seconds)
+        deadline = time.monotonic() + seconds
+        while left and time.monotonic() < deadline:
+            time.sleep(0.05)
+            _reap_orphans(set())
+            left = [proc for proc in left if _running(proc)]
+        if not left:
+            return
+
+
+def _running(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False

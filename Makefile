@@ -31,6 +31,6 @@ test: lint
 demo: setup
 	$(BIN)/celeryfarm demo
 
-# A local farm in the foreground until Ctrl-C (see docs/cli.md).
+# A local farm in the foreground until Ctrl-C (see the README).
 up: setup
 	$(BIN)/celeryfarm up

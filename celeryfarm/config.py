@@ -13,7 +13,6 @@ import getpass
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Optional
 
 PREFIX = "CELERYFARM_"
 
@@ -47,9 +46,9 @@ class Settings:
     #: Redis URL where job records live (defaults to the broker).
     store_url: str = ""
     #: The shared mount, as *this* host sees it.
-    shared_root: Path = Path("~/.celeryfarm/shared").expanduser()
+    shared_root: Path = Path("~/.celeryfarm/shared")
     #: The shared mount, as the render nodes see it (defaults to ``shared_root``).
-    remote_shared_root: Optional[Path] = None
+    remote_shared_root: Path | None = None
     #: Katana installation on the render nodes, reported to Katana.
     katana_root: str = "/opt/Foundry/Katana"
     #: Renderer plug-in DSO folders on the render nodes, reported to Katana.
@@ -91,7 +90,7 @@ class Settings:
         return self.max_render_seconds + 3600
 
     @classmethod
-    def from_env(cls, environ: Optional[Mapping[str, str]] = None) -> Settings:
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if environ is None else environ
 
         def get(name: str, default: str = "") -> str:
@@ -136,3 +135,13 @@ def _login_name() -> str:
         return getpass.getuser()
     except (KeyError, OSError):  # no passwd entry, e.g. an arbitrary container uid
         return str(os.getuid())
+
+
+def redact(url: str) -> str:
+    """``url`` with any password replaced, for messages and logs."""
+    scheme, sep, rest = url.partition("://")
+    credentials, at, host = rest.rpartition("@")
+    if not sep or not at:
+        return url
+    user = credentials.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}"

@@ -1,0 +1,28 @@
+# The README's commands. `make test` and `make demo` work on a fresh Debian/Ubuntu machine:
+# they create .venv, install celeryfarm into it, and install redis-server when it is missing.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: setup redis-server test lint
+
+setup: $(VENV)/.installed redis-server
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test,flower,cli]'
+	touch $@
+
+redis-server:
+	@command -v redis-server >/dev/null || { \
+	  echo "redis-server is missing: installing it from the Debian packages"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq redis-server; }
+
+lint: setup
+	$(BIN)/ruff check .
+
+test: lint
+	$(BIN)/pytest

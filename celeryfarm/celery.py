@@ -1,0 +1,63 @@
+"""The Celery application: ``celery -A celeryfarm worker`` starts a render node.
+
+Every process that talks to the broker (workers, Flower, the plug-in, the command line) builds
+its app here from the same ``CELERYFARM_*`` settings, so they agree on the settings that must
+match: the serializer, the visibility timeout and the priority steps.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from .config import Settings
+
+#: The one task a render node runs: a step of a job (the client names it, never imports it).
+RENDER_STEP = "celeryfarm.render_step"
+#: Redis has no native priorities; kombu emulates them with one list per step (0 first).
+PRIORITY_STEPS = list(range(10))
+
+
+def celery_config(settings: Settings) -> dict:
+    """Celery settings that keep hours-long renders safe (see CELERY-NOTES.md)."""
+    transport = {
+        # Above the longest render, or the broker hands a running step to a second node.
+        "visibility_timeout": settings.visibility_timeout,
+        "priority_steps": PRIORITY_STEPS,
+        "sep": ":",
+        "queue_order_strategy": "priority",
+    }
+    return {
+        "broker_url": settings.broker_url,
+        "result_backend": settings.results_url,
+        "broker_transport_options": transport,
+        "result_backend_transport_options": {"visibility_timeout": settings.visibility_timeout},
+        "broker_connection_retry_on_startup": True,
+        # JSON only: with pickle, anyone who can write to Redis could run code on every node.
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        # A step is acknowledged when it ends, and a node takes one step at a time.
+        "task_acks_late": True,
+        "worker_prefetch_multiplier": 1,
+        "task_track_started": True,
+        "result_extended": True,
+        # Without a default, unprioritised messages would jump to the top bucket.
+        "task_default_priority": 5,
+        "task_default_queue": settings.default_queue,
+        "task_create_missing_queues": True,
+        # Flower and the command line follow the farm through events.
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+    }
+
+
+def create_app(settings: Settings | None = None) -> Celery:
+    settings = settings or Settings.from_env()
+    app = Celery("celeryfarm", include=["celeryfarm.tasks"])
+    app.conf.update(celery_config(settings))
+    app.conf.celeryfarm_settings = settings
+    return app
+
+
+app = create_app()

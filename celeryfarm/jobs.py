@@ -1,0 +1,192 @@
+"""The farm's own vocabulary: job states, what a submission asks for, what a job record holds.
+
+These types know nothing of Katana (the plug-in maps them to ``FarmAPI`` types) nor of Redis
+(``store`` persists them), so workers, the command line and the plug-in share them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import shlex
+from collections.abc import Mapping, Sequence
+from typing import Any, Union
+
+
+class FarmError(Exception):
+    """Something the farm cannot do, with a message a person can act on."""
+
+
+class JobNotFound(FarmError):
+    """No job with this id exists on the farm."""
+
+    def __init__(self, job_id: str) -> None:
+        self.job_id = job_id
+        super().__init__(f"no job with id {job_id!r}")
+
+
+class State:
+    """Job states; the values are Katana's ``Job.State`` strings."""
+
+    WAITING = "Waiting"
+    RUNNING = "Running"
+    COMPLETED = "Completed"
+    CANCELLED = "Cancelled"
+    FAILED = "Failed"
+    ALL = (WAITING, RUNNING, COMPLETED, CANCELLED, FAILED)
+    ACTIVE = (WAITING, RUNNING)
+    FINISHED = (COMPLETED, CANCELLED, FAILED)
+
+
+RENDER_TYPES = ("Disk", "Preview", "Live")
+_QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+#: Farm priorities run 0..100, higher first, as in Deadline and Tractor.
+MIN_PRIORITY, MAX_PRIORITY, DEFAULT_PRIORITY = 0, 100, 50
+
+Command = Union[str, Sequence[str]]
+
+
+def parse_command(command: Command) -> list[str]:
+    """Return the argv of a command given as a list or as a command-line string.
+
+    Strings are split with :func:`shlex.split` and never handed to a shell.
+    """
+    if isinstance(command, str):
+        try:
+            argv = shlex.split(command)
+        except ValueError as error:
+            raise FarmError(f"cannot parse command {command!r}: {error}") from None
+    elif isinstance(command, Sequence) and not isinstance(command, (bytes, bytearray)):
+        argv = list(command)
+    else:
+        raise FarmError(f"a command must be a string or a list of strings, got {command!r}")
+    if not argv:
+        raise FarmError("a command is empty")
+    for arg in argv:
+        if not isinstance(arg, str):
+            raise FarmError(f"command arguments must be strings, got {arg!r} in {argv!r}")
+        if "\0" in arg:
+            raise FarmError(f"command argument contains a NUL byte: {arg!r}")
+    if not argv[0]:
+        raise FarmError(f"a command has an empty program name: {argv!r}")
+    return argv
+
+
+@dataclasses.dataclass(frozen=True)
+class JobSpec:
+    """A validated request for a job: everything the farm needs to run it."""
+
+    name: str
+    commands: tuple[tuple[str, ...], ...]
+    environment: Mapping[str, str]
+    render_type: str = "Disk"
+    frame_range: tuple[int, int] | None = None
+    context: str = ""
+    queue: str = "renders"
+    priority: int = DEFAULT_PRIORITY
+    user: str = ""
+    host: str = ""
+    session: str = ""
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        name: str,
+        commands: Sequence[Command],
+        environment: Mapping[str, Any] | None = None,
+        render_type: str | None = None,
+        frame_range: Sequence[int] | None = None,
+        settings: Mapping[str, Any] | None = None,
+        default_queue: str = "renders",
+        **identity: str,
+    ) -> JobSpec:
+        """Validate loosely-typed input (from Katana or the command line) into a spec.
+
+        Raises :class:`FarmError` naming the first thing that is wrong.
+        """
+        if isinstance(commands, (str, bytes)) or not isinstance(commands, Sequence):
+            raise FarmError(f"commands must be a list of commands, got {commands!r}")
+        if not commands:
+            raise FarmError("the job has no commands to run")
+        argvs = tuple(tuple(parse_command(command)) for command in commands)
+        env = _environment(environment)
+        render_type = render_type or "Disk"
+        if render_type not in RENDER_TYPES:
+            raise FarmError(f"unknown render type {render_type!r}; expected one of {RENDER_TYPES}")
+        settings = dict(settings or {})
+        queue = str(settings.pop("pool", None) or default_queue)
+        if not _QUEUE_NAME.match(queue):
+            raise FarmError(f"invalid pool name {queue!r}: use letters, digits, '_', '.', '-'")
+        priority = _priority(settings.pop("priority", DEFAULT_PRIORITY))
+        if settings:
+            raise FarmError(f"unknown farm settings: {', '.join(sorted(map(str, settings)))}")
+        return cls(
+            name=str(name or "render"),
+            commands=argvs,
+            environment=env,
+            render_type=render_type,
+            frame_range=_frame_range(frame_range),
+            queue=queue,
+            priority=priority,
+            **identity,
+        )
+
+
+def _environment(environment: Mapping[str, Any] | None) -> dict[str, str]:
+    if environment is None:
+        return {}
+    if not isinstance(environment, Mapping):
+        raise FarmError(f"environment must be a mapping of names to values, got {environment!r}")
+    env = {}
+    for key, value in environment.items():
+        if not isinstance(key, str) or not key or "=" in key or "\0" in key:
+            raise FarmError(f"invalid environment variable name {key!r}")
+        if value is None or "\0" in str(value):
+            raise FarmError(f"invalid value for environment variable {key}: {value!r}")
+        env[key] = str(value)
+    return env
+
+
+def _frame_range(frame_range: Sequence[int] | None) -> tuple[int, int] | None:
+    if frame_range is None:
+        return None
+    try:
+        first, last = (int(frame) for frame in frame_range)
+    except (TypeError, ValueError):
+        raise FarmError(f"frame range must be (first, last), got {frame_range!r}") from None
+    if last < first:
+        raise FarmError(f"frame range ends before it starts: {first}-{last}")
+    return first, last
+
+
+def _priority(value: Any) -> int:
+    try:
+        priority = int(value)
+    except (TypeError, ValueError):
+        raise FarmError(f"priority must be a whole number, got {value!r}") from None
+    if not MIN_PRIORITY <= priority <= MAX_PRIORITY:
+        raise FarmError(f"priority must be {MIN_PRIORITY}..{MAX_PRIORITY}, got {priority}")
+    return priority
+
+
+@dataclasses.dataclass
+class JobRecord:
+    """A job as stored on the farm: its spec plus what has happened to it."""
+
+    job_id: str
+    spec: JobSpec
+    log_path: str  # relative to the shared root, so every host can resolve it
+    state: str = State.WAITING
+    attempt: int = 1
+    task_ids: tuple[str, ...] = ()
+    submitted_ms: int = 0
+    start_ms: int | None = None
+    end_ms: int | None = None
+    step: int | None = None  # index of the step running or last run
+    node: str = ""
+    reason: str = ""  # why the job failed or was cancelled
+
+    @property
+    def finished(self) -> bool:
+        return self.state in State.FINISHED

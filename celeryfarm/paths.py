@@ -1,0 +1,114 @@
+"""The shared mount: per-render folders, file copies, and the paths nodes see.
+
+The workstation and the render nodes may mount the shared root at different places, so
+records keep paths *relative* to the root and each host joins them to its own view. Every
+name that comes from a request goes through :meth:`SharedRoot.join`, which refuses anything
+that would land outside the root.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path, PurePosixPath
+
+from .jobs import FarmError
+
+LOG_NAME = "render.log"
+_CONTEXT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+class SharedRoot:
+    """The shared mount as this host sees it (``local``) and as render nodes see it
+    (``remote``)."""
+
+    def __init__(self, local: Path, remote: Path | None = None) -> None:
+        self.local = Path(local)
+        self.remote = PurePosixPath(remote or local)
+
+    def join(self, relative: str) -> Path:
+        """This host's path for ``relative``; raises :class:`FarmError` if it escapes."""
+        if not relative or PurePosixPath(relative).is_absolute():
+            raise FarmError(f"path {relative!r} must be relative to the shared root")
+        root = self.local.resolve()
+        path = (root / relative).resolve()
+        if path != root and root not in path.parents:
+            raise FarmError(f"path {relative!r} escapes the shared root {root}")
+        return path
+
+    def to_remote(self, relative: str) -> str:
+        """The render nodes' path for ``relative``."""
+        return str(self.remote / relative)
+
+    def context_dir(self, context: str) -> str:
+        """The relative folder of a render context, after checking the name is safe."""
+        if not isinstance(context, str) or not _CONTEXT_NAME.match(context) or ".." in context:
+            raise FarmError(
+                f"invalid render context name {context!r}: use letters, digits, '_', '.', '-'"
+            )
+        return context
+
+    def log_path(self, context: str) -> str:
+        """The relative path of a render context's render log."""
+        return f"{self.context_dir(context)}/{LOG_NAME}"
+
+    def make_context_dir(self, context: str) -> Path:
+        """Create the render context's folder (idempotent) and check nodes can write there."""
+        path = self.join(self.context_dir(context))
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            _check_writable(path)
+        except OSError as error:
+            raise FarmError(
+                f"cannot create the render folder {path} on the shared mount: {error.strerror}"
+            ) from None
+        return path
+
+    def copy_files(self, filenames: Iterable[str], context: str) -> dict[str, str]:
+        """Copy local files into the context folder; return {local path: node path}.
+
+        Each copy lands under a temporary name and is renamed into place, so a node never
+        reads a half-written file.
+        """
+        folder = self.context_dir(context)
+        target_dir = self.make_context_dir(context)
+        copied: dict[str, str] = {}
+        used: set[str] = set()
+        for filename in filenames:
+            source = Path(filename)
+            if not source.is_file():
+                raise FarmError(f"cannot copy {filename!r} to the farm: no such file")
+            name = _unique_name(source.name, used)
+            used.add(name)
+            destination = target_dir / name
+            try:
+                fd, partial = tempfile.mkstemp(dir=target_dir, prefix=f".{name}.")
+                os.close(fd)
+                shutil.copyfile(source, partial)
+                os.replace(partial, destination)
+            except OSError as error:
+                raise FarmError(
+                    f"cannot copy {filename!r} to {destination}: {error.strerror}"
+                ) from None
+            copied[str(filename)] = self.to_remote(f"{folder}/{name}")
+        return copied
+
+
+def _unique_name(name: str, used: set[str]) -> str:
+    """``name``, or ``name`` with a counter before its suffix if another file took it."""
+    candidate, stem, suffix, count = name, Path(name).stem, Path(name).suffix, 1
+    while candidate in used:
+        candidate = f"{stem}-{count}{suffix}"
+        count += 1
+    return candidate
+
+
+def _check_writable(folder: Path) -> None:
+    """Raise ``OSError`` unless a file can be created in ``folder`` (``os.access`` lies on
+    network mounts and for root, so try it)."""
+    fd, probe = tempfile.mkstemp(dir=folder, prefix=".writable.")
+    os.close(fd)
+    os.unlink(probe)

@@ -1,0 +1,224 @@
+"""Running one render command: its own session, output streamed as it comes, and a tree kill.
+
+A render is a tree of processes (renderboot, the renderer, its helpers), and Celery's revoke
+signals only the pool process. So every command starts in a new session, every process it
+starts carries a marker in its environment, and whenever the step ends (success, failure,
+stop, or the pool process exiting) every process of the tree is sent SIGTERM, then SIGKILL
+after a grace period, and waited for until it is gone. The pool process makes itself a child
+subreaper, so descendants that detach from the render (double forks, ``setsid``) are
+reparented to it and still found.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import dataclasses
+import os
+import selectors
+import signal
+import subprocess
+import time
+import uuid
+from collections.abc import Mapping
+from typing import BinaryIO, Callable
+
+import psutil
+
+#: Environment variable set in every render process to find the whole tree.
+MARKER = "CELERYFARM_STEP_TOKEN"
+#: How long the command's leftover children may hold its output open after it exited.
+LEFTOVER_SECONDS = 1.0
+_PR_SET_CHILD_SUBREAPER = 36
+_READ_SIZE = 64 * 1024
+
+
+@dataclasses.dataclass
+class Outcome:
+    """How a command ended."""
+
+    exit_code: int | None = None  # None: it never started, or was killed by a signal
+    signal: int | None = None
+    stop_reason: str = ""  # set when the farm stopped it
+    start_error: str = ""  # set when it could not be started
+
+    @property
+    def succeeded(self) -> bool:
+        return self.exit_code == 0 and not self.stop_reason
+
+    def describe(self) -> str:
+        if self.start_error:
+            return f"could not start: {self.start_error}"
+        if self.stop_reason:
+            return f"stopped: {self.stop_reason}"
+        if self.signal is not None:
+            return f"killed by signal {signal.Signals(self.signal).name}"
+        return f"exit status {self.exit_code}"
+
+
+def become_subreaper() -> bool:
+    """Make orphaned descendants reparent to this process (Linux); return whether it did."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def run(
+    argv: list[str],
+    *,
+    env: Mapping[str, str],
+    cwd: str,
+    output: BinaryIO,
+    should_stop: Callable[[], str],
+    poll_seconds: float = 0.25,
+    grace_seconds: float = 5.0,
+) -> Outcome:
+    """Run ``argv`` with stdout and stderr streamed into ``output`` as bytes arrive.
+
+    ``should_stop`` is called every ``poll_seconds`` and returns a reason to stop, or "".
+    Whatever happens, including an exception or ``SystemExit`` raised into this frame, the
+    command's whole process tree is gone when this returns.
+    """
+    become_subreaper()
+    token = uuid.uuid4().hex
+    try:
+        proc = subprocess.Popen(
+            argv,
+            env={**env, MARKER: token},
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    except OSError as error:
+        return Outcome(start_error=_start_error(argv[0], error))
+    outcome = Outcome()
+    try:
+        outcome.stop_reason = _pump(proc, output, should_stop, poll_seconds)
+    finally:
+        kill_tree(proc, token, grace_seconds)
+        proc.stdout.close()
+    if proc.returncode is not None and proc.returncode < 0:
+        outcome.signal = -proc.returncode
+    else:
+        outcome.exit_code = proc.returncode
+    return outcome
+
+
+def _pump(
+    proc: subprocess.Popen, output: BinaryIO, should_stop: Callable[[], str], poll_seconds: float
+) -> str:
+    """Copy output until the command has exited and its output is closed; return a stop
+    reason if ``should_stop`` gave one first."""
+    selector = selectors.DefaultSelector()
+    selector.register(proc.stdout, selectors.EVENT_READ)
+    next_check = time.monotonic() + poll_seconds
+    exited_at: float | None = None
+    open_output = True
+    try:
+        while True:
+            if open_output:
+                for _ in selector.select(timeout=poll_seconds):
+                    data = os.read(proc.stdout.fileno(), _READ_SIZE)
+                    if data:
+                        output.write(data)
+                    else:
+                        open_output = False
+                        selector.unregister(proc.stdout)
+            else:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=poll_seconds)
+            now = time.monotonic()
+            if proc.poll() is not None:
+                exited_at = exited_at or now
+                # Done, or only leftover children hold the output open: they get killed.
+                if not open_output or now - exited_at > LEFTOVER_SECONDS:
+                    return ""
+            if now >= next_check:
+                next_check = now + poll_seconds
+                reason = should_stop()
+                if reason:
+                    return reason
+    finally:
+        selector.close()
+
+
+def _start_error(program: str, error: OSError) -> str:
+    if isinstance(error, FileNotFoundError) and error.filename in (None, program):
+        return f"executable not found: {program}"
+    return f"{error.strerror or error}: {error.filename or program}"
+
+
+def _tree(root_pid: int, token: str) -> list[psutil.Process]:
+    """The render's processes other than its root: the root's descendants, and this
+    process's descendants (orphans reparented here) that carry the render's marker."""
+    found: dict[int, psutil.Process] = {}
+    with contextlib.suppress(psutil.NoSuchProcess):
+        found.update((p.pid, p) for p in psutil.Process(root_pid).children(recursive=True))
+    for proc in psutil.Process().children(recursive=True):
+        if proc.pid not in found and proc.pid != root_pid and _carries(proc, token):
+            found[proc.pid] = proc
+    return [proc for proc in found.values() if _alive(proc)]
+
+
+def _carries(proc: psutil.Process, token: str) -> bool:
+    try:
+        return proc.environ().get(MARKER) == token
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return False
+
+
+def _alive(proc: psutil.Process) -> bool:
+    """Whether ``proc`` still runs; a zombie child of ours is reaped on the way."""
+    try:
+        if proc.status() != psutil.STATUS_ZOMBIE:
+            return True
+        os.waitpid(proc.pid, os.WNOHANG)
+    except (psutil.NoSuchProcess, ChildProcessError):
+        pass
+    return False
+
+
+_GONE = (ProcessLookupError, PermissionError, psutil.NoSuchProcess, psutil.AccessDenied)
+
+
+def _signal_all(root: subprocess.Popen, others: list[psutil.Process], sig: int) -> None:
+    with contextlib.suppress(*_GONE):
+        os.killpg(root.pid, sig)  # the session that start_new_session made
+    with contextlib.suppress(*_GONE):
+        root.send_signal(sig)  # a no-op once Popen has reaped it
+    for proc in others:
+        with contextlib.suppress(*_GONE):
+            proc.send_signal(sig)
+
+
+def _wait(root: subprocess.Popen, others: list[psutil.Process], timeout: float) -> bool:
+    """Wait up to ``timeout`` for the root (through Popen, which keeps its exit status) and
+    the others; return whether all are gone."""
+    deadline = time.monotonic() + timeout
+    _, alive = psutil.wait_procs(others, timeout=timeout)
+    try:
+        root.wait(timeout=max(0.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        return False
+    return not alive
+
+
+def kill_tree(root: subprocess.Popen, token: str, grace_seconds: float) -> list[int]:
+    """SIGTERM the render's session and every process of its tree, SIGKILL what is left
+    after the grace period, and wait until all are gone. Returns the pids that outlived
+    SIGKILL: normally none, only a process stuck in the kernel."""
+    others = _tree(root.pid, token)
+    if root.poll() is not None and not others:
+        return []
+    _signal_all(root, others, signal.SIGTERM)
+    _wait(root, others, grace_seconds)
+    others = _tree(root.pid, token)  # includes processes forked while we waited
+    if root.poll() is None or others:
+        _signal_all(root, others, signal.SIGKILL)
+        _wait(root, others, 5.0)
+        others = _tree(root.pid, token)
+    return [proc.pid for proc in others] + ([root.pid] if root.poll() is None else [])

@@ -1,0 +1,1 @@
+"""Stand-ins and helpers for running celeryfarm without Katana: tests, demos, benchmarks."""

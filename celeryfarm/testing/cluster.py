@@ -1,0 +1,99 @@
+"""A farm on this machine for tests and benchmarks: a private Redis and real workers.
+
+Workers are real ``celery -A celeryfarm worker`` processes (prefork pool), started with the
+same ``CELERYFARM_*`` environment a render node would have.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+from celery import Celery
+
+from ..redisserver import RedisServer
+
+
+def worker_command(name: str, concurrency: int = 2, queues: str = "renders") -> list[str]:
+    return [
+        sys.executable, "-m", "celery", "-A", "celeryfarm", "worker",
+        "--pool", "prefork", "--concurrency", str(concurrency), "--hostname", f"{name}@%h",
+        "--queues", queues, "--task-events", "--loglevel", "INFO",
+    ]
+
+
+class LocalCluster:
+    """A Redis and some render-node workers sharing one shared root under ``base``."""
+
+    def __init__(self, base: Path, extra_env: Mapping[str, str] | None = None) -> None:
+        self.base = Path(base)
+        self.shared_root = self.base / "shared"
+        self.redis = RedisServer(self.base / "redis")
+        self.extra_env = dict(extra_env or {})
+        self.workers: dict[str, subprocess.Popen] = {}
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The ``CELERYFARM_*`` variables every client and worker of this farm uses."""
+        return {
+            "CELERYFARM_BROKER_URL": self.redis.url,
+            "CELERYFARM_SHARED_ROOT": str(self.shared_root),
+            **self.extra_env,
+        }
+
+    def start(self) -> LocalCluster:
+        self.shared_root.mkdir(parents=True, exist_ok=True)
+        self.redis.start()
+        return self
+
+    def start_worker(
+        self, name: str, concurrency: int = 2, queues: str = "renders",
+        env: Mapping[str, str] | None = None,
+    ) -> subprocess.Popen:
+        """Start a worker; :meth:`wait_for_workers` tells when it is ready."""
+        log = open(self.base / f"worker-{name}.log", "ab")  # noqa: SIM115 - the child keeps it
+        process = subprocess.Popen(
+            worker_command(name, concurrency, queues),
+            env={**os.environ, **self.env, **(env or {})},
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            cwd=self.base,
+        )
+        log.close()
+        self.workers[name] = process
+        return process
+
+    def wait_for_workers(self, app: Celery, names: list[str], timeout: float = 60.0) -> None:
+        """Wait until every named worker answers a ping, or raise ``TimeoutError``."""
+        wanted = {f"{name}@{os.uname().nodename}" for name in names}
+        deadline = time.monotonic() + timeout
+        while True:
+            replies = app.control.ping(timeout=0.5)
+            answered = {name for reply in replies for name in reply}
+            if wanted <= answered:
+                return
+            dead = [n for n in names if self.workers[n].poll() is not None]
+            if dead or time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"workers not ready: {sorted(wanted - answered)}; exited: {dead}; "
+                    f"see {self.base}/worker-*.log"
+                )
+
+    def stop_worker(self, name: str, sig: int = signal.SIGTERM, timeout: float = 30.0) -> None:
+        process = self.workers.pop(name)
+        if process.poll() is None:
+            process.send_signal(sig)
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+    def stop(self) -> None:
+        for name in list(self.workers):
+            self.stop_worker(name)
+        self.redis.stop()

@@ -85,7 +85,7 @@ pip_in_base() {  # pip_in_base SHELL-SNIPPET: runs with $PIP = a fresh venv's pi
 mkdir -p "$wheels"
 if [ "$(cat "$wheels/app.stamp" 2>/dev/null)" != "$app_stamp" ] || ! ls "$wheels"/app/*.whl >/dev/null 2>&1; then
     step "wheel of celeryfarm"
-    rm -rf "$wheels/app" "$wheels/app.stamp" "$wheels/deps.stamp"
+    rm -rf "$wheels/app" "$wheels/app.stamp"
     mkdir -p "$wheels/app"
     # Build from a copy: the source tree is mounted read-only and setuptools writes build/.
     pip_in_base 'cp -r /repo /tmp/src; rm -rf /tmp/src/build /tmp/src/*.egg-info /tmp/src/.git
@@ -119,14 +119,14 @@ else
 fi
 if [ "$redis_label" = missing ] || [ "$redis_label" = redis ]; then
     step "redis image $redis_image"
-    docker build --quiet --network host --build-arg BASE_IMAGE="$base_image" \
+    docker build --quiet --force-rm --network host --build-arg BASE_IMAGE="$base_image" \
         --tag "$redis_image" - <"$here/redis.Dockerfile" >/dev/null
 else
     step "redis image $redis_image exists and is not ours; leaving it"
 fi
 
 step "worker image $worker_image"
-docker build --quiet --network host \
+docker build --quiet --force-rm --network host \
     --build-arg BASE_IMAGE="$base_image" \
     --build-arg RENDER_UID="$render_uid" --build-arg RENDER_GID="$render_gid" \
     --tag "$worker_image" "$here" >/dev/null

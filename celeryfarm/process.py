@@ -164,6 +164,27 @@ def _tree(root_pid: int, token: str) -> list[psutil.Process]:
     return [proc for proc in found.values() if _alive(proc)]
 
 
+def _has_children() -> bool:
+    """Whether this process has any child, without reaping one (cheap: no /proc scan)."""
+    try:
+        os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return False
+    return True
+
+
+def _reap_orphan_zombies(born_after: float) -> None:
+    """Reap zombie children born since the render started: orphans of its tree that were
+    reparented to this subreaper and exited. (A zombie's environment cannot be read, so
+    birth time is what ties it to the render.)"""
+    if not _has_children():
+        return
+    for child in psutil.Process().children():
+        with contextlib.suppress(psutil.NoSuchProcess, ChildProcessError):
+            if child.status() == psutil.STATUS_ZOMBIE and child.create_time() >= born_after:
+                os.waitpid(child.pid, os.WNOHANG)
+
+
 def _carries(proc: psutil.Process, token: str) -> bool:
     try:
         return proc.environ().get(MARKER) == token
@@ -211,6 +232,18 @@ def kill_tree(root: subprocess.Popen, token: str, grace_seconds: float) -> list[
     """SIGTERM the render's session and every process of its tree, SIGKILL what is left
     after the grace period, and wait until all are gone. Returns the pids that outlived
     SIGKILL: normally none, only a process stuck in the kernel."""
+    if root.poll() is not None and not _has_children():
+        return []  # as a subreaper, we would have inherited anything left of the tree
+    try:
+        born = psutil.Process(root.pid).create_time()
+    except psutil.NoSuchProcess:
+        born = 0.0
+    survivors = _kill(root, token, grace_seconds)
+    _reap_orphan_zombies(born)
+    return survivors
+
+
+def _kill(root: subprocess.Popen, token: str, grace_seconds: float) -> list[int]:
     others = _tree(root.pid, token)
     if root.poll() is not None and not others:
         return []

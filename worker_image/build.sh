@@ -52,7 +52,7 @@ base_id=$(docker image inspect --format '{{.Id}}' "$base_image")
 pyproject_hash=$(hash_files pyproject.toml)
 constraint_hash=${PIP_CONSTRAINT:+$(sha256sum "$PIP_CONSTRAINT" | cut -c1-16)}
 deps_stamp="$base_id $pyproject_hash $constraint_hash"
-app_stamp="$base_id $(hash_files pyproject.toml celeryfarm)"
+app_stamp="$base_id $(hash_files pyproject.toml celeryfarm $(cd "$repo" && ls -d README* LICENSE* 2>/dev/null))"
 
 ca_bundle=${PIP_CERT:-${REQUESTS_CA_BUNDLE:-${SSL_CERT_FILE:-/etc/ssl/certs/ca-certificates.crt}}}
 pip_in_base() {  # pip_in_base SHELL-SNIPPET: runs with $PIP = a fresh venv's pip, /repo, /wheels
@@ -66,6 +66,18 @@ pip_in_base() {  # pip_in_base SHELL-SNIPPET: runs with $PIP = a fresh venv's pi
     done
     if [ -f "$ca_bundle" ]; then
         args+=(-v "$ca_bundle:/etc/celeryfarm-ca.crt:ro" -e PIP_CERT=/etc/celeryfarm-ca.crt)
+    fi
+    # pip's configuration files (an index mirror, say); PIP_CERT above wins over their cert.
+    local conf
+    for conf in /etc/pip.conf /etc/xdg/pip/pip.conf; do
+        [ ! -f "$conf" ] || args+=(-v "$conf:$conf:ro")
+    done
+    for conf in .config/pip/pip.conf .pip/pip.conf; do
+        [ ! -f "$HOME/$conf" ] || args+=(-v "$HOME/$conf:/tmp/$conf:ro")
+    done
+    if [ -n "${PIP_CONFIG_FILE:-}" ] && [ -f "$PIP_CONFIG_FILE" ]; then
+        args+=(-v "$(realpath "$PIP_CONFIG_FILE"):/etc/celeryfarm-pip.conf:ro"
+               -e PIP_CONFIG_FILE=/etc/celeryfarm-pip.conf)
     fi
     if [ -n "${PIP_CONSTRAINT:-}" ]; then
         args+=(-v "$(realpath "$PIP_CONSTRAINT"):/etc/celeryfarm-constraints.txt:ro"
@@ -87,8 +99,12 @@ if [ "$(cat "$wheels/app.stamp" 2>/dev/null)" != "$app_stamp" ] || ! ls "$wheels
     step "wheel of celeryfarm"
     rm -rf "$wheels/app" "$wheels/app.stamp"
     mkdir -p "$wheels/app"
-    # Build from a copy: the source tree is mounted read-only and setuptools writes build/.
-    pip_in_base 'cp -r /repo /tmp/src; rm -rf /tmp/src/build /tmp/src/*.egg-info /tmp/src/.git
+    # Build from a copy of what goes into the wheel: the source tree is mounted read-only,
+    # setuptools writes build/ next to the sources, and the checkout may hold big renders.
+    pip_in_base 'mkdir /tmp/src; cd /repo
+                 cp -r pyproject.toml celeryfarm /tmp/src/
+                 for f in README* LICENSE* setup.cfg MANIFEST.in; do
+                     [ ! -e "$f" ] || cp -r "$f" /tmp/src/; done
                  $PIP wheel --quiet --no-deps --wheel-dir /wheels/app /tmp/src'
     echo "$app_stamp" >"$wheels/app.stamp"
 else

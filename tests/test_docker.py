@@ -338,7 +338,7 @@ class ComposeFarm:
     """One docker-compose project of the real docker-compose.yml, with its own name, ports,
     passwords and shared folder."""
 
-    def __init__(self, tmp_path: Path, shared: Path) -> None:
+    def __init__(self, tmp_path: Path, shared: Path, **settings: object) -> None:
         self.project = f"cfarmtest{uuid.uuid4().hex[:10]}"
         self.shared = shared
         self.redis_port, self.flower_port = free_port(), free_port()
@@ -360,6 +360,7 @@ class ComposeFarm:
             "CELERYFARM_REDIS_IMAGE": REDIS_IMAGE,
             "CELERYFARM_WORKER_STOP_GRACE_PERIOD": "10s",
             **NODE_ENV,
+            **settings,
         }
         env_file = tmp_path / "compose.env"
         env_file.write_text("".join(f"{name}={value}\n" for name, value in values.items()))
@@ -411,24 +412,38 @@ class ComposeFarm:
 
 
 @pytest.fixture
-def compose_farm(tmp_path: Path, shared_dir: Path) -> Iterator[ComposeFarm]:
-    farm = ComposeFarm(tmp_path, shared_dir)
+def compose_up(tmp_path: Path, shared_dir: Path) -> Iterator:
+    """Start a compose project: ``compose_up(workers, **settings)``; always taken down."""
+    farms: list[ComposeFarm] = []
+
+    def up(workers: int, **settings: object) -> ComposeFarm:
+        farm = ComposeFarm(tmp_path, shared_dir, **settings)
+        farms.append(farm)
+        farm.compose("up", "-d", "--no-build", "--scale", f"worker={workers}")
+        return farm
+
     try:
-        farm.compose("up", "-d", "--no-build", "--scale", "worker=3")
-        yield farm
+        yield up
     finally:
-        farm.compose("down", "-v", "--remove-orphans", "--timeout", "10", check=False)
+        for farm in farms:
+            farm.compose("down", "-v", "--remove-orphans", "--timeout", "10", check=False)
 
 
-def test_compose_farm_runs_jobs_from_the_host_on_three_nodes(compose_farm: ComposeFarm):
-    farm = compose_farm
+def nodes_ready(farm: ComposeFarm, plugin: CeleryFarmPlugin, count: int) -> set[str]:
+    """The worker containers' nodenames, once every one answers a ping from this host."""
     workers = farm.containers("worker")
-    assert len(workers) == 3
+    assert len(workers) == count
     nodes = {f"render@{box.attrs['Config']['Hostname']}" for box in workers}
-    plugin = host_plugin(farm.broker_url, farm.broker_url, farm.shared)
     wait_until(lambda: nodes <= {name for reply in plugin.farm.app.control.ping(timeout=1)
                                  for name in reply},
                timeout=120, what=f"{sorted(nodes)} to answer a ping through the published port")
+    return nodes
+
+
+def test_compose_farm_runs_jobs_from_the_host_on_three_nodes(compose_up):
+    farm = compose_up(3)
+    plugin = host_plugin(farm.broker_url, farm.broker_url, farm.shared)
+    nodes = nodes_ready(farm, plugin, 3)
 
     # Six 2-second jobs at once on three single-slot nodes: every node takes some.
     contexts = [f"seq{n:02d}" for n in range(6)]
@@ -457,3 +472,27 @@ def test_compose_farm_runs_jobs_from_the_host_on_three_nodes(compose_farm: Compo
 
     farm.compose("down", "-v", "--remove-orphans", "--timeout", "10")
     assert farm.leftovers() == []
+
+
+def test_compose_worker_stopped_with_sigquit_hands_its_step_to_another_node(compose_up):
+    """With CELERYFARM_WORKER_STOP_SIGNAL=SIGQUIT, `docker stop` on a node mid-render stops
+    the render at once, says so in the log, and another node renders the step again."""
+    farm = compose_up(2, CELERYFARM_WORKER_STOP_SIGNAL="SIGQUIT")
+    plugin = host_plugin(farm.broker_url, farm.broker_url, farm.shared)
+    nodes = nodes_ready(farm, plugin, 2)
+    job_id = submit(plugin, "shot050", "--seconds", 6, "--children", 1)
+    wait_until(lambda: "rendering frames" in render_log(plugin, job_id), timeout=60,
+               what="the render to start")
+    first = plugin.farm.get(job_id).node
+    (box,) = [b for b in farm.containers("worker")
+              if f"render@{b.attrs['Config']['Hostname']}" == first]
+    box.stop(timeout=30)  # the container's stop signal, SIGQUIT, then up to 30 s
+    box.reload()
+    assert box.attrs["State"]["ExitCode"] != 137, "the worker had to be SIGKILLed"
+    assert finished(plugin, job_id) == State.kCompleted
+    log = render_log(plugin, job_id)
+    assert f"node {first}" in log
+    assert "stopped: the worker was told to terminate the step" in log
+    (second,) = nodes - {first}
+    assert f"node {second}" in log and plugin.farm.get(job_id).node == second
+    assert_frames(farm.shared, "shot050")

@@ -54,7 +54,7 @@ def celery_config(settings: Settings) -> dict:
 
 def create_app(settings: Settings | None = None) -> Celery:
     settings = settings or Settings.from_env()
-    app = Celery("celeryfarm", include=["celeryfarm.tasks"])
+    app = Celery("celeryfarm", include=["celeryfarm.tasks", "celeryfarm.node"])
     app.conf.update(celery_config(settings))
     app.conf.celeryfarm_settings = settings
     return app

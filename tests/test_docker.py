@@ -3,10 +3,11 @@
 Jobs are submitted from this host through the Katana plug-in, exactly as Katana would, and run
 in containers of ``celeryfarm-worker`` that see this test's shared folder at ``/shared``:
 
-* pytest-celery's Docker API (``celery_setup``) runs one render node from our image with
-  Redis containers (from our local Redis image) as broker and result backend;
-* the real docker-compose.yml runs Redis, Flower and three render nodes under a compose
-  project name of this test's own.
+* pytest-celery's Docker API (``celery_setup``) runs two render nodes from our image with
+  Redis containers (from our local Redis image) as broker and result backend, and kills one
+  mid-render;
+* the real docker-compose.yml runs Redis, Flower and two or three render nodes under a
+  compose project name of the test's own, and stops one mid-render.
 
 The images are (re)built first with worker_image/build.sh (seconds when nothing changed), so
 the containers run this checkout's code. Without a Docker engine these tests are skipped, or
@@ -22,6 +23,7 @@ import secrets
 import shutil
 import socket
 import subprocess
+import time
 import urllib.error
 import urllib.request
 import uuid
@@ -30,7 +32,13 @@ from pathlib import Path
 
 import docker
 import pytest
-from pytest_celery import CeleryBackendCluster, CeleryBrokerCluster, CeleryTestSetup
+from pytest_celery import (
+    CeleryBackendCluster,
+    CeleryBrokerCluster,
+    CeleryTestSetup,
+    CeleryTestWorker,
+    CeleryWorkerCluster,
+)
 from pytest_celery.vendors.worker.container import CeleryWorkerContainer
 from pytest_docker_tools import container, fxtr
 
@@ -51,8 +59,13 @@ REDIS_IMAGE = os.environ.get("CELERYFARM_REDIS_IMAGE", "redis:7-bookworm")
 #: with this process (setgid shared folder, umask 002), as a studio would set it up. As
 #: another user, that user, so its files and the nodes' files have one owner.
 RENDER_UID, RENDER_GID = (1000, 1000) if os.getuid() == 0 else (os.getuid(), os.getgid())
-#: Short timings so stops resolve quickly.
-NODE_ENV = {"CELERYFARM_POLL_SECONDS": "0.1", "CELERYFARM_STOP_GRACE_SECONDS": "1"}
+#: Short timings so stops resolve quickly and a lost node's step moves on within seconds.
+NODE_ENV = {
+    "CELERYFARM_POLL_SECONDS": "0.1",
+    "CELERYFARM_STOP_GRACE_SECONDS": "1",
+    "CELERYFARM_LEASE_SECONDS": "5",
+    "CELERYFARM_REAP_SECONDS": "0.5",
+}
 NODE_COMMAND = [
     "celery", "-A", "celeryfarm", "worker", "--loglevel=INFO", "--hostname=render@%h",
     "--pool=prefork", "--task-events", "--queues=renders", "--concurrency=1",
@@ -171,7 +184,7 @@ def assert_frames(shared: Path, context: str) -> None:
         assert frame.stat().st_uid == RENDER_UID  # written by the node, read by this host
 
 
-# -- (a) pytest-celery: one render node from our image ---------------------------------------
+# -- (a) pytest-celery: two render nodes from our image --------------------------------------
 
 
 class RenderNodeContainer(CeleryWorkerContainer):
@@ -225,11 +238,18 @@ def celery_backend_cluster(celery_redis_backend) -> Iterator[CeleryBackendCluste
 
 
 @pytest.fixture
-def render_node_env(celery_worker_cluster_config: dict) -> dict[str, str]:
+def node_losses() -> int:
+    """CELERYFARM_MAX_NODE_LOSSES of the nodes (a test may parametrize it)."""
+    return 3
+
+
+@pytest.fixture
+def render_node_env(celery_worker_cluster_config: dict, node_losses: int) -> dict[str, str]:
     """What the node needs at run time: the broker and backend as containers reach them."""
     broker = celery_worker_cluster_config["celery_broker_cluster_config"]["urls"][0]
     backend = celery_worker_cluster_config["celery_backend_cluster_config"]["urls"][0]
-    return {"CELERYFARM_BROKER_URL": broker, "CELERYFARM_RESULT_BACKEND": backend, **NODE_ENV}
+    return {"CELERYFARM_BROKER_URL": broker, "CELERYFARM_RESULT_BACKEND": backend,
+            "CELERYFARM_MAX_NODE_LOSSES": str(node_losses), **NODE_ENV}
 
 
 @pytest.fixture
@@ -237,17 +257,38 @@ def render_node_volumes(shared_dir: Path) -> dict:
     return {str(shared_dir): {"bind": "/shared", "mode": "rw"}}
 
 
-# Replaces pytest-celery's default worker container (its own image and app) with ours.
-default_worker_container = container(
-    image=WORKER_IMAGE,
-    environment=fxtr("render_node_env"),
-    network="{default_pytest_celery_network.name}",
-    volumes=fxtr("render_node_volumes"),
-    user=f"{RENDER_UID}:{RENDER_GID}",
-    wrapper_class=RenderNodeContainer,
-    timeout=90,
-    command=NODE_COMMAND,
-)
+NODE_CONTAINER = {
+    "image": WORKER_IMAGE,
+    "environment": fxtr("render_node_env"),
+    "network": "{default_pytest_celery_network.name}",
+    "volumes": fxtr("render_node_volumes"),
+    "user": f"{RENDER_UID}:{RENDER_GID}",
+    "wrapper_class": RenderNodeContainer,
+    "timeout": 90,
+    "command": NODE_COMMAND,
+}
+# Replaces pytest-celery's default worker container (its own image and app) with ours, and
+# adds a second node: a lost node's step needs another node to move to.
+default_worker_container = container(**NODE_CONTAINER)
+second_worker_container = container(**NODE_CONTAINER)
+
+
+@pytest.fixture
+def second_worker(second_worker_container, default_worker_app) -> Iterator[CeleryTestWorker]:
+    worker = CeleryTestWorker(container=second_worker_container, app=default_worker_app)
+    yield worker
+    worker.teardown()
+
+
+@pytest.fixture
+def celery_worker_cluster(celery_setup_worker, second_worker) -> Iterator[CeleryWorkerCluster]:
+    cluster = CeleryWorkerCluster(celery_setup_worker, second_worker)
+    yield cluster
+    cluster.teardown()
+
+
+def node_names(setup: CeleryTestSetup) -> set[str]:
+    return {worker.hostname() for worker in setup.worker_cluster}
 
 
 def published_url(node) -> str:
@@ -265,12 +306,13 @@ def setup_plugin(celery_setup: CeleryTestSetup, shared_dir: Path) -> CeleryFarmP
                        shared_dir)
 
 
-def test_jobs_submitted_from_the_host_render_in_the_worker_container(
+def test_jobs_submitted_from_the_host_render_in_the_worker_containers(
     celery_setup: CeleryTestSetup, setup_plugin: CeleryFarmPlugin, shared_dir: Path
 ):
-    node = celery_setup.worker.hostname()  # render@<container hostname>
-    assert node in {name for reply in setup_plugin.farm.app.control.ping(timeout=5)
-                    for name in reply}
+    nodes = node_names(celery_setup)  # render@<container hostname>, one per container
+    assert len(nodes) == 2
+    wait_until(lambda: nodes <= {name for reply in setup_plugin.farm.app.control.ping(timeout=1)
+                                 for name in reply}, timeout=60, what="both nodes to answer")
     jobs = {
         "shot010": submit(setup_plugin, "shot010", "--seconds", 1, steps=2),
         "shot020": submit(setup_plugin, "shot020", "--seconds", 0.5, "--children", 2),
@@ -282,36 +324,50 @@ def test_jobs_submitted_from_the_host_render_in_the_worker_container(
     for context in ("shot010", "shot020"):
         assert_frames(shared_dir, context)
     log = render_log(setup_plugin, jobs["shot010"])
-    assert log.count(f"node {node}") == 2  # both steps, on the container's node
+    ran_on = [node for node in nodes for _ in range(log.count(f"node {node}"))]
+    assert len(ran_on) == 2, log  # both steps, each on one of the containers' nodes
     assert "step 2/2 | exit status 0" in log
     assert "exit status 3" in render_log(setup_plugin, jobs["shot030"])
     assert "exit status 3" in setup_plugin.farm.get(jobs["shot030"]).reason
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,  # only the job not failing in time; a broken setup still fails
-    reason="core gap: a node lost with its main process (container killed, host down) leaves "
-    "the job Running: nothing reports the step, Celery keeps it STARTED and with acks_late "
-    "redelivers it only after the visibility timeout (7 days + 1 h by default). Needs the "
-    "farm's own node heartbeat/lease (CELERY-NOTES.md); remove this mark when it lands.",
-)
-def test_killing_the_worker_container_mid_render_fails_the_job(
+def kill_node_running(setup: CeleryTestSetup, plugin: CeleryFarmPlugin, job_id: str) -> str:
+    """Wait until the job's render runs, then SIGKILL that node's whole container (a lost
+    node: no celery process of it survives to report anything). Returns its nodename."""
+    wait_until(lambda: "rendering frames" in render_log(plugin, job_id), timeout=60,
+               what="the render to start in a container")
+    victim = plugin.farm.get(job_id).node
+    (worker,) = [w for w in setup.worker_cluster if w.hostname() == victim]
+    worker.container.kill()
+    return victim
+
+
+def test_a_killed_worker_container_s_step_completes_on_the_other_node(
     celery_setup: CeleryTestSetup, setup_plugin: CeleryFarmPlugin, shared_dir: Path
 ):
-    """A lost node (SIGKILL to the whole container, so no celery process survives to say
-    anything) must end the job Failed within a bounded time, with the reason in the log."""
-    job_id = submit(setup_plugin, "shot040", "--seconds", 300, "--children", 1)
-    wait_until(lambda: "progress" in render_log(setup_plugin, job_id) or
-               "rendering frames" in render_log(setup_plugin, job_id),
-               timeout=60, what="the render to start in the container")
-    assert setup_plugin.getJobState(job_id) == State.kRunning
-    celery_setup.worker.container.kill()  # SIGKILL to the whole container: a lost node
-    state = finished(setup_plugin, job_id, timeout=90)
-    assert state == State.kFailed
+    job_id = submit(setup_plugin, "shot040", "--seconds", 4, "--children", 1)
+    victim = kill_node_running(celery_setup, setup_plugin, job_id)
+    assert finished(setup_plugin, job_id, timeout=90) == State.kCompleted
+    (survivor,) = node_names(celery_setup) - {victim}
+    assert setup_plugin.farm.get(job_id).node == survivor
+    log = render_log(setup_plugin, job_id)
+    assert f"node {victim} lost while running step 1/1" in log, log
+    assert "step 1/1 re-dispatched" in log and f"node {survivor}" in log
+    assert_frames(shared_dir, "shot040")
+
+
+@pytest.mark.parametrize("node_losses", [1])
+def test_a_killed_worker_container_fails_the_job_when_no_loss_is_allowed(
+    celery_setup: CeleryTestSetup, setup_plugin: CeleryFarmPlugin, node_losses: int
+):
+    job_id = submit(setup_plugin, "shot060", "--seconds", 300)
+    victim = kill_node_running(celery_setup, setup_plugin, job_id)
+    assert finished(setup_plugin, job_id, timeout=90) == State.kFailed
     reason = setup_plugin.farm.get(job_id).reason
-    assert "lost" in reason, reason
-    assert reason in render_log(setup_plugin, job_id)
+    assert "lost on 1 node" in reason, reason
+    log = render_log(setup_plugin, job_id)
+    assert f"node {victim} lost while running step 1/1" in log
+    assert f"job failed: {reason}" in log
 
 
 # -- (b) the real docker-compose.yml ---------------------------------------------------------
@@ -474,25 +530,40 @@ def test_compose_farm_runs_jobs_from_the_host_on_three_nodes(compose_up):
     assert farm.leftovers() == []
 
 
-def test_compose_worker_stopped_with_sigquit_hands_its_step_to_another_node(compose_up):
-    """With CELERYFARM_WORKER_STOP_SIGNAL=SIGQUIT, `docker stop` on a node mid-render stops
-    the render at once, says so in the log, and another node renders the step again."""
-    farm = compose_up(2, CELERYFARM_WORKER_STOP_SIGNAL="SIGQUIT")
+@pytest.mark.parametrize(("stop_signal", "grace"), [("SIGQUIT", "30s"), ("SIGTERM", "3s")])
+def test_compose_worker_stopped_mid_render_hands_its_step_to_another_node(
+    compose_up, stop_signal: str, grace: str
+):
+    """`docker stop` on a node mid-render, with each CELERYFARM_WORKER_STOP_SIGNAL choice
+    and a render longer than the stop grace period. SIGQUIT (cold shutdown): the render is
+    stopped at once, the log says so and the step goes straight back to the queue. SIGTERM
+    (warm shutdown): celery waits for the render, docker kills the container when the grace
+    period ends, and the other node's reaper re-dispatches the step when its lease expires.
+    Either way the other node renders it to completion."""
+    farm = compose_up(2, CELERYFARM_WORKER_STOP_SIGNAL=stop_signal,
+                      CELERYFARM_WORKER_STOP_GRACE_PERIOD=grace)
     plugin = host_plugin(farm.broker_url, farm.broker_url, farm.shared)
     nodes = nodes_ready(farm, plugin, 2)
-    job_id = submit(plugin, "shot050", "--seconds", 6, "--children", 1)
+    context = f"stop-{stop_signal.lower()}"
+    job_id = submit(plugin, context, "--seconds", 8, "--children", 1)
     wait_until(lambda: "rendering frames" in render_log(plugin, job_id), timeout=60,
                what="the render to start")
     first = plugin.farm.get(job_id).node
     (box,) = [b for b in farm.containers("worker")
               if f"render@{b.attrs['Config']['Hostname']}" == first]
-    box.stop(timeout=30)  # the container's stop signal, SIGQUIT, then up to 30 s
+    stopping = time.monotonic()
+    box.stop()  # the container's own stop signal and grace period, as docker-compose stop
+    stop_seconds = time.monotonic() - stopping
     box.reload()
-    assert box.attrs["State"]["ExitCode"] != 137, "the worker had to be SIGKILLed"
+    killed = box.attrs["State"]["ExitCode"] == 137
     assert finished(plugin, job_id) == State.kCompleted
     log = render_log(plugin, job_id)
-    assert f"node {first}" in log
-    assert "stopped: the worker was told to terminate the step" in log
     (second,) = nodes - {first}
-    assert f"node {second}" in log and plugin.farm.get(job_id).node == second
-    assert_frames(farm.shared, "shot050")
+    assert plugin.farm.get(job_id).node == second and f"node {second}" in log
+    if stop_signal == "SIGQUIT":
+        assert not killed, f"the worker was killed after {stop_seconds:.1f} s ({grace} grace)"
+        assert "stopped: the worker was told to terminate the step" in log
+    else:
+        assert killed, "the warm shutdown ended before the render could have"
+        assert f"node {first} lost while running step 1/1" in log, log
+    assert_frames(farm.shared, context)

@@ -29,13 +29,19 @@ def task_ids(record: JobRecord) -> tuple[str, ...]:
     )
 
 
-def send(app: Celery, store: JobStore, record: JobRecord) -> None:
+#: Redis priority of a step resumed after its node was lost: the top bucket, so a job that
+#: was already running does not go to the back of the queue.
+RESUMED_PRIORITY = 0
+
+
+def send(app: Celery, store: JobStore, record: JobRecord, resumed: bool = False) -> None:
     """Send the chain of steps ``next_step..`` of the record's current dispatch.
 
     Queue and priority go on every signature: options given to the chain itself would apply
-    to its first task only.
+    to its first task only. A ``resumed`` step (re-dispatched after a node loss) goes first.
     """
     spec, steps = record.spec, len(record.spec.commands)
+    priority = celery_priority(spec.priority)
     signatures = [
         app.signature(
             RENDER_STEP,
@@ -47,7 +53,7 @@ def send(app: Celery, store: JobStore, record: JobRecord) -> None:
             immutable=True,
             task_id=task_id,
             queue=spec.queue,
-            priority=celery_priority(spec.priority),
+            priority=RESUMED_PRIORITY if resumed and step == record.next_step else priority,
             shadow=f"{spec.name} [{step + 1}/{steps}]",
         )
         for step, task_id in zip(range(record.next_step, steps), task_ids(record))

@@ -389,11 +389,12 @@ class Reaper(threading.Thread):
 
         With late acknowledgement the broker keeps such a message aside ("unacked") until
         the visibility timeout, longer than any render, so if the worker died between
-        taking it and claiming the step, nothing else would ever run it. A message aside
-        for two lease periods whose step is current but unleased is treated as lost; one
-        whose token is no longer current is dropped.
+        taking it and claiming the step, nothing else would ever run it. A live worker
+        claims within moments; a message aside for a lease period (a margin for clock skew,
+        as the broker timestamps it with the taker's clock) whose step is current but
+        unleased is treated as lost. One whose token is no longer current is dropped.
         """
-        cutoff = time.time() - 2 * self.settings.lease_seconds
+        cutoff = time.time() - self.settings.lease_seconds
         tags = self.broker.zrangebyscore(UNACKED_INDEX, "-inf", cutoff, start=0, num=500)
         if not tags:
             return []
@@ -432,7 +433,7 @@ class Reaper(threading.Thread):
             record.task_ids = dispatch.task_ids(record)
             self.store.redis.hset(self.store.job_key(job_id), "task_ids",
                                   json.dumps(record.task_ids))
-            dispatch.send(self.app, self.store, record)
+            dispatch.send(self.app, self.store, record, resumed=True)
 
     def _resend(self, job_id: str) -> None:
         try:

@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterator
 from typing import Any, Callable, NoReturn
 
+import redis
 from celery import states
 from celery.exceptions import Ignore
 
@@ -103,6 +104,8 @@ def sigterm_as_stop(check: Callable[[], str]) -> Iterator[Callable[[], str]]:
 
 
 TERMINATED = "the worker was told to terminate the step"
+#: Times a step retries claiming its lease while Redis is unreachable (about 3 minutes).
+MAX_CLAIM_RETRIES = 20
 
 
 @app.task(bind=True, name=RENDER_STEP)
@@ -119,7 +122,12 @@ def render_step(
     token = leases.Token(job_id, attempt, dispatch, step)
     lease = leases.StepLease(store, _scripts(), settings, token,
                              lease_owner(self.request.id, node, os.getpid()))
-    status, detail = lease.claim(node)
+    try:
+        status, detail = lease.claim(node)
+    except (redis.ConnectionError, redis.TimeoutError) as error:
+        # Nothing has started: try again once Redis is back, rather than fail the job.
+        raise self.retry(exc=error, countdown=min(2 ** self.request.retries, 10),
+                         max_retries=MAX_CLAIM_RETRIES) from None
     if status != "ok":
         # A duplicate or already-done delivery shares its id with the real execution,
         # whose Celery state must not be overwritten.

@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup redis-server test lint
+.PHONY: setup redis-server test lint demo up
 
 setup: $(VENV)/.installed redis-server
 
@@ -26,3 +26,11 @@ lint: setup
 
 test: lint
 	$(BIN)/pytest
+
+# A local farm runs three real jobs through the Katana plug-in, shows their progress, stops.
+demo: setup
+	$(BIN)/celeryfarm demo
+
+# A local farm in the foreground until Ctrl-C (see docs/cli.md).
+up: setup
+	$(BIN)/celeryfarm up

@@ -19,11 +19,15 @@ from celery import Celery
 from ..redisserver import RedisServer
 
 
-def worker_command(name: str, concurrency: int = 2, queues: str = "renders") -> list[str]:
+def worker_command(
+    name: str, concurrency: int = 2, queues: str = "renders", app: str = "celeryfarm",
+    events: bool = True,
+) -> list[str]:
+    """The command line of a prefork worker of ``app`` (the benchmarks run other apps)."""
     return [
-        sys.executable, "-m", "celery", "-A", "celeryfarm", "worker",
+        sys.executable, "-m", "celery", "-A", app, "worker",
         "--pool", "prefork", "--concurrency", str(concurrency), "--hostname", f"{name}@%h",
-        "--queues", queues, "--task-events", "--loglevel", "INFO",
+        "--queues", queues, *(["--task-events"] if events else []), "--loglevel", "INFO",
     ]
 
 
@@ -53,12 +57,12 @@ class LocalCluster:
 
     def start_worker(
         self, name: str, concurrency: int = 2, queues: str = "renders",
-        env: Mapping[str, str] | None = None,
+        env: Mapping[str, str] | None = None, app: str = "celeryfarm", events: bool = True,
     ) -> subprocess.Popen:
-        """Start a worker; :meth:`wait_for_workers` tells when it is ready."""
+        """Start a worker of ``app``; :meth:`wait_for_workers` tells when it is ready."""
         log = open(self.base / f"worker-{name}.log", "ab")  # noqa: SIM115 - the child keeps it
         process = subprocess.Popen(
-            worker_command(name, concurrency, queues),
+            worker_command(name, concurrency, queues, app, events),
             env={**os.environ, **self.env, **(env or {})},
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             cwd=self.base,

@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup redis-server test lint
+.PHONY: setup redis-server test lint bench bench-quick
 
 setup: $(VENV)/.installed redis-server
 
@@ -26,3 +26,10 @@ lint: setup
 
 test: lint
 	$(BIN)/pytest
+
+# Starts its own Redis and workers, prints the table and updates BENCHMARKS.md (~5 minutes).
+bench: setup
+	$(BIN)/python -m benchmarks.run
+
+bench-quick: setup
+	$(BIN)/python -m benchmarks.run --quick

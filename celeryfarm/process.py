@@ -164,6 +164,15 @@ def _tree(root_pid: int, token: str) -> list[psutil.Process]:
     return [proc for proc in found.values() if _alive(proc)]
 
 
+def _has_children() -> bool:
+    """Whether this process has any child, without reaping one (cheap: no /proc scan)."""
+    try:
+        os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return False
+    return True
+
+
 def _carries(proc: psutil.Process, token: str) -> bool:
     try:
         return proc.environ().get(MARKER) == token
@@ -211,6 +220,8 @@ def kill_tree(root: subprocess.Popen, token: str, grace_seconds: float) -> list[
     """SIGTERM the render's session and every process of its tree, SIGKILL what is left
     after the grace period, and wait until all are gone. Returns the pids that outlived
     SIGKILL: normally none, only a process stuck in the kernel."""
+    if root.poll() is not None and not _has_children():
+        return []  # as a subreaper, we would have inherited anything left of the tree
     others = _tree(root.pid, token)
     if root.poll() is not None and not others:
         return []

@@ -103,10 +103,11 @@ def decode(job_id: str, fields: dict[str, str]) -> JobRecord:
     """Build a record from stored fields; listing reads (``SUMMARY_FIELDS``) leave the
     commands and environment empty."""
     frame_range = fields.get("frame_range")
+    commands, environment = fields.get("commands"), fields.get("environment")
     spec = JobSpec(
         name=fields.get("name", ""),
-        commands=tuple(tuple(argv) for argv in json.loads(fields.get("commands") or "[]")),
-        environment=json.loads(fields.get("environment") or "{}"),
+        commands=tuple(tuple(argv) for argv in json.loads(commands)) if commands else (),
+        environment=json.loads(environment) if environment else {},
         render_type=fields.get("render_type") or "Disk",
         frame_range=tuple(json.loads(frame_range)) if frame_range else None,
         context=fields.get("context", ""),

@@ -216,13 +216,26 @@ _GONE = (ProcessLookupError, PermissionError, psutil.NoSuchProcess, psutil.Acces
 
 
 def _signal_all(root: subprocess.Popen, others: list[psutil.Process], sig: int) -> None:
+    """Send ``sig`` once to every process of the render: to its process group, then to each
+    process outside it. A second SIGTERM can deadlock a handler still busy with the first
+    (seen: a Python helper's handler re-entered while it waited for its own children)."""
     with contextlib.suppress(*_GONE):
         os.killpg(root.pid, sig)  # the session that start_new_session made
-    with contextlib.suppress(*_GONE):
-        root.send_signal(sig)  # a no-op once Popen has reaped it
-    for proc in others:
+    if not _in_group(root.pid, root.pid):
         with contextlib.suppress(*_GONE):
-            proc.send_signal(sig)
+            root.send_signal(sig)  # a no-op once Popen has reaped it
+    for proc in others:
+        if not _in_group(proc.pid, root.pid):
+            with contextlib.suppress(*_GONE):
+                proc.send_signal(sig)
+
+
+def _in_group(pid: int, group: int) -> bool:
+    """Whether ``pid`` is in process group ``group`` (so ``killpg`` reached it)."""
+    try:
+        return os.getpgid(pid) == group
+    except OSError:
+        return False
 
 
 def _wait(root: subprocess.Popen, others: list[psutil.Process], timeout: float) -> bool:

@@ -4,13 +4,14 @@
     python -m benchmarks.memory bare ID_FILE  # bare Celery: the states of the task ids listed
 
 Prints one JSON object: resident memory after imports and set-up (``idle_mib``), the peak
-(``peak_mib``, from getrusage) and how many jobs were read.
+(``peak_mib``: VmHWM; getrusage's ru_maxrss would count the parent's image from before exec)
+and how many jobs were read.
 """
 
 from __future__ import annotations
 
 import json
-import resource
+import re
 import sys
 from pathlib import Path
 
@@ -43,7 +44,8 @@ def main(argv: list[str]) -> int:
         listed = [backend.decode_result(v)["status"] if v else states.PENDING for v in values]
     else:
         raise SystemExit(f"unknown kind {kind!r}: plugin or bare")
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    status = Path("/proc/self/status").read_text()
+    peak = int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) * 1024
     print(json.dumps({"idle_mib": _mib(idle), "peak_mib": _mib(peak), "jobs": len(listed)}))
     return 0
 

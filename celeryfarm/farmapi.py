@@ -80,7 +80,7 @@ class FarmPluginManager:
         ) -> None:
             self.name = name
             self.renderContextName = renderContextName
-            self.commands = list(commands)
+            self.commands = commands
             self.environment = dict(environment or {})
             self.frameRange = frameRange
             self.renderType = renderType

@@ -194,6 +194,18 @@ def _has_children() -> bool:
     return True
 
 
+def _reap_orphan_zombies(born_after: float) -> None:
+    """Reap zombie children born since the render started: orphans of its tree that were
+    reparented to this subreaper and exited. (A zombie's environment cannot be read, so
+    birth time is what ties it to the render.)"""
+    if not _has_children():
+        return
+    for child in psutil.Process().children():
+        with contextlib.suppress(psutil.NoSuchProcess, ChildProcessError):
+            if child.status() == psutil.STATUS_ZOMBIE and child.create_time() >= born_after:
+                os.waitpid(child.pid, os.WNOHANG)
+
+
 def _carries(proc: psutil.Process, token: str) -> bool:
     try:
         return proc.environ().get(MARKER) == token
@@ -256,6 +268,16 @@ def kill_tree(root: subprocess.Popen, token: str, grace_seconds: float) -> list[
     SIGKILL: normally none, only a process stuck in the kernel."""
     if root.poll() is not None and not _has_children():
         return []  # as a subreaper, we would have inherited anything left of the tree
+    try:
+        born = psutil.Process(root.pid).create_time()
+    except psutil.NoSuchProcess:
+        born = 0.0
+    survivors = _kill(root, token, grace_seconds)
+    _reap_orphan_zombies(born)
+    return survivors
+
+
+def _kill(root: subprocess.Popen, token: str, grace_seconds: float) -> list[int]:
     others = _tree(root.pid, token)
     if root.poll() is not None and not others:
         return []

@@ -8,11 +8,14 @@ render log, and records the outcome. The record, not Celery's result, is the job
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
+import signal
 import time
-from typing import Any, NoReturn
+from collections.abc import Iterator
+from typing import Any, Callable, NoReturn
 
 import redis
 from celery import states
@@ -71,6 +74,31 @@ def stop_reason(store: JobStore, job_id: str, attempt: int) -> str:
     return ""
 
 
+@contextlib.contextmanager
+def sigterm_as_stop(check: Callable[[], str]) -> Iterator[Callable[[], str]]:
+    """Turn SIGTERM into a stop request while a render runs, and exit afterwards.
+
+    ``revoke(terminate=True)`` (from ``stopJob`` or Flower) sends SIGTERM to the pool
+    process. Left alone it raises ``SystemExit`` wherever the step happens to be, possibly in
+    the middle of killing the render's tree. Instead the step notices it at its next poll,
+    kills the tree and closes its log section as for any stop, and only then exits the pool
+    process as Celery expects of a terminated task.
+    """
+    terminated = False
+
+    def on_sigterm(_signum: int, _frame: object) -> None:
+        nonlocal terminated
+        terminated = True
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield lambda: "the worker was told to terminate the step" if terminated else check()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if terminated:
+            raise SystemExit("the render step was terminated")
+
+
 @app.task(bind=True, name=RENDER_STEP)
 def render_step(
     self, job_id: str, attempt: int, step: int, steps: int, name: str, command: list[str]
@@ -96,7 +124,7 @@ def render_step(
         log.close()
         _skip(self, f"job {job_id} was stopped before {label} started")
     started = time.monotonic()
-    with log:
+    with log, sigterm_as_stop(lambda: stop_reason(store, job_id, attempt)) as should_stop:
         log.step_started(step, steps, command, node, attempt)
         try:
             outcome = process.run(
@@ -104,14 +132,10 @@ def render_step(
                 env=render_environment(record),
                 cwd=str(log_path.parent),
                 output=log,
-                should_stop=lambda: stop_reason(store, job_id, attempt),
+                should_stop=should_stop,
                 poll_seconds=settings.poll_seconds,
                 grace_seconds=settings.stop_grace_seconds,
             )
-        except SystemExit:  # revoke(terminate=True), or the worker shutting down cold
-            log.step_ended(step, steps, "stopped: the worker terminated the step",
-                           time.monotonic() - started)
-            raise
         except Exception as error:
             log.mark(f"{label} | internal error: {error!r}")
             _fail(store, record, f"{label}: internal error: {error!r}")

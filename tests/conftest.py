@@ -1,0 +1,48 @@
+"""Fixtures: a real redis-server and real prefork Celery workers, shared by the session.
+
+Every test gets its own ``CELERYFARM_USER`` so ``getJobs(None)`` sees only its own jobs.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from celeryfarm.config import Settings
+from celeryfarm.farm import Farm
+from celeryfarm.plugin import CeleryFarmPlugin
+from celeryfarm.testing.cluster import LocalCluster
+
+#: Short timings so stops and crashes resolve quickly in tests.
+WORKER_ENV = {"CELERYFARM_STOP_GRACE_SECONDS": "1", "CELERYFARM_POLL_SECONDS": "0.1"}
+NODES = ("node1", "node2")
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """A farm of two single-slot render nodes, so two jobs run on two different nodes."""
+    farm = LocalCluster(tmp_path_factory.mktemp("farm"), extra_env=WORKER_ENV).start()
+    try:
+        for name in NODES:
+            farm.start_worker(name, concurrency=1)
+        farm.wait_for_workers(Farm(Settings.from_env(farm.env)).app, list(NODES))
+        yield farm
+    finally:
+        farm.stop()
+
+
+@pytest.fixture
+def farm_env(cluster: LocalCluster, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """The farm's environment in this process, with a user of this test's own."""
+    env = {**cluster.env, "CELERYFARM_USER": f"artist-{uuid.uuid4().hex[:8]}"}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return env
+
+
+@pytest.fixture
+def plugin(farm_env: dict[str, str]) -> CeleryFarmPlugin:
+    """The plug-in as Katana builds it: no arguments, configured by the environment."""
+    return CeleryFarmPlugin()

@@ -1,0 +1,80 @@
+"""Helpers for driving the plug-in the way Katana does, and for watching processes."""
+
+from __future__ import annotations
+
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Callable, TypeVar
+
+import psutil
+
+from celeryfarm.farmapi import FarmPluginManager, Job
+from celeryfarm.plugin import CeleryFarmPlugin
+
+T = TypeVar("T")
+FINISHED = (Job.State.kCompleted, Job.State.kFailed, Job.State.kCancelled)
+
+
+def renderboot(*args: object) -> list[str]:
+    """argv of the stand-in renderboot."""
+    return [sys.executable, "-m", "celeryfarm.testing.renderboot", *map(str, args)]
+
+
+def wait_until(check: Callable[[], T], timeout: float = 30.0, what: str = "condition") -> T:
+    """Poll ``check`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def wait_for_state(plugin: CeleryFarmPlugin, job_id: str, states=FINISHED, timeout=60.0) -> str:
+    states = (states,) if isinstance(states, str) else states
+    return wait_until(
+        lambda: (state := plugin.getJobState(job_id)) in states and state,
+        timeout, f"job {job_id} to be {'/'.join(states)}",
+    )
+
+
+def submit_like_katana(
+    plugin: CeleryFarmPlugin,
+    commands: list,
+    name: str = "Render",
+    render_type: str = "Disk",
+    settings: dict | None = None,
+    scene: Path | None = None,
+) -> tuple[str, str]:
+    """Go through the plug-in in Katana's order; return (job id, render temp folder)."""
+    context = str(uuid.uuid4())
+    folder = plugin.createTempDirectory(context)
+    if scene is not None:
+        copied = plugin.copyRenderFiles([str(scene)], context)
+        assert Path(copied[str(scene)]).read_bytes() == scene.read_bytes()
+    metadata = plugin.getRemoteInstallationMetadata()
+    assert metadata.katanaRoot
+    environment = plugin.getEnvironmentForJob(context)
+    request = FarmPluginManager.JobRequest(
+        name=name, renderContextName=context, commands=commands, environment=environment,
+        frameRange=(1, 3), renderType=render_type, settings=settings or {},
+    )
+    return plugin.submitJob(request), folder
+
+
+def read_log(plugin: CeleryFarmPlugin, job_id: str) -> bytes:
+    return Path(plugin.getRenderLogFilename(job_id)).read_bytes()
+
+
+def tagged_processes(tag: str) -> list[psutil.Process]:
+    """Live processes whose command line carries ``tag``."""
+    found = []
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        cmdline = proc.info["cmdline"] or []
+        if tag in cmdline and proc.info["status"] != psutil.STATUS_ZOMBIE:
+            found.append(proc)
+    return found

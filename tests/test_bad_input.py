@@ -1,0 +1,144 @@
+"""Bad input gets a clear error and loses nothing."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from celeryfarm.farmapi import FarmPluginException, FarmPluginManager, Job, JobNotFoundException
+from celeryfarm.plugin import CeleryFarmPlugin
+from celeryfarm.testing.cluster import LocalCluster
+
+from .helpers import read_log, renderboot, submit_like_katana, wait_for_state
+
+
+@pytest.mark.parametrize("method", ["getJobState", "getRenderLogFilename", "startJob", "stopJob"])
+@pytest.mark.parametrize("job_id", ["0" * 32, "no-such-job", "", "../../etc/passwd"])
+def test_unknown_job_ids_raise_job_not_found(plugin: CeleryFarmPlugin, method: str, job_id: str):
+    with pytest.raises(JobNotFoundException) as raised:
+        getattr(plugin, method)(job_id)
+    assert raised.value.jobId == job_id
+    assert isinstance(raised.value, FarmPluginException)
+
+
+def request(**fields) -> FarmPluginManager.JobRequest:
+    fields.setdefault("name", "Render")
+    fields.setdefault("renderContextName", str(uuid.uuid4()))
+    return FarmPluginManager.JobRequest(**fields)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"commands": []}, "no commands"),
+        ({"commands": [[]]}, "empty"),
+        ({"commands": [""]}, "empty"),
+        ({"commands": "renderboot -x"}, "list of commands"),
+        ({"commands": [["renderboot", 3]]}, "must be strings"),
+        ({"commands": ["renderboot 'unclosed"]}, "cannot parse"),
+        ({"commands": [["render\0boot"]]}, "NUL"),
+        ({"commands": [["true"]], "renderType": "Batch"}, "unknown render type"),
+        ({"commands": [["true"]], "settings": {"pool": "a b"}}, "invalid pool"),
+        ({"commands": [["true"]], "settings": {"priority": 101}}, "priority"),
+        ({"commands": [["true"]], "settings": {"priority": "high"}}, "whole number"),
+        ({"commands": [["true"]], "settings": {"licences": 2}}, "unknown farm settings"),
+        ({"commands": [["true"]], "frameRange": (10, 1)}, "ends before it starts"),
+        ({"commands": [["true"]], "environment": {"A=B": "x"}}, "environment variable name"),
+        ({"commands": [["true"]], "renderContextName": "../outside"}, "render context"),
+        ({"commands": [["true"]], "renderContextName": "/etc"}, "render context"),
+    ],
+)
+def test_malformed_requests_are_refused_with_a_clear_message(
+    plugin: CeleryFarmPlugin, fields: dict, message: str
+):
+    with pytest.raises(FarmPluginException, match=message):
+        plugin.submitJob(request(**fields))
+    assert plugin.getJobs(None) == []  # nothing half-submitted
+
+
+@pytest.mark.parametrize("context", ["../escape", "a/../../b", "/abs", "..", "", "a/b"])
+def test_context_names_cannot_escape_the_shared_root(plugin: CeleryFarmPlugin, context: str):
+    with pytest.raises(FarmPluginException, match="render context"):
+        plugin.createTempDirectory(context)
+    with pytest.raises(FarmPluginException, match="render context"):
+        plugin.copyRenderFiles([__file__], context)
+
+
+def test_copying_a_missing_file_says_which(plugin: CeleryFarmPlugin, tmp_path: Path):
+    missing = tmp_path / "missing.optree"
+    with pytest.raises(FarmPluginException, match=r"missing\.optree.*no such file"):
+        plugin.copyRenderFiles([str(missing)], str(uuid.uuid4()))
+
+
+def test_copying_keeps_files_with_the_same_name_apart(plugin: CeleryFarmPlugin, tmp_path: Path):
+    first, second = tmp_path / "a" / "scene.optree", tmp_path / "b" / "scene.optree"
+    for path, text in ((first, b"one"), (second, b"two")):
+        path.parent.mkdir()
+        path.write_bytes(text)
+    copied = plugin.copyRenderFiles([str(first), str(second)], str(uuid.uuid4()))
+    assert copied[str(first)] != copied[str(second)]
+    assert Path(copied[str(second)]).read_bytes() == b"two"
+
+
+def test_an_unwritable_shared_mount_is_reported_where_it_is(
+    farm_env: dict, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setenv("CELERYFARM_SHARED_ROOT", "/proc/celeryfarm-unwritable")
+    plugin = CeleryFarmPlugin()
+    with pytest.raises(FarmPluginException, match="/proc/celeryfarm-unwritable"):
+        plugin.createTempDirectory(str(uuid.uuid4()))
+
+
+def test_a_node_that_cannot_write_the_log_fails_the_job_with_the_reason(
+    plugin: CeleryFarmPlugin, cluster: LocalCluster
+):
+    pool = f"broken-{uuid.uuid4().hex[:6]}"
+    name = f"broken{uuid.uuid4().hex[:6]}"
+    cluster.start_worker(name, concurrency=1, queues=pool,
+                         env={"CELERYFARM_SHARED_ROOT": "/proc/celeryfarm-unwritable"})
+    try:
+        cluster.wait_for_workers(plugin.farm.app, [name])
+        job_id, _ = submit_like_katana(plugin, [renderboot()], settings={"pool": pool})
+        assert wait_for_state(plugin, job_id) == Job.State.kFailed
+        reason = plugin.farm.get(job_id).reason
+        assert "cannot write the render log" in reason and "/proc/celeryfarm-unwritable" in reason
+    finally:
+        cluster.stop_worker(name)
+
+
+def test_an_unreachable_broker_is_a_farm_error_not_a_hang(
+    farm_env: dict, monkeypatch: pytest.MonkeyPatch
+):
+    from celeryfarm.redisserver import free_port
+
+    monkeypatch.setenv("CELERYFARM_BROKER_URL", f"redis://:secret@127.0.0.1:{free_port()}/0")
+    code = (
+        "import sys\n"
+        "from celeryfarm.plugin import CeleryFarmPlugin\n"
+        "from celeryfarm.farmapi import FarmPluginException\n"
+        "try:\n"
+        "    CeleryFarmPlugin().getJobState('x')\n"
+        "except FarmPluginException as e:\n"
+        "    print(e); sys.exit(3)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 3, done.stderr
+    assert "cannot reach the farm's Redis" in done.stdout
+    assert "secret" not in done.stdout
+
+
+def test_a_killed_step_on_a_stopped_job_is_never_rerun_by_a_restart_race(
+    plugin: CeleryFarmPlugin,
+):
+    """startJob on an active job is a no-op, so a double click cannot start two attempts."""
+    job_id, _ = submit_like_katana(plugin, [renderboot("--seconds", 0.5)])
+    plugin.startJob(job_id)
+    plugin.startJob(job_id)
+    assert wait_for_state(plugin, job_id) == Job.State.kCompleted
+    assert plugin.farm.get(job_id).attempt == 1
+    assert read_log(plugin, job_id).count(b"step 1/1 | attempt") == 1

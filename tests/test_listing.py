@@ -1,0 +1,85 @@
+"""getJobs filters, batched reads, and history that outlives Celery's results."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from redis.client import Pipeline
+
+from celeryfarm.farmapi import FarmPluginException, Job
+from celeryfarm.plugin import CeleryFarmPlugin
+from celeryfarm.store import BATCH
+
+from .helpers import renderboot, submit_like_katana, wait_for_state
+
+State = Job.State
+
+
+def test_filters_select_and_and_together(plugin: CeleryFarmPlugin, monkeypatch):
+    done, _ = submit_like_katana(plugin, [["true"]], name="Render_beauty")
+    failed, _ = submit_like_katana(plugin, [["false"]], name="Render_shadow", render_type="Preview")
+    wait_for_state(plugin, done), wait_for_state(plugin, failed)
+
+    artist = plugin.farm.settings.user
+
+    def ids(filters):
+        """This artist's jobs matching ``filters`` (other tests' jobs share the farm)."""
+        filters = [filters] if isinstance(filters, dict) else filters
+        return {job.jobId for job in plugin.getJobs([{"user": artist}, *filters])}
+
+    assert {job.jobId for job in plugin.getJobs(None)} == {done, failed}
+    assert ids({"state": State.kFailed}) == {failed}
+    assert ids({"state": [State.kFailed, State.kCompleted]}) == {done, failed}
+    assert ids({"name": "beauty"}) == {done}
+    assert ids({"renderType": "Preview"}) == {failed}
+    assert ids({"session": plugin.session}) == {done, failed}
+    assert ids({"session": "another-session"}) == set()
+    assert ids([{"name": "Render"}, {"renderType": ["Disk", "Preview"]}]) == {done, failed}
+    assert {job.jobId for job in plugin.getJobs({"state": State.kFailed})} >= {failed}
+    assert ids([{"name": "beauty"}, {"state": State.kFailed}]) == set()
+    assert ids([{"state": State.kFailed}, {"state": State.kCompleted}]) == set()
+
+    monkeypatch.setenv("CELERYFARM_USER", "someone-else")
+    other_user = CeleryFarmPlugin()
+    assert {job.jobId for job in other_user.getJobs(None)}.isdisjoint({done, failed})
+    assert {job.jobId for job in other_user.getJobs({"user": artist})} == {done, failed}
+
+    with pytest.raises(FarmPluginException, match="unknown job filter"):
+        plugin.getJobs({"colour": "red"})
+
+
+def test_get_jobs_reads_records_in_batches(plugin: CeleryFarmPlugin, monkeypatch):
+    """Katana polls getJobs: a farm with a long history must not cost a round trip a job."""
+    farm = plugin.farm
+    pending = [submit_like_katana(plugin, [["true"]], settings={"pool": "parked"})[0]
+               for _ in range(3)]
+    # Fill the history straight through the store: many finished jobs.
+    template = farm.get(pending[0])
+    for _ in range(2 * BATCH + 5):
+        template.job_id, template.state = f"history-{uuid.uuid4().hex}", State.kCompleted
+        farm.store.create(template)
+
+    round_trips = []
+    real_execute = Pipeline.execute
+    monkeypatch.setattr(Pipeline, "execute",
+                        lambda self, *a, **k: round_trips.append(1) or real_execute(self, *a, **k))
+    jobs = plugin.getJobs(None)
+    assert len(jobs) == 2 * BATCH + 5 + 3
+    assert len(round_trips) <= 3 + 1  # ceil(jobs / BATCH) pipelines
+    assert sum(job.state == State.kWaiting for job in jobs) == 3
+    for job_id in pending:
+        plugin.stopJob(job_id)
+
+
+def test_a_finished_job_keeps_its_state_after_celery_results_expire(plugin: CeleryFarmPlugin):
+    completed, _ = submit_like_katana(plugin, [renderboot("--seconds", 0.1)])
+    failed, _ = submit_like_katana(plugin, [["false"], ["true"]])
+    assert wait_for_state(plugin, completed) == State.kCompleted
+    assert wait_for_state(plugin, failed) == State.kFailed
+    backend = plugin.farm.app.backend
+    for job_id in (completed, failed):
+        for task_id in plugin.farm.get(job_id).task_ids:
+            backend.client.delete(backend.get_key_for_task(task_id))
+    assert plugin.getJobState(completed) == State.kCompleted
+    assert plugin.getJobState(failed) == State.kFailed

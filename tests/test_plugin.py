@@ -1,0 +1,272 @@
+"""The plug-in end to end, driven in Katana's order against real Redis and real workers."""
+
+from __future__ import annotations
+
+import re
+import signal
+import sys
+import threading
+import uuid
+from pathlib import Path
+
+import psutil
+import pytest
+
+from celeryfarm.farmapi import FarmPluginManager, Job
+from celeryfarm.plugin import CeleryFarmPlugin
+
+from .helpers import (
+    read_log,
+    renderboot,
+    submit_like_katana,
+    tagged_processes,
+    wait_for_state,
+    wait_until,
+)
+
+State = Job.State
+
+
+def step_headers(log: bytes) -> list[str]:
+    """The "step i/n" of each step header in a render log, in order."""
+    return re.findall(rb"celeryfarm \| step (\d+/\d+) \| attempt", log)
+
+
+def test_three_step_job_runs_in_order_to_completed(plugin: CeleryFarmPlugin, tmp_path: Path):
+    scene = tmp_path / "scene.optree"
+    scene.write_bytes(b"serialised op tree \x00\x01")
+    images = tmp_path / "images"
+    job_id, folder = submit_like_katana(plugin, [
+        renderboot("--seconds", 0.6, "--frames", "1-3", "--output", images, "--tag", "first"),
+        renderboot("--seconds", 0.3, "--tag", "second"),
+        renderboot("--seconds", 0.3, "--tag", "third"),
+    ], scene=scene)
+
+    seen = [plugin.getJobState(job_id)]
+    while seen[-1] not in (State.kCompleted, State.kFailed, State.kCancelled):
+        state = wait_for_state(plugin, job_id, [s for s in State.kAllStates if s != seen[-1]])
+        seen.append(state)
+    assert seen[0] in (State.kWaiting, State.kRunning)
+    assert seen[-1] == State.kCompleted
+    assert State.kRunning in seen
+    order = [State.kWaiting, State.kRunning, State.kCompleted]
+    assert seen == sorted(seen, key=order.index), f"states went backwards: {seen}"
+
+    log = read_log(plugin, job_id)
+    assert step_headers(log) == [b"1/3", b"2/3", b"3/3"]
+    assert log.index(b"submitted") < log.index(b"step 1/3")
+    assert log.count(b"| exit status 0 |") == 3
+    assert b"--tag first" in log and b"progress 100% (frame 3)" in log
+    assert sorted(p.name for p in images.iterdir()) == [f"frame.000{i}.ppm" for i in (1, 2, 3)]
+    assert str(Path(plugin.getRenderLogFilename(job_id)).parent) == folder
+
+    (job,) = [job for job in plugin.getJobs(None) if job.jobId == job_id]
+    assert job.state == State.kCompleted and job.name == "Render"
+    assert job.startTime is not None and job.endTime >= job.startTime
+    assert job.renderLogFilename == plugin.getRenderLogFilename(job_id)
+
+
+def test_failure_in_step_two_fails_the_job_and_skips_step_three(
+    plugin: CeleryFarmPlugin, tmp_path: Path
+):
+    third = tmp_path / "third-ran"
+    job_id, _ = submit_like_katana(plugin, [
+        renderboot("--seconds", 0.1),
+        renderboot("--seconds", 0.1, "--exit-code", 3),
+        [sys.executable, "-c", f"open({str(third)!r}, 'w')"],
+    ])
+    assert wait_for_state(plugin, job_id) == State.kFailed
+    log = read_log(plugin, job_id)
+    assert step_headers(log) == [b"1/3", b"2/3"]
+    assert b"step 2/3 | exit status 3" in log
+    assert not third.exists()
+    record = plugin.farm.get(job_id)
+    assert record.reason == "step 2/3 failed: exit status 3"
+    assert record.end_ms is not None
+
+
+@pytest.mark.parametrize(
+    ("command", "expected"),
+    [
+        (["/no/such/renderboot", "-v"],
+         b"could not start: executable not found: /no/such/renderboot"),
+        ([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)"],
+         b"killed by signal SIGSEGV"),
+    ],
+    ids=["missing-executable", "signal"],
+)
+def test_a_step_that_cannot_run_or_dies_fails_the_job_with_the_reason_in_the_log(
+    plugin: CeleryFarmPlugin, command: list[str], expected: bytes
+):
+    job_id, _ = submit_like_katana(plugin, [command, renderboot("--seconds", 0.1)])
+    assert wait_for_state(plugin, job_id) == State.kFailed
+    log = read_log(plugin, job_id)
+    assert expected in log
+    assert step_headers(log) == [b"1/2"]
+
+
+def test_stop_mid_render_kills_the_whole_process_tree(plugin: CeleryFarmPlugin, tmp_path: Path):
+    tag = uuid.uuid4().hex
+    second = tmp_path / "second-ran"
+    job_id, _ = submit_like_katana(plugin, [
+        renderboot("--seconds", 120, "--children", 2, "--grandchildren", 2, "--tag", tag),
+        [sys.executable, "-c", f"open({str(second)!r}, 'w')"],
+    ])
+    # renderboot, 2 children and 4 grandchildren
+    wait_until(lambda: len(tagged_processes(tag)) == 7, 30, "the render's 7 processes")
+    assert plugin.getJobState(job_id) == State.kRunning
+
+    plugin.stopJob(job_id)
+    assert plugin.getJobState(job_id) == State.kCancelled
+    wait_until(lambda: not tagged_processes(tag), 15, "every render process to be gone")
+    log = wait_until(lambda: b"stopped" in (log := read_log(plugin, job_id)) and log, 15,
+                     "the step's footer")
+    assert b"stop requested by" in log
+    assert step_headers(log) == [b"1/2"]
+    assert not second.exists()
+    assert plugin.getJobState(job_id) == State.kCancelled
+
+    plugin.stopJob(job_id)  # stopping a stopped job changes nothing
+    assert plugin.getJobState(job_id) == State.kCancelled
+
+
+def test_stop_escalates_to_sigkill_for_renders_that_ignore_sigterm(plugin: CeleryFarmPlugin):
+    tag = uuid.uuid4().hex
+    job_id, _ = submit_like_katana(plugin, [
+        renderboot("--seconds", 120, "--children", 1, "--ignore-sigterm", "--tag", tag),
+    ])
+    wait_until(lambda: len(tagged_processes(tag)) == 3, 30, "the render's 3 processes")
+    plugin.stopJob(job_id)
+    wait_until(lambda: not tagged_processes(tag), 20, "every render process to be gone")
+    assert plugin.getJobState(job_id) == State.kCancelled
+
+
+def test_leftover_children_of_a_finished_step_are_killed(plugin: CeleryFarmPlugin):
+    tag = uuid.uuid4().hex
+    job_id, _ = submit_like_katana(plugin, [
+        renderboot("--seconds", 0.2, "--children", 2, "--orphan-children", "--tag", tag),
+    ])
+    assert wait_for_state(plugin, job_id) == State.kCompleted
+    wait_until(lambda: not tagged_processes(tag), 15, "the orphaned helpers to be gone")
+
+
+def test_restart_after_stop_and_after_failure_runs_a_new_attempt(
+    plugin: CeleryFarmPlugin, tmp_path: Path
+):
+    flag = tmp_path / "fixed"
+    fails_until_fixed = [sys.executable, "-c",
+                         f"import os, sys; sys.exit(0 if os.path.exists({str(flag)!r}) else 4)"]
+    job_id, _ = submit_like_katana(plugin, [renderboot("--seconds", 0.1), fails_until_fixed])
+    assert wait_for_state(plugin, job_id) == State.kFailed
+
+    flag.touch()
+    plugin.startJob(job_id)
+    assert plugin.getJobState(job_id) in (State.kWaiting, State.kRunning, State.kCompleted)
+    assert wait_for_state(plugin, job_id) == State.kCompleted
+    record = plugin.farm.get(job_id)
+    assert record.attempt == 2 and record.reason == ""
+    log = read_log(plugin, job_id)
+    assert b"restart by" in log and b"attempt 2, after attempt 1 ended Failed" in log
+    assert step_headers(log) == [b"1/2", b"2/2", b"1/2", b"2/2"]
+
+    plugin.startJob(job_id)  # a completed job starts again too (Katana's Start button)
+    assert wait_for_state(plugin, job_id) == State.kCompleted
+    assert plugin.farm.get(job_id).attempt == 3
+
+    tag = uuid.uuid4().hex
+    job_id, _ = submit_like_katana(plugin, [renderboot("--seconds", 120, "--tag", tag)])
+    wait_for_state(plugin, job_id, State.kRunning)
+    plugin.stopJob(job_id)
+    wait_until(lambda: not tagged_processes(tag), 15, "the stopped render to be gone")
+    plugin.startJob(job_id)
+    wait_for_state(plugin, job_id, State.kRunning)
+    assert plugin.farm.get(job_id).attempt == 2
+    plugin.startJob(job_id)  # a running job is left alone
+    assert plugin.farm.get(job_id).attempt == 2
+    plugin.stopJob(job_id)
+    wait_until(lambda: not tagged_processes(tag), 15, "the restarted render to be gone")
+
+
+def test_a_job_on_a_pool_no_node_serves_waits_and_can_be_cancelled(plugin: CeleryFarmPlugin):
+    job_id, _ = submit_like_katana(plugin, [renderboot("--seconds", 0.1)],
+                                   settings={"pool": f"nobody-{uuid.uuid4().hex[:6]}"})
+    assert plugin.getJobState(job_id) == State.kWaiting
+    (job,) = plugin.getJobs({"state": State.kWaiting})
+    assert job.jobId == job_id and job.startTime is None
+    plugin.stopJob(job_id)
+    assert plugin.getJobState(job_id) == State.kCancelled
+
+
+def test_two_nodes_run_two_jobs_at_the_same_time(plugin: CeleryFarmPlugin):
+    tags = [uuid.uuid4().hex, uuid.uuid4().hex]
+    jobs = [submit_like_katana(plugin, [renderboot("--seconds", 60, "--tag", tag)])[0]
+            for tag in tags]
+    wait_until(lambda: all(tagged_processes(tag) for tag in tags), 30, "both renders running")
+    assert [plugin.getJobState(job_id) for job_id in jobs] == [State.kRunning] * 2
+    nodes = {plugin.farm.get(job_id).node for job_id in jobs}
+    assert len(nodes) == 2, f"both jobs ran on {nodes}"
+    for job_id in jobs:
+        plugin.stopJob(job_id)
+    wait_until(lambda: not any(tagged_processes(tag) for tag in tags), 15, "renders gone")
+
+
+def test_many_jobs_submitted_from_several_threads_all_complete(plugin: CeleryFarmPlugin):
+    submitted: list[str] = []
+    errors: list[BaseException] = []
+
+    def submit_some() -> None:
+        try:
+            for _ in range(5):
+                submitted.append(submit_like_katana(plugin, [["true"], ["true"]])[0])
+        except BaseException as error:  # reported by the main thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=submit_some) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not errors
+    assert len(set(submitted)) == 30
+    wait_until(lambda: all(job.state == State.kCompleted for job in plugin.getJobs(None))
+               and len(plugin.getJobs(None)) == 30, 120, "all 30 jobs to complete")
+
+
+def test_non_utf8_and_very_long_output_do_not_break_a_step(plugin: CeleryFarmPlugin):
+    job_id, _ = submit_like_katana(plugin, [
+        renderboot("--seconds", 0.1, "--binary-noise", "--output-bytes", 3_000_000),
+    ])
+    assert wait_for_state(plugin, job_id) == State.kCompleted
+    log = read_log(plugin, job_id)
+    assert b"noise: \xff\xfe\xc3\x28 latin-1 caf\xe9\n" in log
+    assert log.count(b"x") >= 3_000_000
+
+
+def test_the_render_gets_the_job_environment_but_not_the_farm_secrets(
+    plugin: CeleryFarmPlugin, tmp_path: Path
+):
+    dump = [sys.executable, "-c",
+            "import os; print(sorted(k for k in os.environ if k.startswith('CELERYFARM_'))); "
+            "print('SHOT=' + os.environ['SHOT']); print('CWD=' + os.getcwd())"]
+    context = str(uuid.uuid4())
+    folder = plugin.createTempDirectory(context)
+    env = {**plugin.getEnvironmentForJob(context), "SHOT": "sh010"}
+    job_id = plugin.submitJob(FarmPluginManager.JobRequest(
+        name="env", renderContextName=context, commands=[dump], environment=env))
+    assert wait_for_state(plugin, job_id) == State.kCompleted
+    log = read_log(plugin, job_id)
+    assert b"SHOT=sh010" in log and f"CWD={folder}".encode() in log
+    assert b"CELERYFARM_BROKER_URL" not in log
+    assert b"'CELERYFARM_JOB_ID'" in log and b"'CELERYFARM_RENDER_CONTEXT'" in log
+
+
+def test_a_lost_pool_process_fails_the_job_with_the_reason_in_the_log(plugin: CeleryFarmPlugin):
+    tag = uuid.uuid4().hex
+    job_id, _ = submit_like_katana(plugin, [renderboot("--seconds", 120, "--tag", tag)])
+    (render,) = wait_until(lambda: tagged_processes(tag), 30, "the render to start")
+    pool_process = psutil.Process(render.ppid())
+    pool_process.send_signal(signal.SIGKILL)
+    assert wait_for_state(plugin, job_id, timeout=30) == State.kFailed
+    assert b"the worker running it was lost" in read_log(plugin, job_id)
+    assert "lost" in plugin.farm.get(job_id).reason
+    render.kill()  # the node-loss issue makes the farm itself reap this orphan

@@ -1,0 +1,87 @@
+"""The step runner on real subprocesses: output streaming, outcomes, and the tree kill."""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+import threading
+import time
+import uuid
+
+import psutil
+
+from celeryfarm import process
+
+from .helpers import renderboot, tagged_processes, wait_until
+
+
+def run(argv, should_stop=lambda: "", **kwargs) -> tuple[process.Outcome, bytes]:
+    output = io.BytesIO()
+    outcome = process.run(argv, env=dict(os.environ), cwd=os.getcwd(), output=output,
+                          should_stop=should_stop, poll_seconds=0.05, grace_seconds=1,
+                          **kwargs)
+    return outcome, output.getvalue()
+
+
+def test_exit_status_and_output():
+    outcome, output = run([sys.executable, "-c", "import sys; print('hi'); sys.exit(7)"])
+    assert outcome.exit_code == 7 and not outcome.succeeded
+    assert outcome.describe() == "exit status 7"
+    assert output == b"hi\n"
+
+
+def test_output_arrives_while_the_command_runs():
+    output = io.BytesIO()
+    script = "import time; print('first', flush=True); time.sleep(30)"
+    first_line_seen = threading.Event()
+
+    def should_stop() -> str:
+        if b"first" in output.getvalue():
+            first_line_seen.set()
+            return "seen"
+        return ""
+
+    started = time.monotonic()
+    outcome = process.run([sys.executable, "-c", script], env=dict(os.environ), cwd=".",
+                          output=output, should_stop=should_stop, poll_seconds=0.05)
+    assert first_line_seen.is_set() and outcome.stop_reason == "seen"
+    assert time.monotonic() - started < 25  # stopped long before the sleep ended
+
+
+def test_a_daemon_that_leaves_the_session_is_still_killed():
+    """A double fork plus setsid escapes the process group; the marker still finds it."""
+    tag = uuid.uuid4().hex
+    script = (
+        "import os, subprocess, sys\n"
+        "subprocess.Popen(['setsid', sys.executable, '-c', 'import time; time.sleep(300)',\n"
+        f"                  '{tag}'], start_new_session=True, stdout=subprocess.DEVNULL)\n"
+        "print('daemon started', flush=True)\n"
+    )
+    outcome, _ = run([sys.executable, "-c", script])
+    assert outcome.exit_code == 0
+    assert not tagged_processes(tag)
+    assert not [p for p in psutil.Process().children() if p.status() == psutil.STATUS_ZOMBIE]
+
+
+def test_stop_kills_children_and_grandchildren():
+    tag = uuid.uuid4().hex
+    stop = threading.Event()
+    result: list = []
+    worker = threading.Thread(target=lambda: result.append(run(
+        renderboot("--seconds", 60, "--children", 2, "--tag", tag),
+        should_stop=lambda: "asked" if stop.is_set() else "")))
+    worker.start()
+    wait_until(lambda: len(tagged_processes(tag)) == 5, 30, "the render's 5 processes")
+    stop.set()
+    worker.join(30)
+    (outcome, _), = result
+    assert outcome.describe() == "stopped: asked"
+    assert not tagged_processes(tag)
+    assert not [p for p in psutil.Process().children() if p.status() == psutil.STATUS_ZOMBIE]
+
+
+def test_a_missing_executable_is_an_outcome_not_an_exception():
+    outcome, output = run(["/no/such/program"])
+    assert outcome.describe() == "could not start: executable not found: /no/such/program"
+    assert output == b""

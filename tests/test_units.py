@@ -1,0 +1,95 @@
+"""Unit tests of pure logic: the FarmAPI stand-in, request validation, settings, paths."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from celeryfarm import farmapi
+from celeryfarm.config import ConfigError, Settings, redact
+from celeryfarm.farm import celery_priority
+from celeryfarm.jobs import FarmError, JobSpec, parse_command
+from celeryfarm.paths import SharedRoot
+from celeryfarm.plugin import read_request
+
+
+def test_job_refuses_states_katana_does_not_know():
+    job = farmapi.Job("id", "name", 1, 2, farmapi.Job.State.kRunning, "/log")
+    assert (job.jobId, job.name, job.startTime, job.endTime, job.state,
+            job.renderLogFilename) == ("id", "name", 1, 2, "Running", "/log")
+    with pytest.raises(ValueError):
+        farmapi.Job("id", "name", None, None, "Paused", None)
+    assert set(farmapi.Job.State.kAllStates) == {
+        "Waiting", "Running", "Completed", "Cancelled", "Failed"}
+
+
+def test_job_not_found_is_a_farm_plugin_exception():
+    error = farmapi.JobNotFoundException("abc", "context")
+    assert isinstance(error, farmapi.FarmPluginException)
+    assert error.jobId == "abc" and "abc" in str(error)
+
+
+def test_commands_are_split_like_a_shell_but_never_run_by_one():
+    assert parse_command("renderboot --name 'a b' $HOME;rm") == [
+        "renderboot", "--name", "a b", "$HOME;rm"]
+    assert parse_command(["a", "b c"]) == ["a", "b c"]
+    with pytest.raises(FarmError):
+        parse_command(b"bytes")
+
+
+def test_spec_defaults_and_settings():
+    spec = JobSpec.build(name="", commands=["true"], settings={"pool": "gpu", "priority": 90})
+    assert (spec.name, spec.queue, spec.priority, spec.render_type) == ("render", "gpu", 90, "Disk")
+    assert spec.commands == (("true",),)
+
+
+def test_priorities_map_to_redis_order():
+    assert celery_priority(100) == 0 and celery_priority(0) == 9 and celery_priority(50) in (4, 5)
+
+
+def test_requests_are_read_tolerantly():
+    class KatanaLike:
+        def getCommands(self):
+            return ["renderboot -a"]
+
+        renderContextName = "ctx"
+
+    assert read_request(KatanaLike(), "commands") == ["renderboot -a"]
+    assert read_request(KatanaLike(), "context") == "ctx"
+    assert read_request(KatanaLike(), "settings") is None
+    assert read_request({"commands": ["x"]}, "commands") == ["x"]
+
+
+def test_settings_from_the_environment():
+    settings = Settings.from_env({
+        "CELERYFARM_BROKER_URL": "redis://:pw@farm:6379/1",
+        "CELERYFARM_SHARED_ROOT": "/mnt/farm",
+        "CELERYFARM_REMOTE_SHARED_ROOT": "/shared",
+        "CELERYFARM_RENDERER_DSO_PATHS": "dl=/opt/dl/katana, prman=/opt/prman/katana",
+        "CELERYFARM_MAX_RENDER_SECONDS": "3600",
+    })
+    assert settings.results_url == settings.records_url == "redis://:pw@farm:6379/1"
+    assert settings.node_shared_root == Path("/shared")
+    assert settings.renderer_dso_paths == {"dl": "/opt/dl/katana", "prman": "/opt/prman/katana"}
+    assert settings.visibility_timeout > settings.max_render_seconds
+    with pytest.raises(ConfigError, match="CELERYFARM_POLL_SECONDS"):
+        Settings.from_env({"CELERYFARM_POLL_SECONDS": "soon"})
+    with pytest.raises(ConfigError, match="RENDERER_DSO_PATHS"):
+        Settings.from_env({"CELERYFARM_RENDERER_DSO_PATHS": "dl"})
+
+
+def test_passwords_are_redacted():
+    assert redact("redis://:pw@host:6379/0") == "redis://:***@host:6379/0"
+    assert redact("redis://user:pw@host/0") == "redis://user:***@host/0"
+    assert redact("redis://host:6379/0") == "redis://host:6379/0"
+
+
+def test_shared_root_maps_node_paths_and_refuses_escapes(tmp_path: Path):
+    root = SharedRoot(tmp_path, Path("/shared"))
+    assert root.to_remote("ctx/render.log") == "/shared/ctx/render.log"
+    assert root.join("ctx/render.log") == tmp_path.resolve() / "ctx" / "render.log"
+    (tmp_path / "link").symlink_to("/etc")
+    for bad in ("../x", "/etc/passwd", "link/passwd", ""):
+        with pytest.raises(FarmError):
+            root.join(bad)

@@ -19,9 +19,10 @@ import select
 import selectors
 import signal
 import subprocess
+import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import BinaryIO, Callable
 
 import psutil
@@ -113,41 +114,89 @@ def _pump(
     proc: subprocess.Popen, output: BinaryIO, should_stop: Callable[[], str], poll_seconds: float
 ) -> str:
     """Copy output until the command has exited and its output is closed; return a stop
-    reason if ``should_stop`` gave one first."""
+    reason if ``should_stop`` gave one first. ``should_stop`` is asked every
+    ``poll_seconds``, and at once after a signal with a Python handler (in a pool process,
+    the SIGTERM of a revoke, which the step turns into a stop request)."""
     selector = selectors.DefaultSelector()
     selector.register(proc.stdout, selectors.EVENT_READ)
     next_check = time.monotonic() + poll_seconds
     exited_at: float | None = None
     open_output = True
     try:
-        while True:
-            if open_output:
-                for _ in selector.select(timeout=poll_seconds):
-                    data = os.read(proc.stdout.fileno(), _READ_SIZE)
-                    if data:
-                        output.write(data)
-                    else:
-                        open_output = False
-                        selector.unregister(proc.stdout)
-            else:
-                _wait_exit(proc, poll_seconds)
-            now = time.monotonic()
-            if proc.poll() is not None:
-                exited_at = exited_at or now
-                # Done, or only leftover children hold the output open: they get killed.
-                if not open_output or now - exited_at > LEFTOVER_SECONDS:
-                    return ""
-            if now >= next_check:
-                next_check = now + poll_seconds
-                reason = should_stop()
-                if reason:
-                    return reason
+        with _signal_wakeup() as wake_fd:
+            if wake_fd is not None:
+                selector.register(wake_fd, selectors.EVENT_READ)
+            while True:
+                signalled = False
+                if open_output:
+                    for key, _ in selector.select(timeout=poll_seconds):
+                        if key.fd == wake_fd:
+                            signalled = _drain(wake_fd)
+                            continue
+                        data = os.read(proc.stdout.fileno(), _READ_SIZE)
+                        if data:
+                            output.write(data)
+                        else:
+                            open_output = False
+                            selector.unregister(proc.stdout)
+                else:
+                    signalled = _wait_exit(proc, poll_seconds, wake_fd)
+                now = time.monotonic()
+                if proc.poll() is not None:
+                    exited_at = exited_at or now
+                    # Done, or only leftover children hold the output open: they get killed.
+                    if not open_output or now - exited_at > LEFTOVER_SECONDS:
+                        return ""
+                if signalled or now >= next_check:
+                    next_check = now + poll_seconds
+                    reason = should_stop()
+                    if reason:
+                        return reason
     finally:
         selector.close()
 
 
-def _wait_exit(proc: subprocess.Popen, timeout: float) -> None:
-    """Wait up to ``timeout`` for ``proc`` to exit, without reaping it.
+@contextlib.contextmanager
+def _signal_wakeup() -> Iterator[int | None]:
+    """A file descriptor that becomes readable when a signal with a Python handler arrives
+    (``signal.set_wakeup_fd``), or None where that cannot be had: outside the main thread,
+    or when something else (an asyncio loop) already uses the wakeup fd."""
+    if threading.current_thread() is not threading.main_thread():
+        yield None
+        return
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(read_fd, False)
+    os.set_blocking(write_fd, False)
+    try:
+        previous = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+    except (ValueError, OSError):
+        previous = None
+    if previous != -1:
+        if previous is not None:
+            signal.set_wakeup_fd(previous)  # someone else's: leave it alone
+        os.close(read_fd)
+        os.close(write_fd)
+        yield None
+        return
+    try:
+        yield read_fd
+    finally:
+        signal.set_wakeup_fd(-1)
+        os.close(read_fd)
+        os.close(write_fd)
+
+
+def _drain(fd: int) -> bool:
+    """Empty a non-blocking pipe; return True."""
+    with contextlib.suppress(BlockingIOError):
+        while os.read(fd, 512):
+            pass
+    return True
+
+
+def _wait_exit(proc: subprocess.Popen, timeout: float, wake_fd: int | None = None) -> bool:
+    """Wait up to ``timeout`` for ``proc`` to exit, without reaping it, or until ``wake_fd``
+    is readable; return whether ``wake_fd`` woke it (and drain it).
 
     A pidfd (Linux 5.3+) wakes us when it exits; ``Popen.wait(timeout)`` instead sleeps in
     doubling steps from 0.5 ms and notices the exit up to a step late, which every step
@@ -158,13 +207,16 @@ def _wait_exit(proc: subprocess.Popen, timeout: float) -> None:
     except (AttributeError, OSError):  # Python < 3.9, kernel < 5.3, or not ours any more
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=timeout)
-        return
+        return False
     try:
         poller = select.poll()
         poller.register(pidfd, select.POLLIN)
-        poller.poll(timeout * 1000)
+        if wake_fd is not None:
+            poller.register(wake_fd, select.POLLIN)
+        ready = [fd for fd, _ in poller.poll(timeout * 1000)]
     finally:
         os.close(pidfd)
+    return wake_fd in ready and _drain(wake_fd)
 
 
 def _start_error(program: str, error: OSError) -> str:

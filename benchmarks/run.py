@@ -141,13 +141,28 @@ class Bench:
             self._started.add("bare")
 
     def stop(self) -> None:
-        """Stop everything this run started; safe to call more than once."""
-        kill_all(self.baseline_pids)
-        self.rss.stop()
-        for name in list(self.cluster.workers):
-            with contextlib.suppress(Exception):
-                self.cluster.stop_worker(name)
-        self.cluster.redis.stop()
+        """Stop everything this run started; safe to call more than once. Ctrl-C and
+        SIGTERM are ignored meanwhile, so a second one cannot leave processes behind."""
+        ignored = (signal.SIGINT, signal.SIGTERM)
+        previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in ignored}
+        try:
+            kill_all(self.baseline_pids)
+            self.rss.stop()
+            workers = list(self.cluster.workers.values())
+            descendants = []  # pool processes (and renders) of a worker that must be killed
+            for process in workers:
+                with contextlib.suppress(psutil.Error):
+                    descendants += psutil.Process(process.pid).children(recursive=True)
+                with contextlib.suppress(OSError):
+                    process.terminate()  # all at once: warm shutdowns run side by side
+            for name in list(self.cluster.workers):
+                with contextlib.suppress(Exception):
+                    self.cluster.stop_worker(name, timeout=20)
+            kill_all(descendants)
+            self.cluster.redis.stop()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     def node_pids(self, names: Sequence[str]) -> list[int]:
         return [self.cluster.workers[name].pid for name in names]

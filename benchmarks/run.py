@@ -768,6 +768,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def method(figure: Callable) -> str:
+    """The first paragraph of a figure's docstring, on one line."""
+    return " ".join((figure.__doc__ or "").split("\n\n")[0].split())
+
+
 def _interrupt(signum: int, _frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -807,6 +812,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             shutil.rmtree(base, ignore_errors=True)
     duration = time.monotonic() - started
+    rows.sort(key=lambda row: (not row.figure.isdigit(), row.figure))  # stable: 1..7, mem
     say(text_table(rows))
     info = {"date": now_text(), "duration": f"{duration / 60:.1f} min", **machine(),
             "load at start (1/5/15 min)": load_before, "load at end": load()}
@@ -817,8 +823,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             indent=2))
     write = args.write if args.write is not None else not (args.quick or args.only)
     if write:
-        notes = [f"{n}. {FIGURES[n][0]}: {' '.join(FIGURES[n][1].__doc__.split())}"
-                 for n in sorted(selected)]
+        notes = [f"{n}. {FIGURES[n][0]}: {method(FIGURES[n][1])}" for n in sorted(selected)]
+        notes.append(f"{'quick' if args.quick else 'full'} sizes: {dataclasses.asdict(sizes)}")
         write_report(args.output, report(rows, info, command_line(), notes))
         say(f"results written to {args.output}")
     missed = [r for r in rows if r.met is False]

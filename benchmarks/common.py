@@ -160,9 +160,10 @@ def _git_revision() -> str:
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                              text=True, cwd=Path(__file__).parent).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True,
-                               cwd=Path(__file__).parent).stdout.strip()
+        dirty = subprocess.run(  # the report itself does not count
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+             ":(exclude)BENCHMARKS.md"],
+            capture_output=True, text=True, cwd=Path(__file__).parent.parent).stdout.strip()
     except OSError:
         return "unknown"
     return f"{rev}{' (uncommitted changes)' if dirty else ''}" if rev else "unknown"

@@ -31,6 +31,9 @@ def celery_config(settings: Settings) -> dict:
         "result_backend": settings.results_url,
         "broker_transport_options": transport,
         "result_backend_transport_options": {"visibility_timeout": settings.visibility_timeout},
+        # A Redis restart must not fail the task writing its state: retry with backoff.
+        "result_backend_always_retry": True,
+        "result_backend_max_retries": 30,
         "broker_connection_retry_on_startup": True,
         # JSON only: with pickle, anyone who can write to Redis could run code on every node.
         "task_serializer": "json",
@@ -54,7 +57,7 @@ def celery_config(settings: Settings) -> dict:
 
 def create_app(settings: Settings | None = None) -> Celery:
     settings = settings or Settings.from_env()
-    app = Celery("celeryfarm", include=["celeryfarm.tasks"])
+    app = Celery("celeryfarm", include=["celeryfarm.tasks", "celeryfarm.node"])
     app.conf.update(celery_config(settings))
     app.conf.celeryfarm_settings = settings
     return app

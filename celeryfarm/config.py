@@ -61,8 +61,14 @@ class Settings:
     max_render_seconds: int = 7 * 24 * 3600
     #: Seconds between SIGTERM and SIGKILL when a render is stopped.
     stop_grace_seconds: float = 5.0
-    #: How often a running step checks its job's stop flag, in seconds.
+    #: How often a running step renews its lease and checks for a stop, in seconds.
     poll_seconds: float = 0.25
+    #: A running step's lease: a node silent this long is lost, and its step re-dispatched.
+    lease_seconds: float = 20.0
+    #: How often every node's reaper looks for lost steps (re-dispatch within lease + this).
+    reap_seconds: float = 5.0
+    #: A step lost on this many nodes in a row fails the job.
+    max_node_losses: int = 3
     #: Prefix of every Redis key celeryfarm writes, so farms can share a Redis.
     key_prefix: str = "celeryfarm"
     #: User recorded on submitted jobs and used as the default ``getJobs`` filter.
@@ -88,6 +94,15 @@ class Settings:
         """Broker visibility timeout: above the longest render, so no step is redelivered
         while it still runs. Every process derives it from the same variable."""
         return self.max_render_seconds + 3600
+
+    def __post_init__(self) -> None:
+        margin = self.stop_grace_seconds + self.poll_seconds + 1.0
+        if self.lease_seconds <= margin:
+            raise ConfigError(
+                f"{PREFIX}LEASE_SECONDS ({self.lease_seconds:g}) must exceed the stop grace "
+                f"period plus the poll interval plus 1 s ({margin:g}): a node stops trusting "
+                "its lease that long before it expires"
+            )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -124,6 +139,9 @@ class Settings:
             max_render_seconds=number("MAX_RENDER_SECONDS", defaults.max_render_seconds, int),
             stop_grace_seconds=number("STOP_GRACE_SECONDS", defaults.stop_grace_seconds),
             poll_seconds=number("POLL_SECONDS", defaults.poll_seconds),
+            lease_seconds=number("LEASE_SECONDS", defaults.lease_seconds),
+            reap_seconds=number("REAP_SECONDS", defaults.reap_seconds),
+            max_node_losses=number("MAX_NODE_LOSSES", defaults.max_node_losses, int),
             key_prefix=get("KEY_PREFIX") or defaults.key_prefix,
             user=get("USER") or _login_name(),
             session=get("SESSION"),

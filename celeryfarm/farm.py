@@ -14,12 +14,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Callable
 
-from celery import Celery, chain, states
+from celery import Celery, states
 from kombu.exceptions import OperationalError
 
-from .celery import RENDER_STEP, create_app
+from . import dispatch
+from .celery import create_app
 from .config import Settings
-from .jobs import MAX_PRIORITY, FarmError, JobRecord, JobSpec, State
+from .jobs import FarmError, JobRecord, JobSpec, State
 from .paths import SharedRoot
 from .renderlog import append
 from .store import JobStore, connect
@@ -30,11 +31,6 @@ FILTER_KEYS = ("user", "session", "host", "state", "name", "renderType")
 
 def now_ms() -> int:
     return int(time.time() * 1000)
-
-
-def celery_priority(priority: int) -> int:
-    """Map farm priority 0..100 (higher first) to Redis priority 9..0 (0 first)."""
-    return 9 - round(priority * 9 / MAX_PRIORITY)
 
 
 class Farm:
@@ -72,14 +68,14 @@ class Farm:
             log_path=self.root.log_path(context),
             submitted_ms=now_ms(),
         )
-        record.task_ids = self._task_ids(record)
+        record.task_ids = dispatch.task_ids(record)
         self._note(
             record,
             f"job {job_id} '{spec.name}' submitted by {self.who}: "
             f"{len(spec.commands)} step(s), {spec.render_type} render, pool {spec.queue}",
         )
-        self.store.create(record)
-        self._enqueue(record)
+        self.store.create(record, dispatching=True)
+        self._send(record)
         return record
 
     def stop(self, job_id: str) -> JobRecord:
@@ -108,20 +104,20 @@ class Farm:
         if not record.finished:
             return record
         previous = record.attempt
-        record.attempt += 1
-        record.task_ids = self._task_ids(record)
+        record.attempt, record.dispatch, record.next_step = previous + 1, record.dispatch + 1, 0
+        record.task_ids = dispatch.task_ids(record)
         fresh = {
-            "attempt": record.attempt, "state": State.WAITING, "task_ids": record.task_ids,
-            "submitted": now_ms(), "start": None, "end": None, "step": None, "node": None,
-            "reason": None,
+            "attempt": record.attempt, "dispatch": record.dispatch, "next_step": 0, "lost": 0,
+            "state": State.WAITING, "task_ids": record.task_ids, "submitted": now_ms(),
+            "start": None, "end": None, "step": None, "node": None, "reason": None,
         }
         if not self.store.transition(
-            job_id, fresh, attempt=previous, from_states=State.FINISHED
+            job_id, fresh, attempt=previous, from_states=State.FINISHED, dispatching=True
         ):
             return self.get(job_id)  # someone else restarted it first
         self._note(record, f"restart by {self.who}: attempt {record.attempt}, "
                            f"after attempt {previous} ended {record.state}")
-        self._enqueue(record)
+        self._send(record)
         return self.get(job_id)
 
     # -- information -------------------------------------------------------------------------
@@ -158,41 +154,16 @@ class Farm:
         return [record for record in records if matches(record)]
 
     # -- internals ---------------------------------------------------------------------------
-    def _task_ids(self, record: JobRecord) -> tuple[str, ...]:
-        return tuple(
-            f"{record.job_id}-{record.attempt}-{index}"
-            for index in range(len(record.spec.commands))
-        )
-
-    def _enqueue(self, record: JobRecord) -> None:
-        """Send the job's chain. Queue and priority go on every signature: options given to
-        the chain itself would apply to its first task only."""
-        spec, steps = record.spec, len(record.spec.commands)
-        signatures = [
-            self.app.signature(
-                RENDER_STEP,
-                kwargs={
-                    "job_id": record.job_id, "attempt": record.attempt, "step": index,
-                    "steps": steps, "name": spec.name, "command": list(argv),
-                },
-                immutable=True,
-                task_id=task_id,
-                queue=spec.queue,
-                priority=celery_priority(spec.priority),
-                shadow=f"{spec.name} [{index + 1}/{steps}]",
-            )
-            for index, (argv, task_id) in enumerate(zip(spec.commands, record.task_ids))
-        ]
+    def _send(self, record: JobRecord) -> None:
+        """Send the record's dispatch; it is in the outbox already, so if the broker cannot
+        be reached the job still runs once a node's reaper can send it."""
         try:
-            chain(*signatures).apply_async()
+            dispatch.send(self.app, self.store, record)
         except OperationalError as error:
-            reason = f"could not reach the broker to enqueue the job: {error}"
-            self.store.transition(
-                record.job_id,
-                {"state": State.FAILED, "end": now_ms(), "reason": reason},
-                attempt=record.attempt,
-            )
-            raise FarmError(reason) from None
+            raise FarmError(
+                f"job {record.job_id} is recorded but the broker could not be reached to "
+                f"send it ({error}); a render node will send it once the broker is back"
+            ) from None
 
     def _note(self, record: JobRecord, text: str) -> None:
         """Add a celeryfarm line to the job's render log (creating its folder if need be)."""
@@ -203,9 +174,11 @@ class Farm:
                             f"{error.strerror}") from None
 
     def _settle(self, records: Sequence[JobRecord]) -> None:
-        """Bring active records up to date with Celery: a step that Celery saw fail or get
-        revoked outside the farm's control (a lost pool process, a revoke from Flower) ends
-        the job, and the record keeps that for when Celery's results have expired."""
+        """Bring active records up to date with Celery: a step that Celery saw fail without
+        the farm recording it (a crash before the step could claim its lease), or revoked
+        outside the farm (from Flower), ends the job, and the record keeps that for when
+        Celery's results have expired. A lost worker is not an end: the step's lease
+        expires and it is re-dispatched (see ``leases``)."""
         active = [record for record in records if record.state in State.ACTIVE]
         if not active:
             return
@@ -213,11 +186,14 @@ class Farm:
         task_states = dict(zip(task_ids, self._task_states(task_ids)))
         for record in active:
             seen = [task_states[task_id] for task_id in record.task_ids]
-            if states.FAILURE in seen:
-                step = seen.index(states.FAILURE) + 1
-                outcome = State.FAILED, f"step {step}: the worker running it was lost"
-            elif states.REVOKED in seen:
-                outcome = State.CANCELLED, "a task of the job was revoked outside celeryfarm"
+            failures = [(i, error) for i, (state, error) in enumerate(seen)
+                        if state == states.FAILURE and error != "WorkerLostError"]
+            if failures:
+                index, error = failures[0]
+                step = record.next_step + index + 1
+                outcome = State.FAILED, f"step {step} failed in the worker: {error}"
+            elif any(state == states.REVOKED for state, _ in seen):
+                outcome = State.CANCELLED, "a step was revoked outside celeryfarm (Flower?)"
             else:
                 continue
             state, reason = outcome
@@ -231,14 +207,18 @@ class Farm:
             fresh = self.store.get(record.job_id)
             record.state, record.end_ms, record.reason = fresh.state, fresh.end_ms, fresh.reason
 
-    def _task_states(self, task_ids: list[str]) -> list[str]:
-        """Celery states of many tasks in one round trip (PENDING for unknown ids)."""
+    def _task_states(self, task_ids: list[str]) -> list[tuple[str, str]]:
+        """Celery (state, exception type) of many tasks in one round trip; unknown ids are
+        PENDING."""
         backend = self.app.backend
         values = backend.mget([backend.get_key_for_task(task_id) for task_id in task_ids])
-        return [
-            backend.decode_result(value)["status"] if value else states.PENDING
-            for value in values
-        ]
+        found = []
+        for value in values:
+            meta = backend.decode(value) if value else {"status": states.PENDING}
+            result = meta.get("result")
+            error = result.get("exc_type", "") if isinstance(result, dict) else ""
+            found.append((meta["status"], error))
+        return found
 
 
 def _merge_filters(filters: Sequence[Mapping[str, Any]]) -> dict[str, Any]:

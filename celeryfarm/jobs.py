@@ -84,6 +84,8 @@ class JobSpec:
     context: str = ""
     queue: str = "renders"
     priority: int = DEFAULT_PRIORITY
+    max_step_seconds: int = 0  # 0: only the farm-wide limit
+    stall_seconds: int = 0  # 0: no stall detection
     user: str = ""
     host: str = ""
     session: str = ""
@@ -119,6 +121,8 @@ class JobSpec:
         if not _QUEUE_NAME.match(queue):
             raise FarmError(f"invalid pool name {queue!r}: use letters, digits, '_', '.', '-'")
         priority = _priority(settings.pop("priority", DEFAULT_PRIORITY))
+        max_step_seconds = _seconds(settings.pop("maxStepSeconds", 0), "maxStepSeconds")
+        stall_seconds = _seconds(settings.pop("stallSeconds", 0), "stallSeconds")
         if settings:
             raise FarmError(f"unknown farm settings: {', '.join(sorted(map(str, settings)))}")
         return cls(
@@ -129,6 +133,8 @@ class JobSpec:
             frame_range=_frame_range(frame_range),
             queue=queue,
             priority=priority,
+            max_step_seconds=max_step_seconds,
+            stall_seconds=stall_seconds,
             **identity,
         )
 
@@ -160,6 +166,16 @@ def _frame_range(frame_range: Sequence[int] | None) -> tuple[int, int] | None:
     return first, last
 
 
+def _seconds(value: Any, name: str) -> int:
+    try:
+        seconds = int(value or 0)
+    except (TypeError, ValueError):
+        raise FarmError(f"{name} must be a whole number of seconds, got {value!r}") from None
+    if seconds < 0:
+        raise FarmError(f"{name} must not be negative, got {seconds}")
+    return seconds
+
+
 def _priority(value: Any) -> int:
     try:
         priority = int(value)
@@ -178,8 +194,11 @@ class JobRecord:
     spec: JobSpec
     log_path: str  # relative to the shared root, so every host can resolve it
     state: str = State.WAITING
-    attempt: int = 1
-    task_ids: tuple[str, ...] = ()
+    attempt: int = 1  # bumped by each restart
+    dispatch: int = 1  # bumped by each (re)dispatch: with attempt and step, the fencing token
+    next_step: int = 0  # index of the step to run next
+    lost: int = 0  # nodes lost in a row while running the current step
+    task_ids: tuple[str, ...] = ()  # Celery ids of the current dispatch's steps
     submitted_ms: int = 0
     start_ms: int | None = None
     end_ms: int | None = None

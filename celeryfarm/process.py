@@ -43,16 +43,19 @@ class Outcome:
     signal: int | None = None
     stop_reason: str = ""  # set when the farm stopped it
     start_error: str = ""  # set when it could not be started
+    limit: str = ""  # set when it broke the run-time or stall limit
 
     @property
     def succeeded(self) -> bool:
-        return self.exit_code == 0 and not self.stop_reason
+        return self.exit_code == 0 and not self.stop_reason and not self.limit
 
     def describe(self) -> str:
         if self.start_error:
             return f"could not start: {self.start_error}"
         if self.stop_reason:
             return f"stopped: {self.stop_reason}"
+        if self.limit:
+            return f"killed: {self.limit}"
         if self.signal is not None:
             return f"killed by signal {signal.Signals(self.signal).name}"
         return f"exit status {self.exit_code}"
@@ -76,15 +79,22 @@ def run(
     should_stop: Callable[[], str],
     poll_seconds: float = 0.25,
     grace_seconds: float = 5.0,
+    max_seconds: float = 0,
+    stall_seconds: float = 0,
+    token: str = "",
 ) -> Outcome:
     """Run ``argv`` with stdout and stderr streamed into ``output`` as bytes arrive.
 
     ``should_stop`` is called every ``poll_seconds`` and returns a reason to stop, or "".
-    Whatever happens, including an exception or ``SystemExit`` raised into this frame, the
+    ``max_seconds`` and ``stall_seconds`` (no output for that long), when set, kill the
+    command and set ``Outcome.limit``. Every process of the command carries ``token`` (a
+    fresh one by default) in its environment, so :func:`kill_marked` can find them from
+    another process. Whatever happens, including an exception raised into this frame, the
     command's whole process tree is gone when this returns.
     """
     become_subreaper()
-    token = uuid.uuid4().hex
+    token = token or uuid.uuid4().hex
+    limits = _Limits(max_seconds, stall_seconds)
     try:
         proc = subprocess.Popen(
             argv,
@@ -99,7 +109,12 @@ def run(
         return Outcome(start_error=_start_error(argv[0], error))
     outcome = Outcome()
     try:
-        outcome.stop_reason = _pump(proc, output, should_stop, poll_seconds)
+        reason = _pump(proc, output, lambda: limits.broken() or should_stop(), poll_seconds,
+                       limits)
+        if reason in (limits.broken(), ""):
+            outcome.limit = reason
+        else:
+            outcome.stop_reason = reason
     finally:
         kill_tree(proc, token, grace_seconds)
         proc.stdout.close()
@@ -110,8 +125,28 @@ def run(
     return outcome
 
 
+class _Limits:
+    """Run-time and stall limits of one command (0: none)."""
+
+    def __init__(self, max_seconds: float, stall_seconds: float) -> None:
+        self.max_seconds, self.stall_seconds = max_seconds, stall_seconds
+        self.started = self.last_output = time.monotonic()
+
+    def broken(self) -> str:
+        now = time.monotonic()
+        if self.max_seconds and now - self.started > self.max_seconds:
+            return f"ran longer than its limit of {self.max_seconds:g} s"
+        if self.stall_seconds and now - self.last_output > self.stall_seconds:
+            return f"stalled: no output for {self.stall_seconds:g} s"
+        return ""
+
+
 def _pump(
-    proc: subprocess.Popen, output: BinaryIO, should_stop: Callable[[], str], poll_seconds: float
+    proc: subprocess.Popen,
+    output: BinaryIO,
+    should_stop: Callable[[], str],
+    poll_seconds: float,
+    limits: _Limits,
 ) -> str:
     """Copy output until the command has exited and its output is closed; return a stop
     reason if ``should_stop`` gave one first. ``should_stop`` is asked every
@@ -136,6 +171,7 @@ def _pump(
                         data = os.read(proc.stdout.fileno(), _READ_SIZE)
                         if data:
                             output.write(data)
+                            limits.last_output = time.monotonic()
                         else:
                             open_output = False
                             selector.unregister(proc.stdout)
@@ -235,6 +271,20 @@ def _tree(root_pid: int, token: str) -> list[psutil.Process]:
         if proc.pid not in found and proc.pid != root_pid and _carries(proc, token):
             found[proc.pid] = proc
     return [proc for proc in found.values() if _alive(proc)]
+
+
+def kill_marked(token: str, grace_seconds: float) -> list[int]:
+    """Kill every process carrying ``token``, wherever it is in the process table (used when
+    the process that ran the command is gone); returns pids that outlived SIGKILL."""
+    procs = [proc for proc in psutil.process_iter() if _carries(proc, token)]
+    for sig, wait in ((signal.SIGTERM, grace_seconds), (signal.SIGKILL, 5.0)):
+        for proc in procs:
+            with contextlib.suppress(*_GONE):
+                proc.send_signal(sig)
+        _, procs = psutil.wait_procs(procs, timeout=wait)
+        if not procs:
+            break
+    return [proc.pid for proc in procs]
 
 
 def _has_children() -> bool:

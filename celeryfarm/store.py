@@ -9,6 +9,7 @@ worker finishing a step and an artist stopping the job can never both win.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import redis
@@ -52,10 +53,13 @@ _STATE_AT = SUMMARY_FIELDS.index("state")
 
 
 def connect(url: str) -> redis.Redis:
-    """A Redis client that survives broker restarts: keepalive, health checks and retries."""
+    """A Redis client that survives broker restarts: keepalive, health checks and retries,
+    and timeouts so an unreachable Redis is an error, not a hang."""
     return redis.Redis.from_url(
         url,
         decode_responses=True,
+        socket_connect_timeout=5,
+        socket_timeout=10,
         socket_keepalive=True,
         health_check_interval=15,
         retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=8),
@@ -75,11 +79,16 @@ def _encode(record: JobRecord) -> dict[str, str]:
         "frame_range": json.dumps(spec.frame_range) if spec.frame_range else "",
         "queue": spec.queue,
         "priority": str(spec.priority),
+        "max_step_seconds": str(spec.max_step_seconds),
+        "stall_seconds": str(spec.stall_seconds),
         "commands": json.dumps(spec.commands),
         "environment": json.dumps(dict(spec.environment)),
         "log": record.log_path,
         "state": record.state,
         "attempt": str(record.attempt),
+        "dispatch": str(record.dispatch),
+        "next_step": str(record.next_step),
+        "lost": str(record.lost),
         "task_ids": json.dumps(record.task_ids),
         "submitted": str(record.submitted_ms),
         "start": _int_text(record.start_ms),
@@ -113,6 +122,8 @@ def decode(job_id: str, fields: dict[str, str]) -> JobRecord:
         context=fields.get("context", ""),
         queue=fields.get("queue", ""),
         priority=int(fields.get("priority") or 0),
+        max_step_seconds=int(fields.get("max_step_seconds") or 0),
+        stall_seconds=int(fields.get("stall_seconds") or 0),
         user=fields.get("user", ""),
         host=fields.get("host", ""),
         session=fields.get("session", ""),
@@ -123,6 +134,9 @@ def decode(job_id: str, fields: dict[str, str]) -> JobRecord:
         log_path=fields.get("log", ""),
         state=fields["state"],
         attempt=int(fields.get("attempt") or 1),
+        dispatch=int(fields.get("dispatch") or 1),
+        next_step=int(fields.get("next_step") or 0),
+        lost=int(fields.get("lost") or 0),
         task_ids=tuple(json.loads(fields.get("task_ids") or "[]")),
         submitted_ms=int(fields.get("submitted") or 0),
         start_ms=_int_or_none(fields.get("start")),
@@ -148,12 +162,29 @@ class JobStore:
     def index_key(self, kind: str = "all", value: str = "") -> str:
         return f"{self.prefix}:index:{kind}:{value}" if value else f"{self.prefix}:index:{kind}"
 
+    @property
+    def leases_key(self) -> str:
+        """Sorted set: job id -> deadline (ms) of its running step's lease."""
+        return f"{self.prefix}:leases"
+
+    @property
+    def outbox_key(self) -> str:
+        """Sorted set: job id -> when a dispatch of it was recorded but not yet sent."""
+        return f"{self.prefix}:dispatching"
+
+    def events_key(self, job_id: str) -> str:
+        """List of the job's step executions: starts, ends and losses, as JSON."""
+        return f"{self.prefix}:events:{job_id}"
+
     # -- writes ------------------------------------------------------------------------------
-    def create(self, record: JobRecord) -> None:
-        """Store a new record and index it, in one round trip."""
+    def create(self, record: JobRecord, dispatching: bool = True) -> None:
+        """Store a new record, index it and (unless told not to) put it in the outbox, in
+        one round trip."""
         score = record.submitted_ms
         pipe = self.redis.pipeline(transaction=True)
         pipe.hset(self.job_key(record.job_id), mapping=_encode(record))
+        if dispatching:
+            pipe.zadd(self.outbox_key, {record.job_id: score})
         pipe.zadd(self.index_key(), {record.job_id: score})
         if record.spec.user:
             pipe.zadd(self.index_key("user", record.spec.user), {record.job_id: score})
@@ -184,17 +215,24 @@ class JobStore:
         *,
         attempt: int | None = None,
         from_states: Sequence[str] = (),
+        dispatching: bool = False,
     ) -> bool:
         """Set ``fields`` if the job is on ``attempt`` and in one of ``from_states``.
 
         A value of ``None`` deletes the field; a field named ``"?name"`` is set only if it is
-        absent. Returns whether the change was applied; raises :class:`JobNotFound` for an
-        unknown id.
+        absent. ``dispatching`` also puts the job in the outbox, atomically. Returns whether
+        the change was applied; raises :class:`JobNotFound` for an unknown id.
         """
         args: list[str] = ["" if attempt is None else str(attempt), ",".join(from_states)]
         for name, value in fields.items():
             args += [name, "" if value is None else _field_text(value)]
-        applied = self._transition(keys=[self.job_key(job_id)], args=args)
+        if dispatching:
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.zadd(self.outbox_key, {job_id: int(time.time() * 1000)})
+            self._transition(keys=[self.job_key(job_id)], args=args, client=pipe)
+            applied = pipe.execute()[-1]
+        else:
+            applied = self._transition(keys=[self.job_key(job_id)], args=args)
         if applied == -1:
             raise JobNotFound(job_id)
         return applied == 1
@@ -208,6 +246,10 @@ class JobStore:
 
     def get_field(self, job_id: str, name: str) -> str | None:
         return self.redis.hget(self.job_key(job_id), name)
+
+    def events(self, job_id: str) -> list[dict]:
+        """The job's step executions (starts, ends, losses), oldest first."""
+        return [json.loads(event) for event in self.redis.lrange(self.events_key(job_id), 0, -1)]
 
     def ids(self, kind: str = "all", value: str = "") -> list[str]:
         """Job ids of an index, newest first."""

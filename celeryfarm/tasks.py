@@ -1,9 +1,11 @@
 """The render node's side: one Celery task that runs one step of a job.
 
-A job is a chain of these tasks, one per command. Each step checks the job record before it
-starts (a stopped or restarted job's leftover messages must not run: revoked ids live only in
-worker memory), runs its command through :mod:`celeryfarm.process`, frames its output in the
-render log, and records the outcome. The record, not Celery's result, is the job's truth.
+A job is a chain of these tasks, one per command. A step first claims its lease (see
+:mod:`celeryfarm.leases`): a stopped or restarted job's leftover messages, a re-dispatched
+step's old message and a duplicate delivery all stop there. It then runs its command through
+:mod:`celeryfarm.process`, frames its output in the render log, and records the outcome, which
+counts only if its fencing token is still current. The record, not Celery's result, is the
+job's truth.
 """
 
 from __future__ import annotations
@@ -21,10 +23,11 @@ import redis
 from celery import states
 from celery.exceptions import Ignore
 
-from . import process
+from . import leases, process
 from .celery import RENDER_STEP, app
 from .config import PREFIX, Settings
-from .jobs import JobRecord, State
+from .jobs import JobRecord
+from .node import lease_owner
 from .paths import SharedRoot
 from .renderlog import RenderLog
 from .store import JobStore, connect
@@ -47,8 +50,9 @@ def _store() -> JobStore:
     return JobStore(connect(settings.records_url), settings.key_prefix)
 
 
-def now_ms() -> int:
-    return int(time.time() * 1000)
+@functools.lru_cache(maxsize=1)
+def _scripts() -> leases.Scripts:
+    return leases.Scripts(_store())
 
 
 def render_environment(record: JobRecord) -> dict[str, str]:
@@ -60,18 +64,18 @@ def render_environment(record: JobRecord) -> dict[str, str]:
     return env
 
 
-def stop_reason(store: JobStore, job_id: str, attempt: int) -> str:
-    """Why a running step of ``attempt`` must stop now, or "" to go on."""
-    try:
-        state, current = store.redis.hmget(store.job_key(job_id), "state", "attempt")
-    except redis.RedisError as error:  # a broker restart must not kill renders
-        logger.warning("cannot check job %s for a stop request: %s", job_id, error)
-        return ""
-    if current != str(attempt):
-        return f"the job was restarted as attempt {current}"
-    if state == State.CANCELLED:
-        return "stop requested"
-    return ""
+class GatedLog:
+    """The render log as the command's output sees it: writes stop once the step is no
+    longer sure to be current, so a superseded node never adds to the log."""
+
+    def __init__(self, log: RenderLog, lease: leases.StepLease) -> None:
+        self.log, self.lease, self.dropped = log, lease, 0
+
+    def write(self, data: bytes) -> None:
+        if self.lease.valid():
+            self.log.write(data)
+        else:
+            self.dropped += len(data)
 
 
 @contextlib.contextmanager
@@ -81,7 +85,7 @@ def sigterm_as_stop(check: Callable[[], str]) -> Iterator[Callable[[], str]]:
     ``revoke(terminate=True)`` (from ``stopJob`` or Flower) sends SIGTERM to the pool
     process. Left alone it raises ``SystemExit`` wherever the step happens to be, possibly in
     the middle of killing the render's tree. Instead the step notices it at its next poll,
-    kills the tree and closes its log section as for any stop, and only then exits the pool
+    kills the tree and records its outcome as for any stop, and only then exits the pool
     process as Celery expects of a terminated task.
     """
     terminated = False
@@ -92,78 +96,112 @@ def sigterm_as_stop(check: Callable[[], str]) -> Iterator[Callable[[], str]]:
 
     previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
-        yield lambda: "the worker was told to terminate the step" if terminated else check()
+        yield lambda: TERMINATED if terminated else check()
     finally:
         signal.signal(signal.SIGTERM, previous)
         if terminated:
             raise SystemExit("the render step was terminated")
 
 
+TERMINATED = "the worker was told to terminate the step"
+#: Times a step retries claiming its lease while Redis is unreachable (about 3 minutes).
+MAX_CLAIM_RETRIES = 20
+
+
 @app.task(bind=True, name=RENDER_STEP)
 def render_step(
-    self, job_id: str, attempt: int, step: int, steps: int, name: str, command: list[str]
+    self, job_id: str, attempt: int, dispatch: int, step: int, steps: int, name: str,
+    command: list[str],
 ) -> dict[str, Any]:
-    """Run step ``step`` (0-based) of ``steps`` of job ``job_id``'s ``attempt``.
-
-    ``name`` and ``command`` are in the message so Flower shows what a task renders.
-    """
+    """Run step ``step`` (0-based) of ``steps`` of dispatch ``dispatch`` of job ``job_id``'s
+    ``attempt``. ``name`` and ``command`` are in the message so Flower shows what a task
+    renders."""
     settings, store = _settings(), _store()
-    record = store.get(job_id)
-    if record.attempt != attempt or record.state not in State.ACTIVE:
-        _skip(self, f"job {job_id} attempt {attempt} is {record.state} (now attempt "
-              f"{record.attempt}): step {step + 1}/{steps} skipped")
+    node = self.request.hostname or "unknown node"
     label = f"step {step + 1}/{steps}"
+    token = leases.Token(job_id, attempt, dispatch, step)
+    lease = leases.StepLease(store, _scripts(), settings, token,
+                             lease_owner(self.request.id, node, os.getpid()))
+    try:
+        status, detail = lease.claim(node)
+    except (redis.ConnectionError, redis.TimeoutError) as error:
+        # Nothing has started: try again once Redis is back, rather than fail the job.
+        raise self.retry(exc=error, countdown=min(2 ** self.request.retries, 10),
+                         max_retries=MAX_CLAIM_RETRIES) from None
+    if status != "ok":
+        # A duplicate or already-done delivery shares its id with the real execution,
+        # whose Celery state must not be overwritten.
+        _skip(self, f"job {job_id} {label} not run ({status}): {detail}",
+              revoked=status in ("superseded", "finished"))
+    record = store.get(job_id)
     log_path = SharedRoot(settings.shared_root).join(record.log_path)
     try:
         log = RenderLog(log_path)
     except OSError as error:
-        _fail(store, record, f"{label}: cannot write the render log {log_path}: {error.strerror}")
-    node = self.request.hostname or "unknown node"
-    running = {"state": State.RUNNING, "step": step, "node": node, "?start": now_ms()}
-    if not store.transition(job_id, running, attempt=attempt, from_states=State.ACTIVE):
-        log.close()
-        _skip(self, f"job {job_id} was stopped before {label} started")
+        _fail(lease, f"{label}: cannot write the render log {log_path}: {error.strerror}")
     started = time.monotonic()
-    with log, sigterm_as_stop(lambda: stop_reason(store, job_id, attempt)) as should_stop:
+    with log, lease.keep(), sigterm_as_stop(lease.stop_reason) as should_stop:
         log.step_started(step, steps, command, node, attempt)
         try:
             outcome = process.run(
                 command,
                 env=render_environment(record),
                 cwd=str(log_path.parent),
-                output=log,
+                output=GatedLog(log, lease),
                 should_stop=should_stop,
                 poll_seconds=settings.poll_seconds,
                 grace_seconds=settings.stop_grace_seconds,
+                max_seconds=record.spec.max_step_seconds or settings.max_render_seconds,
+                stall_seconds=record.spec.stall_seconds,
+                token=self.request.id,
             )
         except Exception as error:
             log.mark(f"{label} | internal error: {error!r}")
-            _fail(store, record, f"{label}: internal error: {error!r}")
-        log.step_ended(step, steps, outcome.describe(), time.monotonic() - started)
-    if outcome.stop_reason:
-        _skip(self, f"job {job_id} {label}: {outcome.stop_reason}")
+            _fail(lease, f"{label}: internal error: {error!r}")
+        if lease.valid():
+            log.step_ended(step, steps, outcome.describe(), time.monotonic() - started)
+        if outcome.stop_reason:
+            _after_stop(self, lease, outcome.stop_reason, f"job {job_id} {label}")
     if not outcome.succeeded:
-        _fail(store, record, f"{label} failed: {outcome.describe()}")
-    if step == steps - 1:
-        store.transition(job_id, {"state": State.COMPLETED, "end": now_ms()},
-                         attempt=attempt, from_states=(State.RUNNING,))
+        _fail(lease, f"{label} failed: {outcome.describe()}")
+    if not lease.finish("succeeded", last=step == steps - 1):
+        _skip(self, f"job {job_id} {label} finished, but was given to another node meanwhile",
+              revoked=True)
     return {"job": job_id, "step": step, "exit_code": outcome.exit_code, "node": node}
 
 
-def _fail(store: JobStore, record: JobRecord, reason: str) -> NoReturn:
-    """Record the job Failed (unless it was stopped meanwhile) and fail the task, which ends
+def _after_stop(task: Any, lease: leases.StepLease, reason: str, what: str) -> NoReturn:
+    """Record why a render was stopped, then end the task without continuing the chain.
+
+    A stop request cancels the job; a revoke from outside (Flower) does too. A lost lease,
+    a dying main process or a cold shutdown give the step up for another node at once.
+    """
+    kind = lease.problem_kind
+    if kind == "stopped":
+        lease.finish("stopped")
+    elif reason == TERMINATED and _revoked(task.request.id):
+        lease.finish("revoked", reason="a step was revoked outside celeryfarm (Flower?)")
+    elif kind != "superseded":
+        lease.finish("abandoned")  # re-dispatched: its Celery state must not say REVOKED
+        _skip(task, f"{what}: {reason}; given up for another node")
+    _skip(task, f"{what}: {reason}", revoked=True)
+
+
+def _revoked(task_id: str) -> bool:
+    return app.AsyncResult(task_id).state == states.REVOKED
+
+
+def _fail(lease: leases.StepLease, reason: str) -> NoReturn:
+    """Record the job Failed (if the step is still current) and fail the task, which ends
     the chain: the later steps never run."""
-    store.transition(
-        record.job_id,
-        {"state": State.FAILED, "end": now_ms(), "reason": reason},
-        attempt=record.attempt,
-        from_states=State.ACTIVE,
-    )
+    lease.finish("failed", reason=reason)
     raise StepFailed(reason)
 
 
-def _skip(task: Any, reason: str) -> NoReturn:
-    """End the task as REVOKED without running it; the chain goes no further."""
+def _skip(task: Any, reason: str, revoked: bool = False) -> NoReturn:
+    """End the task without running (more of) it, so the chain goes no further; marked
+    REVOKED in Celery when the step will not run again under this id."""
     logger.info(reason)
-    task.update_state(state=states.REVOKED, meta={"reason": reason})
+    if revoked:
+        task.update_state(state=states.REVOKED, meta={"reason": reason})
     raise Ignore()

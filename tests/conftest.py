@@ -15,8 +15,13 @@ from celeryfarm.farm import Farm
 from celeryfarm.plugin import CeleryFarmPlugin
 from celeryfarm.testing.cluster import LocalCluster
 
-#: Short timings so stops and crashes resolve quickly in tests.
-WORKER_ENV = {"CELERYFARM_STOP_GRACE_SECONDS": "1", "CELERYFARM_POLL_SECONDS": "0.1"}
+#: Short timings so stops and lost nodes resolve quickly in tests.
+WORKER_ENV = {
+    "CELERYFARM_STOP_GRACE_SECONDS": "1",
+    "CELERYFARM_POLL_SECONDS": "0.1",
+    "CELERYFARM_LEASE_SECONDS": "6",
+    "CELERYFARM_REAP_SECONDS": "0.5",
+}
 NODES = ("node1", "node2")
 
 

@@ -78,3 +78,36 @@ def tagged_processes(tag: str) -> list[psutil.Process]:
         if tag in cmdline and proc.info["status"] != psutil.STATUS_ZOMBIE:
             found.append(proc)
     return found
+
+
+def assert_never_two_current(events: list[dict]) -> None:
+    """Check a job's execution history: no step ever had two current executions.
+
+    Events come in the order Redis applied them; an execution is current from its ``start``
+    until its ``end`` or ``lost``.
+    """
+    current: dict[tuple[int, int], str] = {}
+    for event in events:
+        key = (event["attempt"], event["step"])
+        if event["event"] == "start":
+            assert key not in current, (
+                f"attempt {key[0]} step {key[1]} started as {event['owner']} while "
+                f"{current.get(key)} was current: {events}")
+            current[key] = event["owner"]
+        elif current.get(key) == event["owner"]:
+            del current[key]
+
+
+def pids_of(procs: list) -> set[int]:
+    return {proc.pid for proc in procs}
+
+
+def all_gone(pids: set[int]) -> bool:
+    """Whether none of ``pids`` is a live (non-zombie) process any more."""
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                return False
+        except psutil.NoSuchProcess:
+            pass
+    return True

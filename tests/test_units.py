@@ -8,7 +8,7 @@ import pytest
 
 from celeryfarm import farmapi
 from celeryfarm.config import ConfigError, Settings, redact
-from celeryfarm.farm import celery_priority
+from celeryfarm.dispatch import celery_priority
 from celeryfarm.jobs import FarmError, JobSpec, parse_command
 from celeryfarm.paths import SharedRoot
 from celeryfarm.plugin import read_request

@@ -1,0 +1,62 @@
+"""Sending a job's remaining steps to the render nodes, through an outbox so none is lost.
+
+A dispatch is recorded first (the record's dispatch number, and the job in the outbox set, in
+one atomic write), then the Celery chain is sent, then the job leaves the outbox. If the
+sender dies in between, a node's reaper sends it again (see :mod:`celeryfarm.leases`). A
+message sent twice is harmless: a step runs only if its fencing token is current and no live
+execution holds its lease.
+"""
+
+from __future__ import annotations
+
+from celery import Celery, chain
+
+from .celery import RENDER_STEP
+from .jobs import MAX_PRIORITY, JobRecord
+from .store import JobStore
+
+
+def celery_priority(priority: int) -> int:
+    """Map farm priority 0..100 (higher first) to Redis priority 9..0 (0 first)."""
+    return 9 - round(priority * 9 / MAX_PRIORITY)
+
+
+def task_ids(record: JobRecord) -> tuple[str, ...]:
+    """Celery ids for the steps the record's dispatch will run: readable in Flower."""
+    return tuple(
+        f"{record.job_id}-{record.attempt}.{record.dispatch}-{step}"
+        for step in range(record.next_step, len(record.spec.commands))
+    )
+
+
+#: Redis priority of a step resumed after its node was lost: the top bucket, so a job that
+#: was already running does not go to the back of the queue.
+RESUMED_PRIORITY = 0
+
+
+def send(app: Celery, store: JobStore, record: JobRecord, resumed: bool = False) -> None:
+    """Send the chain of steps ``next_step..`` of the record's current dispatch.
+
+    Queue and priority go on every signature: options given to the chain itself would apply
+    to its first task only. A ``resumed`` step (re-dispatched after a node loss) goes first.
+    """
+    spec, steps = record.spec, len(record.spec.commands)
+    priority = celery_priority(spec.priority)
+    signatures = [
+        app.signature(
+            RENDER_STEP,
+            kwargs={
+                "job_id": record.job_id, "attempt": record.attempt,
+                "dispatch": record.dispatch, "step": step, "steps": steps,
+                "name": spec.name, "command": list(spec.commands[step]),
+            },
+            immutable=True,
+            task_id=task_id,
+            queue=spec.queue,
+            priority=RESUMED_PRIORITY if resumed and step == record.next_step else priority,
+            shadow=f"{spec.name} [{step + 1}/{steps}]",
+        )
+        for step, task_id in zip(range(record.next_step, steps), task_ids(record))
+    ]
+    chain(*signatures).apply_async()
+    store.redis.zrem(store.outbox_key, record.job_id)

@@ -1,0 +1,256 @@
+"""No render lost, none run twice: lost pool processes and nodes, frozen nodes, limits.
+
+Each test runs its own render nodes on a private pool, so killing them does not disturb the
+session's nodes. Leases are 6 s and reapers scan every 0.5 s (see conftest.WORKER_ENV).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+
+import psutil
+import pytest
+import redis
+
+from celeryfarm.farmapi import Job
+from celeryfarm.plugin import CeleryFarmPlugin
+from celeryfarm.testing.cluster import LocalCluster
+
+from .helpers import (
+    all_gone,
+    assert_never_two_current,
+    pids_of,
+    read_log,
+    renderboot,
+    submit_like_katana,
+    tagged_processes,
+    wait_for_state,
+    wait_until,
+)
+
+State = Job.State
+
+
+class Pool:
+    """Render nodes serving a pool of their own."""
+
+    def __init__(self, cluster: LocalCluster, plugin: CeleryFarmPlugin) -> None:
+        self.cluster, self.plugin = cluster, plugin
+        self.name = f"pool-{uuid.uuid4().hex[:6]}"
+        self.nodes: list[str] = []
+
+    def add_node(self) -> str:
+        node = f"n{uuid.uuid4().hex[:6]}"
+        self.cluster.start_worker(node, concurrency=1, queues=self.name)
+        self.nodes.append(node)
+        return node
+
+    def start(self, count: int) -> Pool:
+        new = [self.add_node() for _ in range(count)]
+        self.cluster.wait_for_workers(self.plugin.farm.app, new)
+        return self
+
+    def submit(self, commands: list, **settings) -> str:
+        return submit_like_katana(self.plugin, commands, settings={"pool": self.name,
+                                                                    **settings})[0]
+
+    def node_process(self, node: str) -> psutil.Process:
+        return psutil.Process(self.cluster.workers[node].pid)
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            if node in self.cluster.workers:
+                self.cluster.stop_worker(node, signal.SIGKILL if self.cluster.workers[node]
+                                         .poll() is None else signal.SIGTERM)
+
+
+@pytest.fixture
+def pool(cluster: LocalCluster, plugin: CeleryFarmPlugin) -> Iterator[Pool]:
+    nodes = Pool(cluster, plugin)
+    yield nodes
+    nodes.stop()
+
+
+def node_of_render(pool: Pool, render: psutil.Process) -> str:
+    """The pool node whose worker runs ``render``."""
+    ancestors = {proc.pid for proc in render.parents()}
+    (node,) = [n for n in pool.nodes if pool.cluster.workers[n].pid in ancestors]
+    return node
+
+
+def redispatch_seconds(events: list[dict]) -> float:
+    """Time from the step's first start to its next start elsewhere, from the records."""
+    starts = [event["at"] for event in events if event["event"] == "start"]
+    return (starts[1] - starts[0]) / 1000
+
+
+def test_a_killed_worker_s_step_completes_on_another_node(pool: Pool, capsys):
+    pool.start(2)
+    tag = uuid.uuid4().hex
+    job_id = pool.submit([renderboot("--seconds", 4, "--children", 2, "--tag", tag),
+                          renderboot("--seconds", 0.2)])
+    first = wait_until(lambda: len(tagged_processes(tag)) == 5 and tagged_processes(tag), 30,
+                       "the render's 5 processes")
+    victim = node_of_render(pool, first[0])
+    killed_at = time.time()
+    pool.node_process(victim).send_signal(signal.SIGKILL)
+
+    # The killed worker's render dies with it, although its machine lives on.
+    wait_until(lambda: all_gone(pids_of(first)), 15, "the killed node's render to be gone")
+    assert wait_for_state(pool.plugin, job_id, timeout=60) == State.kCompleted
+    events = pool.plugin.farm.store.events(job_id)
+    assert_never_two_current(events)
+    restarted = [e for e in events if e["event"] == "start" and e["step"] == 0][1]
+    assert victim not in restarted["node"]
+    log = read_log(pool.plugin, job_id).decode(errors="replace")
+    assert f"node {victim}" in log and "lost while running step 1/2" in log
+    assert "step 1/2 re-dispatched" in log
+    assert log.count("| exit status 0 |") == 2
+    with capsys.disabled():
+        print(f"\n[recovery] worker SIGKILL -> step running elsewhere after "
+              f"{restarted['at'] / 1000 - killed_at:.2f} s "
+              f"(first start to second start {redispatch_seconds(events):.2f} s)")
+
+
+def test_a_lost_pool_process_is_replaced_and_its_render_killed(pool: Pool, capsys):
+    pool.start(1)
+    tag = uuid.uuid4().hex
+    job_id = pool.submit([renderboot("--seconds", 3, "--children", 1, "--tag", tag)])
+    first = wait_until(lambda: len(tagged_processes(tag)) == 3 and tagged_processes(tag), 30,
+                       "the render's 3 processes")
+    pool_process = psutil.Process(min(first, key=lambda p: p.pid).ppid())
+    killed_at = time.time()
+    pool_process.send_signal(signal.SIGKILL)
+    wait_until(lambda: all_gone(pids_of(first)), 15, "the orphaned render to be gone")
+    assert wait_for_state(pool.plugin, job_id, timeout=60) == State.kCompleted
+    events = pool.plugin.farm.store.events(job_id)
+    assert_never_two_current(events)
+    assert [e["event"] for e in events] == ["start", "lost", "start", "end"]
+    with capsys.disabled():
+        print(f"\n[recovery] pool process SIGKILL -> step running again after "
+              f"{events[2]['at'] / 1000 - killed_at:.2f} s")
+
+
+def test_a_frozen_node_is_fenced_off_when_it_wakes(pool: Pool):
+    """A node that stops answering (SIGSTOP: a hang or a network cut) loses its step; when
+    it comes back it finds its token superseded, kills its render and records nothing."""
+    pool.start(2)
+    tag = uuid.uuid4().hex
+    # The render outlives the lease, so it still runs when the step is given away.
+    job_id = pool.submit([renderboot("--seconds", 12, "--tag", tag)])
+    store = pool.plugin.farm.store
+    (first,) = wait_until(lambda: tagged_processes(tag), 30, "the render to start")
+    victim = node_of_render(pool, first)
+    frozen = [pool.node_process(victim), *pool.node_process(victim).children(recursive=True)]
+    frozen = [proc for proc in frozen if proc.pid != first.pid]  # the render itself runs on
+    for proc in frozen:
+        proc.suspend()
+    try:
+        wait_until(lambda: [e["event"] for e in store.events(job_id)].count("start") == 2,
+                   60, "the step to run elsewhere")
+        assert first.is_running()
+    finally:
+        for proc in frozen:
+            proc.resume()
+    wait_until(lambda: not first.is_running() or first.status() == psutil.STATUS_ZOMBIE, 15,
+               "the superseded render to be killed")
+    assert wait_for_state(pool.plugin, job_id, timeout=60) == State.kCompleted
+    events = pool.plugin.farm.store.events(job_id)
+    assert_never_two_current(events)
+    finished = [e for e in events if e["event"] == "end"]
+    assert len(finished) == 1 and finished[0]["outcome"] == "succeeded"
+    assert victim not in finished[0]["owner"]
+    log = read_log(pool.plugin, job_id)
+    assert log.count(b"| exit status 0 |") == 1
+    assert log.count(b"step 1/1 | stopped") == 0  # the superseded node wrote no footer
+
+
+def test_a_step_lost_on_three_nodes_in_a_row_fails_the_job(pool: Pool):
+    pool.start(2)
+    kills_its_worker = [sys.executable, "-c",
+                        "import os, signal, time; os.kill(os.getppid(), signal.SIGKILL); "
+                        "time.sleep(60)"]
+    job_id = pool.submit([kills_its_worker])
+    assert wait_for_state(pool.plugin, job_id, timeout=90) == State.kFailed
+    record = pool.plugin.farm.get(job_id)
+    assert record.reason == "step 1 was lost on 3 nodes in a row"
+    log = read_log(pool.plugin, job_id)
+    assert log.count(b"lost while running step 1/1") == 3
+    assert b"job failed: step 1 was lost on 3 nodes in a row" in log
+    assert_never_two_current(pool.plugin.farm.store.events(job_id))
+
+
+@pytest.mark.parametrize(
+    ("settings", "command", "reason"),
+    [
+        ({"maxStepSeconds": 1}, renderboot("--seconds", 60, "--children", 1),
+         "ran longer than its limit of 1 s"),
+        ({"stallSeconds": 1},
+         [sys.executable, "-c", "import time; print('working', flush=True); time.sleep(60)"],
+         "stalled: no output for 1 s"),
+    ],
+    ids=["time-limit", "stall"],
+)
+def test_time_limits_and_stalls_fail_the_job_and_kill_the_render(
+    plugin: CeleryFarmPlugin, settings: dict, command: list, reason: str
+):
+    tag = uuid.uuid4().hex
+    job_id, _ = submit_like_katana(plugin, [[*command, tag], ["true"]], settings=settings)
+    assert wait_for_state(plugin, job_id, timeout=30) == State.kFailed
+    assert reason in plugin.farm.get(job_id).reason
+    assert f"killed: {reason}".encode() in read_log(plugin, job_id)
+    wait_until(lambda: not tagged_processes(tag), 15, "the render to be gone")
+
+
+def test_every_job_survives_a_redis_restart(tmp_path, monkeypatch):
+    """With append-only persistence, a Redis restart mid-run loses no job: running steps
+    finish or are re-dispatched, queued jobs run, and clients reconnect by themselves."""
+    from .conftest import WORKER_ENV
+
+    farm = LocalCluster(tmp_path, extra_env=WORKER_ENV).start()
+    try:
+        for name, value in farm.env.items():
+            monkeypatch.setenv(name, value)
+        plugin = CeleryFarmPlugin()
+        for node in ("r1", "r2"):
+            farm.start_worker(node, concurrency=1)
+        farm.wait_for_workers(plugin.farm.app, ["r1", "r2"])
+        jobs = [submit_like_katana(plugin, [renderboot("--seconds", 1.5), ["true"]])[0]
+                for _ in range(6)]
+        wait_until(lambda: sum(plugin.getJobState(j) == State.kRunning for j in jobs) == 2,
+                   30, "two jobs running")
+        farm.redis.stop()
+        farm.redis.start()
+        for job_id in jobs:
+            assert wait_for_state(plugin, job_id, timeout=90) == State.kCompleted
+            assert_never_two_current(plugin.farm.store.events(job_id))
+        assert all(node.poll() is None for node in farm.workers.values())
+    finally:
+        farm.stop()
+
+
+def test_a_step_taken_by_a_worker_that_died_before_starting_it_runs(pool: Pool):
+    """What a worker killed between taking a message and starting the step leaves behind:
+    the message set aside as unacknowledged, which the broker would only give back after
+    the visibility timeout. The reapers give the step to another node instead."""
+    job_id = pool.submit([renderboot("--seconds", 0.2), ["true"]])  # no node serves it yet
+    broker = redis.Redis.from_url(pool.plugin.farm.settings.broker_url)
+    queued = wait_until(lambda: [key for key in broker.keys(f"{pool.name}*")
+                                 if broker.type(key) == b"list" and broker.llen(key)], 10,
+                        "the step's message in its queue")
+    payload = json.loads(broker.rpop(queued[0]))
+    tag = uuid.uuid4().hex
+    broker.hset("unacked", tag, json.dumps([payload, pool.name, pool.name]))
+    broker.zadd("unacked_index", {tag: time.time() - 3600})
+
+    pool.start(1)
+    assert wait_for_state(pool.plugin, job_id, timeout=60) == State.kCompleted
+    events = pool.plugin.farm.store.events(job_id)
+    assert [e["event"] for e in events] == ["lost", "start", "end", "start", "end"]
+    assert "never started it" in read_log(pool.plugin, job_id).decode()
+    assert broker.hget("unacked", tag) is None  # the stranded message was dropped

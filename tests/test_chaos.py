@@ -158,7 +158,11 @@ def test_chaos(tmp_path, monkeypatch, capsys):
         chaos.stop.set()
         farm.stop()
     # Killed workers' pool processes must not outlive them (idle or busy).
-    wait_until(lambda: not processes_of(farm), 30, "every process of the farm to be gone")
+    try:
+        wait_until(lambda: not processes_of(farm), 30, "every process of the farm to be gone")
+    except AssertionError:
+        raise AssertionError([(p.pid, p.ppid(), p.status(), " ".join(p.cmdline())[-90:])
+                              for p in processes_of(farm)]) from None
 
 
 def processes_of(farm: LocalCluster) -> list[psutil.Process]:

@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup redis-server test lint demo up
+.PHONY: setup redis-server test lint demo up bench bench-quick
 
 setup: $(VENV)/.installed redis-server
 
@@ -31,6 +31,13 @@ test: lint
 demo: setup
 	$(BIN)/celeryfarm demo
 
-# A local farm in the foreground until Ctrl-C (see docs/cli.md).
+# A local farm in the foreground until Ctrl-C (see the README).
 up: setup
 	$(BIN)/celeryfarm up
+
+# Starts its own Redis and workers, prints the table and updates BENCHMARKS.md (~5 minutes).
+bench: setup
+	$(BIN)/python -m benchmarks.run
+
+bench-quick: setup
+	$(BIN)/python -m benchmarks.run --quick

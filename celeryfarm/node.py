@@ -2,14 +2,16 @@
 
 * Its main process runs a :class:`~celeryfarm.leases.Reaper`, and when one of its pool
   processes dies mid-step it kills the orphaned render and gives the step up at once.
-* Its pool processes become child subreapers (so renders that detach are still found) and
-  drop the parent-death SIGKILL Celery gives them: if the main process is killed, a pool
-  process must live long enough to kill its render and give the step up.
+* Its pool processes become child subreapers (so renders that detach are still found), and
+  their parent-death signal is SIGTERM instead of Celery's SIGKILL: when the main process is
+  killed, an idle pool process exits as before, and a busy one treats it as a stop (see
+  ``tasks.sigterm_as_stop``): it kills its render and gives the step up before exiting.
 """
 
 from __future__ import annotations
 
 import logging
+import signal
 import threading
 from typing import Any
 
@@ -53,7 +55,7 @@ def stop_reaper(**_: Any) -> None:
 @signals.worker_process_init.connect
 def prepare_pool_process(**_: Any) -> None:
     process.become_subreaper()
-    set_pdeathsig(0)  # no SIGKILL when the main process dies: see the module docstring
+    set_pdeathsig(signal.SIGTERM)  # not SIGKILL: see the module docstring
 
 
 @signals.task_failure.connect

@@ -15,12 +15,14 @@ import contextlib
 import ctypes
 import dataclasses
 import os
+import select
 import selectors
 import signal
 import subprocess
+import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import BinaryIO, Callable
 
 import psutil
@@ -147,39 +149,110 @@ def _pump(
     limits: _Limits,
 ) -> str:
     """Copy output until the command has exited and its output is closed; return a stop
-    reason if ``should_stop`` gave one first."""
+    reason if ``should_stop`` gave one first. ``should_stop`` is asked every
+    ``poll_seconds``, and at once after a signal with a Python handler (in a pool process,
+    the SIGTERM of a revoke, which the step turns into a stop request)."""
     selector = selectors.DefaultSelector()
     selector.register(proc.stdout, selectors.EVENT_READ)
     next_check = time.monotonic() + poll_seconds
     exited_at: float | None = None
     open_output = True
     try:
-        while True:
-            if open_output:
-                for _ in selector.select(timeout=poll_seconds):
-                    data = os.read(proc.stdout.fileno(), _READ_SIZE)
-                    if data:
-                        output.write(data)
-                        limits.last_output = time.monotonic()
-                    else:
-                        open_output = False
-                        selector.unregister(proc.stdout)
-            else:
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(timeout=poll_seconds)
-            now = time.monotonic()
-            if proc.poll() is not None:
-                exited_at = exited_at or now
-                # Done, or only leftover children hold the output open: they get killed.
-                if not open_output or now - exited_at > LEFTOVER_SECONDS:
-                    return ""
-            if now >= next_check:
-                next_check = now + poll_seconds
-                reason = should_stop()
-                if reason:
-                    return reason
+        with _signal_wakeup() as wake_fd:
+            if wake_fd is not None:
+                selector.register(wake_fd, selectors.EVENT_READ)
+            while True:
+                signalled = False
+                if open_output:
+                    for key, _ in selector.select(timeout=poll_seconds):
+                        if key.fd == wake_fd:
+                            signalled = _drain(wake_fd)
+                            continue
+                        data = os.read(proc.stdout.fileno(), _READ_SIZE)
+                        if data:
+                            output.write(data)
+                            limits.last_output = time.monotonic()
+                        else:
+                            open_output = False
+                            selector.unregister(proc.stdout)
+                else:
+                    signalled = _wait_exit(proc, poll_seconds, wake_fd)
+                now = time.monotonic()
+                if proc.poll() is not None:
+                    exited_at = exited_at or now
+                    # Done, or only leftover children hold the output open: they get killed.
+                    if not open_output or now - exited_at > LEFTOVER_SECONDS:
+                        return ""
+                if signalled or now >= next_check:
+                    next_check = now + poll_seconds
+                    reason = should_stop()
+                    if reason:
+                        return reason
     finally:
         selector.close()
+
+
+@contextlib.contextmanager
+def _signal_wakeup() -> Iterator[int | None]:
+    """A file descriptor that becomes readable when a signal with a Python handler arrives
+    (``signal.set_wakeup_fd``), or None where that cannot be had: outside the main thread,
+    or when something else (an asyncio loop) already uses the wakeup fd."""
+    if threading.current_thread() is not threading.main_thread():
+        yield None
+        return
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(read_fd, False)
+    os.set_blocking(write_fd, False)
+    try:
+        previous = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+    except (ValueError, OSError):
+        previous = None
+    if previous != -1:
+        if previous is not None:
+            signal.set_wakeup_fd(previous)  # someone else's: leave it alone
+        os.close(read_fd)
+        os.close(write_fd)
+        yield None
+        return
+    try:
+        yield read_fd
+    finally:
+        signal.set_wakeup_fd(-1)
+        os.close(read_fd)
+        os.close(write_fd)
+
+
+def _drain(fd: int) -> bool:
+    """Empty a non-blocking pipe; return True."""
+    with contextlib.suppress(BlockingIOError):
+        while os.read(fd, 512):
+            pass
+    return True
+
+
+def _wait_exit(proc: subprocess.Popen, timeout: float, wake_fd: int | None = None) -> bool:
+    """Wait up to ``timeout`` for ``proc`` to exit, without reaping it, or until ``wake_fd``
+    is readable; return whether ``wake_fd`` woke it (and drain it).
+
+    A pidfd (Linux 5.3+) wakes us when it exits; ``Popen.wait(timeout)`` instead sleeps in
+    doubling steps from 0.5 ms and notices the exit up to a step late, which every step
+    of every job paid once its output was closed.
+    """
+    try:
+        pidfd = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):  # Python < 3.9, kernel < 5.3, or not ours any more
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=timeout)
+        return False
+    try:
+        poller = select.poll()
+        poller.register(pidfd, select.POLLIN)
+        if wake_fd is not None:
+            poller.register(wake_fd, select.POLLIN)
+        ready = [fd for fd, _ in poller.poll(timeout * 1000)]
+    finally:
+        os.close(pidfd)
+    return wake_fd in ready and _drain(wake_fd)
 
 
 def _start_error(program: str, error: OSError) -> str:
@@ -257,13 +330,26 @@ _GONE = (ProcessLookupError, PermissionError, psutil.NoSuchProcess, psutil.Acces
 
 
 def _signal_all(root: subprocess.Popen, others: list[psutil.Process], sig: int) -> None:
+    """Send ``sig`` once to every process of the render: to its process group, then to each
+    process outside it. A second SIGTERM can deadlock a handler still busy with the first
+    (seen: a Python helper's handler re-entered while it waited for its own children)."""
     with contextlib.suppress(*_GONE):
         os.killpg(root.pid, sig)  # the session that start_new_session made
-    with contextlib.suppress(*_GONE):
-        root.send_signal(sig)  # a no-op once Popen has reaped it
-    for proc in others:
+    if not _in_group(root.pid, root.pid):
         with contextlib.suppress(*_GONE):
-            proc.send_signal(sig)
+            root.send_signal(sig)  # a no-op once Popen has reaped it
+    for proc in others:
+        if not _in_group(proc.pid, root.pid):
+            with contextlib.suppress(*_GONE):
+                proc.send_signal(sig)
+
+
+def _in_group(pid: int, group: int) -> bool:
+    """Whether ``pid`` is in process group ``group`` (so ``killpg`` reached it)."""
+    try:
+        return os.getpgid(pid) == group
+    except OSError:
+        return False
 
 
 def _wait(root: subprocess.Popen, others: list[psutil.Process], timeout: float) -> bool:

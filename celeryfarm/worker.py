@@ -15,16 +15,20 @@ from typing import Callable
 from celery import Celery
 
 
-def worker_command(name: str, concurrency: int = 2, queues: str = "renders") -> list[str]:
+def worker_command(
+    name: str, concurrency: int = 2, queues: str = "renders", app: str = "celeryfarm",
+    events: bool = True,
+) -> list[str]:
     """The command that starts one render node called ``name@<host>``.
 
     The prefork pool is the one whose tasks can be terminated (stopping a render); task
-    events let Flower and the command line follow the farm.
+    events let Flower and the command line follow the farm. ``app`` and ``events`` let the
+    benchmarks start bare-Celery baselines the same way.
     """
     return [
-        sys.executable, "-m", "celery", "-A", "celeryfarm", "worker",
+        sys.executable, "-m", "celery", "-A", app, "worker",
         "--pool", "prefork", "--concurrency", str(concurrency), "--hostname", f"{name}@%h",
-        "--queues", queues, "--task-events", "--loglevel", "INFO",
+        "--queues", queues, *(["--task-events"] if events else []), "--loglevel", "INFO",
     ]
 
 

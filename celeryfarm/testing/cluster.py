@@ -46,12 +46,12 @@ class LocalCluster:
 
     def start_worker(
         self, name: str, concurrency: int = 2, queues: str = "renders",
-        env: Mapping[str, str] | None = None,
+        env: Mapping[str, str] | None = None, app: str = "celeryfarm", events: bool = True,
     ) -> subprocess.Popen:
-        """Start a worker; :meth:`wait_for_workers` tells when it is ready."""
+        """Start a worker of ``app``; :meth:`wait_for_workers` tells when it is ready."""
         log = open(self.base / f"worker-{name}.log", "ab")  # noqa: SIM115 - the child keeps it
         process = subprocess.Popen(
-            worker_command(name, concurrency, queues),
+            worker_command(name, concurrency, queues, app, events),
             env={**os.environ, **self.env, **(env or {})},
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             cwd=self.base,

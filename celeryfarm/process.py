@@ -281,7 +281,7 @@ def kill_marked(token: str, grace_seconds: float) -> list[int]:
         for proc in procs:
             with contextlib.suppress(*_GONE):
                 proc.send_signal(sig)
-        _, procs = psutil.wait_procs(procs, timeout=wait)
+        procs = _wait(None, procs, wait)
         if not procs:
             break
     return [proc.pid for proc in procs]
@@ -352,16 +352,24 @@ def _in_group(pid: int, group: int) -> bool:
         return False
 
 
-def _wait(root: subprocess.Popen, others: list[psutil.Process], timeout: float) -> bool:
+def _wait(
+    root: subprocess.Popen | None, others: list[psutil.Process], timeout: float
+) -> list[psutil.Process]:
     """Wait up to ``timeout`` for the root (through Popen, which keeps its exit status) and
-    the others; return whether all are gone."""
+    the others to be gone; return the others still alive.
+
+    Polls with :func:`_alive`, which reaps zombies reparented to us. ``psutil.wait_procs``
+    would not: a helper orphaned while we wait becomes our zombie, its pid stays, and it
+    would wait out the whole grace period.
+    """
     deadline = time.monotonic() + timeout
-    _, alive = psutil.wait_procs(others, timeout=timeout)
-    try:
-        root.wait(timeout=max(0.0, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        return False
-    return not alive
+    while True:
+        others = [proc for proc in others if _alive(proc)]
+        if not others and (root is None or root.poll() is not None):
+            return []
+        if time.monotonic() >= deadline:
+            return others
+        time.sleep(0.01)
 
 
 def kill_tree(root: subprocess.Popen, token: str, grace_seconds: float) -> list[int]:

@@ -16,11 +16,11 @@ from celeryfarm import process
 from .helpers import renderboot, tagged_processes, wait_until
 
 
-def run(argv, should_stop=lambda: "", **kwargs) -> tuple[process.Outcome, bytes]:
+def run(argv, should_stop=lambda: "", grace_seconds=1.0, **kwargs):
     output = io.BytesIO()
     outcome = process.run(argv, env=dict(os.environ), cwd=os.getcwd(), output=output,
-                          should_stop=should_stop, poll_seconds=0.05, grace_seconds=1,
-                          **kwargs)
+                          should_stop=should_stop, poll_seconds=0.05,
+                          grace_seconds=grace_seconds, **kwargs)
     return outcome, output.getvalue()
 
 
@@ -65,16 +65,19 @@ def test_a_daemon_that_leaves_the_session_is_still_killed():
 
 
 def test_stop_kills_children_and_grandchildren():
+    """The grace period is long: a stop that waited it out although every process obeyed
+    SIGTERM (helpers orphaned mid-stop become our zombies) would not finish in time."""
     tag = uuid.uuid4().hex
     stop = threading.Event()
     result: list = []
     worker = threading.Thread(target=lambda: result.append(run(
-        renderboot("--seconds", 60, "--children", 2, "--tag", tag),
-        should_stop=lambda: "asked" if stop.is_set() else "")))
+        renderboot("--live", "--seconds", 0.5, "--children", 2, "--tag", tag),
+        should_stop=lambda: "asked" if stop.is_set() else "", grace_seconds=60)))
     worker.start()
     wait_until(lambda: len(tagged_processes(tag)) == 5, 30, "the render's 5 processes")
     stop.set()
-    worker.join(30)
+    worker.join(20)
+    assert not worker.is_alive(), "the stop waited for the grace period"
     (outcome, _), = result
     assert outcome.describe() == "stopped: asked"
     assert not tagged_processes(tag)

@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup redis-server test lint bench bench-quick
+.PHONY: setup redis-server test lint demo up bench bench-quick
 
 setup: $(VENV)/.installed redis-server
 
@@ -26,6 +26,14 @@ lint: setup
 
 test: lint
 	$(BIN)/pytest
+
+# A local farm runs three real jobs through the Katana plug-in, shows their progress, stops.
+demo: setup
+	$(BIN)/celeryfarm demo
+
+# A local farm in the foreground until Ctrl-C (see the README).
+up: setup
+	$(BIN)/celeryfarm up
 
 # Starts its own Redis and workers, prints the table and updates BENCHMARKS.md (~5 minutes).
 bench: setup

@@ -7,7 +7,10 @@ match: the serializer, the visibility timeout and the priority steps.
 
 from __future__ import annotations
 
+from typing import Any
+
 from celery import Celery
+from celery.app.amqp import AMQP
 
 from .config import Settings
 
@@ -55,9 +58,23 @@ def celery_config(settings: Settings) -> dict:
     }
 
 
+class FarmAMQP(AMQP):
+    """Task-sent events carry a step's readable name (its ``shadow``, "shot010 [2/3]") as
+    the worker's events do. Celery puts the registered name in them, and Flower, which merges
+    a late task-sent event over the task-received one, would then show
+    ``celeryfarm.render_step`` for whichever steps lost that race."""
+
+    def as_task_v2(self, *args: Any, **kwargs: Any) -> Any:
+        message = super().as_task_v2(*args, **kwargs)
+        shadow = message.headers.get("shadow")
+        if shadow and message.sent_event is not None:
+            message.sent_event["name"] = shadow
+        return message
+
+
 def create_app(settings: Settings | None = None) -> Celery:
     settings = settings or Settings.from_env()
-    app = Celery("celeryfarm", include=["celeryfarm.tasks", "celeryfarm.node"])
+    app = Celery("celeryfarm", include=["celeryfarm.tasks", "celeryfarm.node"], amqp=FarmAMQP)
     app.conf.update(celery_config(settings))
     app.conf.celeryfarm_settings = settings
     return app

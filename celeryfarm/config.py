@@ -45,7 +45,10 @@ class Settings:
     result_backend: str = ""
     #: Redis URL where job records live (defaults to the broker).
     store_url: str = ""
-    #: The shared mount, as *this* host sees it.
+    #: Where ``celeryfarm up`` keeps the embedded Redis's data, its credentials and logs;
+    #: also where the command line looks for the farm that ``up`` runs on this machine.
+    data_dir: Path = Path("~/.celeryfarm")
+    #: The shared mount, as *this* host sees it (defaults to ``shared`` in the data folder).
     shared_root: Path = Path("~/.celeryfarm/shared")
     #: The shared mount, as the render nodes see it (defaults to ``shared_root``).
     remote_shared_root: Path | None = None
@@ -75,6 +78,11 @@ class Settings:
     user: str = ""
     #: Katana session recorded on submitted jobs ("" lets the plug-in make one).
     session: str = ""
+    #: Port of the Flower that ``celeryfarm up`` starts (0: 5555 if free, else any free port).
+    flower_port: int = 0
+    #: Flower's basic-auth login; an empty password makes ``up`` generate and keep one.
+    flower_user: str = "admin"
+    flower_password: str = ""
 
     @property
     def results_url(self) -> str:
@@ -124,10 +132,12 @@ class Settings:
             return value
 
         defaults = cls()
-        shared_root = Path(get("SHARED_ROOT") or defaults.shared_root).expanduser()
+        data_dir = Path(get("DATA_DIR") or defaults.data_dir).expanduser()
+        shared_root = Path(get("SHARED_ROOT") or data_dir / "shared").expanduser()
         remote_root = get("REMOTE_SHARED_ROOT")
         return cls(
             broker_url=get("BROKER_URL") or defaults.broker_url,
+            data_dir=data_dir,
             result_backend=get("RESULT_BACKEND"),
             store_url=get("STORE_URL"),
             shared_root=shared_root,
@@ -145,7 +155,26 @@ class Settings:
             key_prefix=get("KEY_PREFIX") or defaults.key_prefix,
             user=get("USER") or _login_name(),
             session=get("SESSION"),
+            flower_port=_port(get("FLOWER_PORT")),
+            flower_user=_login_part("FLOWER_USER", get("FLOWER_USER") or defaults.flower_user),
+            flower_password=_login_part("FLOWER_PASSWORD", get("FLOWER_PASSWORD")),
         )
+
+
+def _port(text: str) -> int:
+    if not text:
+        return 0
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise ConfigError(f"{PREFIX}FLOWER_PORT: expected a port number, got {text!r}")
+    return int(text)
+
+
+def _login_part(name: str, value: str) -> str:
+    """Flower reads its logins as ``user:password[,user:password]``: neither part may hold
+    ``:`` or ``,``."""
+    if ":" in value or "," in value:
+        raise ConfigError(f"{PREFIX}{name}: may not contain ':' or ','")
+    return value
 
 
 def _login_name() -> str:

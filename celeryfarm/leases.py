@@ -25,7 +25,6 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass
@@ -246,7 +245,6 @@ class StepLease:
         self._valid_until = 0.0
         self._problem = ""
         self._kind = ""
-        self._parent = os.getppid()
         self._done = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -284,8 +282,6 @@ class StepLease:
         t = self.token
         keys = self._keys()[:2]
         while not self._done.wait(self.settings.poll_seconds):
-            if os.getppid() != self._parent:
-                self._set_problem("orphaned", "the worker's main process died")
             sent = time.monotonic()
             try:
                 status = self.scripts.heartbeat(
@@ -324,7 +320,7 @@ class StepLease:
 
     @property
     def problem_kind(self) -> str:
-        """'' (none), 'stopped', 'superseded', 'lapsed' or 'orphaned'."""
+        """'' (none), 'stopped', 'superseded' or 'lapsed'."""
         return self._kind
 
     # -- when it ends ------------------------------------------------------------------------

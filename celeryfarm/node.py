@@ -2,14 +2,17 @@
 
 * Its main process runs a :class:`~celeryfarm.leases.Reaper`, and when one of its pool
   processes dies mid-step it kills the orphaned render and gives the step up at once.
-* Its pool processes become child subreapers (so renders that detach are still found) and
-  drop the parent-death SIGKILL Celery gives them: if the main process is killed, a pool
-  process must live long enough to kill its render and give the step up.
+* Its pool processes become child subreapers (so renders that detach are still found), and
+  their parent-death signal is :data:`PARENT_DIED` instead of Celery's SIGKILL: when the main
+  process is killed, an idle pool process exits at once, and a busy one treats it as a stop
+  (see ``tasks.stop_signals``): it kills its render and gives the step up, then exits.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import threading
 from typing import Any
 
@@ -22,6 +25,9 @@ from .celery import RENDER_STEP, app
 from .store import JobStore, connect
 
 logger = logging.getLogger(__name__)
+#: Sent to a pool process when its worker's main process dies. Not SIGTERM: billiard's
+#: handler for that leaves an idle pool process blocked on a pipe no one reads, for ever.
+PARENT_DIED = signal.SIGRTMIN + 2
 _reaper: leases.Reaper | None = None
 _hostname = ""  # this worker's node name, e.g. render@host
 
@@ -53,7 +59,12 @@ def stop_reaper(**_: Any) -> None:
 @signals.worker_process_init.connect
 def prepare_pool_process(**_: Any) -> None:
     process.become_subreaper()
-    set_pdeathsig(0)  # no SIGKILL when the main process dies: see the module docstring
+    signal.signal(PARENT_DIED, _exit_now)  # idle; a step handles it itself while it runs
+    set_pdeathsig(PARENT_DIED)
+
+
+def _exit_now(_signum: int, _frame: Any) -> None:
+    os._exit(0)  # nothing to clean up, and no parent to report to
 
 
 @signals.task_failure.connect

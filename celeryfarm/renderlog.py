@@ -10,6 +10,9 @@ from __future__ import annotations
 import shlex
 import time
 from pathlib import Path
+from typing import BinaryIO, Callable
+
+_CHUNK = 64 * 1024
 
 
 def stamp() -> str:
@@ -57,3 +60,30 @@ def append(path: Path, text: str) -> None:
     """Append one celeryfarm line (submission, restart, stop) to the log at ``path``."""
     with RenderLog(path) as log:
         log.mark(f"{text} | {stamp()}")
+
+
+def follow(
+    path: Path,
+    out: BinaryIO,
+    finished: Callable[[], bool],
+    poll_seconds: float = 0.2,
+) -> None:
+    """Copy the log at ``path`` to ``out`` as it grows, until ``finished()`` says the job is
+    over (then whatever the last step wrote is copied too), like ``tail -f`` that knows when
+    to stop. ``finished`` is asked only while nothing new has come."""
+    while not path.exists():
+        if finished():
+            return
+        time.sleep(poll_seconds)
+    with open(path, "rb") as log:
+        while True:
+            data = log.read(_CHUNK)
+            if data:
+                out.write(data)
+                out.flush()
+                continue
+            if finished():
+                out.write(log.read())  # written between the last read and the check
+                out.flush()
+                return
+            time.sleep(poll_seconds)

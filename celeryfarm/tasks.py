@@ -27,7 +27,7 @@ from . import leases, process
 from .celery import RENDER_STEP, app
 from .config import PREFIX, Settings
 from .jobs import JobRecord
-from .node import lease_owner
+from .node import PARENT_DIED, lease_owner
 from .paths import SharedRoot
 from .renderlog import RenderLog
 from .store import JobStore, connect
@@ -79,31 +79,43 @@ class GatedLog:
 
 
 @contextlib.contextmanager
-def sigterm_as_stop(check: Callable[[], str]) -> Iterator[Callable[[], str]]:
-    """Turn SIGTERM into a stop request while a render runs, and exit afterwards.
+def stop_signals(check: Callable[[], str]) -> Iterator[Callable[[], str]]:
+    """Turn SIGTERM and the parent-death signal into stop requests while a render runs.
 
     ``revoke(terminate=True)`` (from ``stopJob`` or Flower) sends SIGTERM to the pool
     process. Left alone it raises ``SystemExit`` wherever the step happens to be, possibly in
     the middle of killing the render's tree. Instead the step notices it at its next poll,
     kills the tree and records its outcome as for any stop, and only then exits the pool
-    process as Celery expects of a terminated task.
+    process as Celery expects of a terminated task. When the worker's main process has died
+    (``node.PARENT_DIED``), the same happens, and the pool process then exits at once: no
+    one is left to report to.
     """
-    terminated = False
+    received: list[int] = []
+    signals = (signal.SIGTERM, PARENT_DIED)
 
-    def on_sigterm(_signum: int, _frame: object) -> None:
-        nonlocal terminated
-        terminated = True
+    def on_signal(signum: int, _frame: object) -> None:
+        received.append(signum)
 
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    previous = [signal.signal(signum, on_signal) for signum in signals]
+
+    def reason() -> str:
+        if PARENT_DIED in received:
+            return ORPHANED
+        return TERMINATED if received else check()
+
     try:
-        yield lambda: TERMINATED if terminated else check()
+        yield reason
     finally:
-        signal.signal(signal.SIGTERM, previous)
-        if terminated:
+        for signum, handler in zip(signals, previous):
+            signal.signal(signum, handler)
+        if PARENT_DIED in received:
+            os._exit(1)
+        if received:
             raise SystemExit("the render step was terminated")
 
 
 TERMINATED = "the worker was told to terminate the step"
+ORPHANED = "the worker's main process died"
 #: Times a step retries claiming its lease while Redis is unreachable (about 3 minutes).
 MAX_CLAIM_RETRIES = 20
 
@@ -140,7 +152,7 @@ def render_step(
     except OSError as error:
         _fail(lease, f"{label}: cannot write the render log {log_path}: {error.strerror}")
     started = time.monotonic()
-    with log, lease.keep(), sigterm_as_stop(lease.stop_reason) as should_stop:
+    with log, lease.keep(), stop_signals(lease.stop_reason) as should_stop:
         log.step_started(step, steps, command, node, attempt)
         try:
             outcome = process.run(

@@ -157,3 +157,22 @@ def test_chaos(tmp_path, monkeypatch, capsys):
     finally:
         chaos.stop.set()
         farm.stop()
+    # Killed workers' pool processes must not outlive them (idle or busy).
+    try:
+        wait_until(lambda: not processes_of(farm), 30, "every process of the farm to be gone")
+    except AssertionError:
+        raise AssertionError([(p.pid, p.ppid(), p.status(), " ".join(p.cmdline())[-90:])
+                              for p in processes_of(farm)]) from None
+
+
+def processes_of(farm: LocalCluster) -> list[psutil.Process]:
+    """Live processes started with this farm's broker URL in their environment."""
+    found = []
+    for proc in psutil.process_iter(["status"]):
+        try:
+            if (proc.info["status"] != psutil.STATUS_ZOMBIE
+                    and proc.environ().get("CELERYFARM_BROKER_URL") == farm.redis.url):
+                found.append(proc)
+        except psutil.Error:
+            pass
+    return found

@@ -44,14 +44,14 @@ class Pool:
         self.name = f"pool-{uuid.uuid4().hex[:6]}"
         self.nodes: list[str] = []
 
-    def add_node(self) -> str:
+    def add_node(self, concurrency: int = 1) -> str:
         node = f"n{uuid.uuid4().hex[:6]}"
-        self.cluster.start_worker(node, concurrency=1, queues=self.name)
+        self.cluster.start_worker(node, concurrency=concurrency, queues=self.name)
         self.nodes.append(node)
         return node
 
-    def start(self, count: int) -> Pool:
-        new = [self.add_node() for _ in range(count)]
+    def start(self, count: int, concurrency: int = 1) -> Pool:
+        new = [self.add_node(concurrency) for _ in range(count)]
         self.cluster.wait_for_workers(self.plugin.farm.app, new)
         return self
 
@@ -90,18 +90,21 @@ def redispatch_seconds(events: list[dict]) -> float:
 
 
 def test_a_killed_worker_s_step_completes_on_another_node(pool: Pool, capsys):
-    pool.start(2)
+    pool.start(2, concurrency=2)  # the victim has a busy and an idle pool process
     tag = uuid.uuid4().hex
     job_id = pool.submit([renderboot("--seconds", 4, "--children", 2, "--tag", tag),
                           renderboot("--seconds", 0.2)])
     first = wait_until(lambda: len(tagged_processes(tag)) == 5 and tagged_processes(tag), 30,
                        "the render's 5 processes")
     victim = node_of_render(pool, first[0])
+    pool_processes = pids_of(pool.node_process(victim).children())
+    assert len(pool_processes) == 2
     killed_at = time.time()
     pool.node_process(victim).send_signal(signal.SIGKILL)
 
-    # The killed worker's render dies with it, although its machine lives on.
+    # The killed worker's render and pool processes die with it; the machine lives on.
     wait_until(lambda: all_gone(pids_of(first)), 15, "the killed node's render to be gone")
+    wait_until(lambda: all_gone(pool_processes), 15, "the killed node's pool processes to go")
     assert wait_for_state(pool.plugin, job_id, timeout=60) == State.kCompleted
     events = pool.plugin.farm.store.events(job_id)
     assert_never_two_current(events)

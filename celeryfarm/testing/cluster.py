@@ -9,26 +9,15 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
-import time
 from collections.abc import Mapping
 from pathlib import Path
 
 from celery import Celery
 
 from ..redisserver import RedisServer
+from ..worker import wait_for_workers, worker_command
 
-
-def worker_command(
-    name: str, concurrency: int = 2, queues: str = "renders", app: str = "celeryfarm",
-    events: bool = True,
-) -> list[str]:
-    """The command line of a prefork worker of ``app`` (the benchmarks run other apps)."""
-    return [
-        sys.executable, "-m", "celery", "-A", app, "worker",
-        "--pool", "prefork", "--concurrency", str(concurrency), "--hostname", f"{name}@%h",
-        "--queues", queues, *(["--task-events"] if events else []), "--loglevel", "INFO",
-    ]
+__all__ = ["LocalCluster", "worker_command"]
 
 
 class LocalCluster:
@@ -73,19 +62,11 @@ class LocalCluster:
 
     def wait_for_workers(self, app: Celery, names: list[str], timeout: float = 60.0) -> None:
         """Wait until every named worker answers a ping, or raise ``TimeoutError``."""
-        wanted = {f"{name}@{os.uname().nodename}" for name in names}
-        deadline = time.monotonic() + timeout
-        while True:
-            replies = app.control.ping(timeout=0.5)
-            answered = {name for reply in replies for name in reply}
-            if wanted <= answered:
-                return
-            dead = [n for n in names if self.workers[n].poll() is not None]
-            if dead or time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"workers not ready: {sorted(wanted - answered)}; exited: {dead}; "
-                    f"see {self.base}/worker-*.log"
-                )
+        wait_for_workers(
+            app, names,
+            exited=lambda: [n for n in names if self.workers[n].poll() is not None],
+            timeout=timeout, hint=f"see {self.base}/worker-*.log",
+        )
 
     def stop_worker(self, name: str, sig: int = signal.SIGTERM, timeout: float = 30.0) -> None:
         process = self.workers.pop(name)

@@ -1,0 +1,560 @@
+"""The ``celeryfarm`` command: run a farm on this machine, and drive and watch any farm.
+
+Every command goes through the same code as Katana: submissions through
+:class:`~celeryfarm.plugin.CeleryFarmPlugin`, everything else through
+:class:`~celeryfarm.farm.Farm`. Without ``CELERYFARM_BROKER_URL`` the commands use the farm
+that ``celeryfarm up`` runs from the data folder. Errors are one line on stderr and a
+non-zero exit status; heavy modules are imported only by the commands that need them, so
+``--help`` and configuration errors are quick.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shlex
+import signal
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from .config import PREFIX, ConfigError, Settings, redact
+from .jobs import RENDER_TYPES, FarmError, JobNotFound, JobRecord, State, parse_command
+
+if TYPE_CHECKING:
+    from .farm import Farm
+    from .localfarm import FarmState, LocalFarm
+    from .plugin import CeleryFarmPlugin
+
+#: Exit status of ``submit --wait`` and ``demo`` when a job did not end as it should.
+EXIT_JOB_FAILED = 1
+_HEX = re.compile(r"^[0-9a-f]{1,32}$")
+STATE_COLOURS = {State.WAITING: "yellow", State.RUNNING: "cyan", State.COMPLETED: "green",
+                 State.CANCELLED: "magenta", State.FAILED: "red"}
+
+
+class FarmGroup(click.Group):
+    """Turns the farm's errors into one line on stderr and exit status 1, and lists the
+    commands in the order they are defined (running a farm first, then jobs)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(self.commands)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        import redis
+        from kombu.exceptions import OperationalError
+
+        from .farmapi import FarmPluginException
+        from .redisserver import RedisServerError
+
+        try:
+            return super().invoke(ctx)
+        except (FarmError, FarmPluginException, ConfigError, RedisServerError) as error:
+            raise click.ClickException(_one_line(error)) from None
+        except (redis.RedisError, OperationalError) as error:
+            raise click.ClickException(f"cannot reach the farm: {_one_line(error)}") from None
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
+
+
+class Session:
+    """What the commands share: the environment, the settings, the farm and the plug-in,
+    each made when first needed."""
+
+    def __init__(self, data_dir: str | None) -> None:
+        self.environ = dict(os.environ)
+        if data_dir:
+            self.environ[PREFIX + "DATA_DIR"] = data_dir
+
+    @cached_property
+    def local_settings(self) -> Settings:
+        """Settings from this environment alone (for ``up``, which makes the farm)."""
+        return Settings.from_env(self.environ)
+
+    @cached_property
+    def client_environ(self) -> dict[str, str]:
+        from .localfarm import client_environment
+
+        return client_environment(self.environ)
+
+    @cached_property
+    def settings(self) -> Settings:
+        """Settings for using a farm: the running local one unless the environment names
+        one."""
+        return Settings.from_env(self.client_environ)
+
+    @cached_property
+    def farm(self) -> Farm:
+        from .farm import Farm
+        from .localfarm import check_redis
+
+        settings = self.settings
+        check_redis(settings.broker_url)  # one quick, clear error rather than long retries
+        if settings.records_url != settings.broker_url:
+            check_redis(settings.records_url)
+        return Farm(settings)
+
+    @cached_property
+    def plugin(self) -> CeleryFarmPlugin:
+        from .plugin import CeleryFarmPlugin
+
+        return CeleryFarmPlugin(self.farm)
+
+    def point_at(self, env: dict[str, str]) -> None:
+        """Use the farm these variables name from now on (the farm the demo started)."""
+        self.environ.update(env)
+        for name in ("client_environ", "settings", "farm", "plugin"):
+            self.__dict__.pop(name, None)
+
+    def resolve(self, text: str) -> str:
+        """The full id of a job given by its id or a unique prefix of it (as git does)."""
+        wanted = text.strip().lower()
+        if not _HEX.match(wanted):
+            raise JobNotFound(text)
+        if len(wanted) == 32:
+            return wanted
+        matches = [job_id for job_id in self.farm.store.ids() if job_id.startswith(wanted)]
+        if len(matches) == 1:
+            return matches[0]
+        if not matches:
+            raise JobNotFound(text)
+        raise FarmError(f"job id {text!r} is ambiguous: {len(matches)} jobs start with it "
+                        f"({', '.join(m[:12] for m in matches[:3])}...)")
+
+    def record(self, text: str) -> JobRecord:
+        return self.farm.get(self.resolve(text))
+
+
+pass_session = click.make_pass_decorator(Session)
+
+
+@click.group(cls=FarmGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--data-dir", type=click.Path(file_okay=False), metavar="DIR",
+              help="The local farm's data folder (default: $CELERYFARM_DATA_DIR or "
+                   "~/.celeryfarm).")
+@click.version_option(package_name="celeryfarm")
+@click.pass_context
+def cli(ctx: click.Context, data_dir: str | None) -> None:
+    """celeryfarm: a render farm for Katana on Celery and Redis.
+
+    Start a farm on this machine with `celeryfarm up`, try it with `celeryfarm demo`. The
+    other commands use the farm named by CELERYFARM_BROKER_URL and CELERYFARM_SHARED_ROOT,
+    or else the one `celeryfarm up` runs from the data folder.
+    """
+    ctx.obj = Session(data_dir)
+
+
+# -- running a farm ---------------------------------------------------------------------------
+def make_local_farm(session: Session, *, workers: int, concurrency: int = 1, queues: str = "",
+                    flower: bool = True, flower_port: int | None = None,
+                    echo: Any = click.echo) -> LocalFarm:
+    """The LocalFarm that ``up`` (and the demo) run, from the session's environment."""
+    from .localfarm import LocalFarm, wants_embedded_redis
+
+    settings = session.local_settings
+    if flower_port:
+        settings = dataclasses.replace(settings, flower_port=flower_port)
+    return LocalFarm(
+        settings, workers=workers, concurrency=concurrency, queues=queues, flower=flower,
+        embedded_redis=wants_embedded_redis(settings, session.environ), echo=echo,
+    )
+
+
+@cli.command()
+@click.option("--workers", "-w", default=2, show_default=True, type=click.IntRange(1, 64),
+              help="Render-node workers to run.")
+@click.option("--concurrency", "-c", default=1, show_default=True, type=click.IntRange(1),
+              help="Render steps each worker runs at once.")
+@click.option("--queues", "-Q", default="", metavar="POOLS",
+              help="Pools (queues) the workers take jobs from, comma-separated "
+                   "(default: $CELERYFARM_DEFAULT_QUEUE or 'renders').")
+@click.option("--flower/--no-flower", default=True, show_default=True,
+              help="Run Flower, the web monitor.")
+@click.option("--flower-port", type=click.IntRange(1, 65535), metavar="PORT",
+              help="Flower's port (default: $CELERYFARM_FLOWER_PORT, else 5555 if free).")
+@pass_session
+def up(session: Session, workers: int, concurrency: int, queues: str, flower: bool,
+       flower_port: int | None) -> None:
+    """Run a whole farm on this machine until Ctrl-C.
+
+    Starts a private redis-server (loopback only, generated password, append-only data in
+    the data folder) unless CELERYFARM_BROKER_URL names a Redis, the render-node workers
+    (a worker that dies is started again), and Flower with a login. Ctrl-C or SIGTERM stops
+    them all; a later `up` on the same data folder finds the earlier jobs.
+    """
+    from .localfarm import supervised
+
+    started = time.monotonic()
+    farm = make_local_farm(session, workers=workers, concurrency=concurrency, queues=queues,
+                           flower=flower, flower_port=flower_port)
+    click.echo(f"starting a farm from {farm.data_dir} ...")
+    try:
+        with supervised(farm) as state:
+            _print_farm(state, farm, time.monotonic() - started)
+            while True:  # until a signal interrupts us
+                signal.pause()
+    except KeyboardInterrupt:
+        click.echo("farm stopped")
+
+
+def _print_farm(state: FarmState, farm: LocalFarm, seconds: float) -> None:
+    nodes = ", ".join(state.nodes)
+    rows = [
+        ("broker", redact(state.broker_url)
+         + (" (embedded redis-server)" if state.embedded_redis else "")),
+        ("shared root", state.shared_root),
+        ("render nodes", f"{nodes}; pools {farm.queues}, {farm.concurrency} slot(s) each"),
+    ]
+    if state.flower_url:
+        rows.append(("flower", f"{state.flower_url}  login {state.flower_user} / "
+                               f"{farm.flower_password}"))
+    rows.append(("logs", str(farm.log_dir)))
+    click.echo(click.style(f"celeryfarm is up ({seconds:.1f} s)", fg="green", bold=True))
+    for label, value in rows:
+        click.echo(f"  {label:<13}{value}")
+    click.echo("To use this farm from a Katana session or another shell on this machine:")
+    for name in state.env:
+        click.echo(f"  export {name}=...")
+    click.echo('  (eval "$(celeryfarm env)" sets them; the broker URL holds the password)')
+    click.echo("Press Ctrl-C to stop the farm.")
+
+
+@cli.command()
+@pass_session
+def env(session: Session) -> None:
+    """Print the environment that joins a Katana session or a shell to the farm.
+
+    Meant for `eval "$(celeryfarm env)"`: the output holds the Redis password.
+    """
+    from .localfarm import running_farm
+
+    if session.environ.get(PREFIX + "BROKER_URL"):
+        settings = session.local_settings
+        values = {PREFIX + "BROKER_URL": settings.broker_url,
+                  PREFIX + "SHARED_ROOT": str(settings.shared_root)}
+    else:
+        state = running_farm(session.local_settings.data_dir)
+        if state is None:
+            raise FarmError(f"no farm is running from {session.local_settings.data_dir}: "
+                            f"start one with `celeryfarm up`, or set {PREFIX}BROKER_URL")
+        values = state.env
+    resources = Path(__file__).resolve().parent.parent
+    if (resources / "Plugins" / "CeleryFarmPlugin.py").is_file():
+        values["KATANA_RESOURCES"] = (
+            str(resources) + os.pathsep + session.environ.get("KATANA_RESOURCES", "")
+        ).rstrip(os.pathsep)
+    for name, value in values.items():
+        click.echo(f"export {name}={shlex.quote(value)}")
+
+
+@cli.command()
+@click.option("--queues", "-Q", default="", metavar="POOLS",
+              help="Pools (queues) to take jobs from, comma-separated (default: "
+                   "$CELERYFARM_DEFAULT_QUEUE or 'renders').")
+@click.option("--concurrency", "-c", default=1, show_default=True, type=click.IntRange(1),
+              help="Render steps this node runs at once.")
+@click.option("--name", "-n", default="render", show_default=True,
+              help="Node name (the host name is added); unique per machine.")
+@pass_session
+def worker(session: Session, queues: str, concurrency: int, name: str) -> None:
+    """Join this machine to the farm as a render node (runs in the foreground).
+
+    Runs the same `celery worker` command as `celeryfarm up`'s nodes. The farm is the one
+    CELERYFARM_BROKER_URL names (with CELERYFARM_SHARED_ROOT: where this machine mounts
+    the shared folder), or the one `celeryfarm up` runs here.
+    """
+    from .localfarm import check_redis
+    from .worker import node_name, worker_command
+
+    settings = session.settings
+    check_redis(settings.broker_url)
+    argv = worker_command(name, concurrency, queues or settings.default_queue)
+    click.echo(f"joining the farm at {redact(settings.broker_url)} as {node_name(name)}, "
+               f"shared root {settings.shared_root}", err=True)
+    sys.stdout.flush()
+    env = {**session.client_environ, PREFIX + "SHARED_ROOT": str(settings.shared_root)}
+    os.execve(argv[0], argv, env)
+
+
+@cli.command()
+@click.option("--workers", "-w", default=2, show_default=True, type=click.IntRange(1, 8),
+              help="Workers of the farm the demo starts (when none runs).")
+@click.option("--timeout", default=300, show_default=True, type=click.IntRange(10),
+              help="Seconds to wait for the jobs before giving up.")
+@pass_session
+def demo(session: Session, workers: int, timeout: int) -> None:
+    """Submit a few real jobs through the Katana plug-in and watch them run.
+
+    Uses the farm `celeryfarm up` runs (or CELERYFARM_BROKER_URL's); without one, starts a
+    farm on this machine for the demo and stops it afterwards. Exits 0 when every job ended
+    as intended (one of them fails on purpose).
+    """
+    from . import demo as demo_module
+
+    ok = demo_module.run(session, workers=workers, timeout=timeout)
+    sys.exit(0 if ok else EXIT_JOB_FAILED)
+
+
+# -- jobs ----------------------------------------------------------------------------------
+def _parse_env(_ctx: Any, _param: Any, items: Sequence[str]) -> dict[str, str]:
+    env = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise click.BadParameter(f"expected NAME=VALUE, got {item!r}")
+        env[name] = value
+    return env
+
+
+def _parse_frames(_ctx: Any, _param: Any, text: str | None) -> tuple[int, int] | None:
+    if not text:
+        return None
+    match = re.fullmatch(r"(-?\d+)(?:-(-?\d+))?", text.strip())
+    if not match:
+        raise click.BadParameter(f"expected FIRST-LAST, got {text!r}")
+    first = int(match.group(1))
+    return first, int(match.group(2) or first)
+
+
+@cli.command(context_settings={"allow_interspersed_args": False})
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+@click.option("--cmd", "commands", multiple=True, metavar="'CMD ARGS'",
+              help="A step's command line (repeat for more steps; run in order).")
+@click.option("--name", help="Job name (default: the first command's program).")
+@click.option("--pool", help="Pool (queue) to run in (default: $CELERYFARM_DEFAULT_QUEUE).")
+@click.option("--priority", type=click.IntRange(0, 100), help="0..100, higher first; 50.")
+@click.option("--frames", callback=_parse_frames, metavar="FIRST-LAST", help="Frame range.")
+@click.option("--render-type", type=click.Choice(RENDER_TYPES), default="Disk",
+              show_default=True)
+@click.option("--env", "environment", multiple=True, callback=_parse_env,
+              metavar="NAME=VALUE", help="Environment variable for the job (repeatable).")
+@click.option("--file", "files", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="A local file to copy to the job's folder on the shared mount.")
+@click.option("--wait", is_flag=True, help="Wait for the job to end; exit 1 unless Completed.")
+@pass_session
+def submit(session: Session, command: tuple[str, ...], commands: tuple[str, ...],
+           name: str | None, pool: str | None, priority: int | None,
+           frames: tuple[int, int] | None, render_type: str, environment: dict[str, str],
+           files: tuple[str, ...], wait: bool) -> None:
+    """Submit a job: `celeryfarm submit [OPTIONS] -- CMD ARGS...` or `--cmd` steps.
+
+    The job goes through the Katana plug-in as a Katana render would: a render context
+    folder on the shared mount (the job's working directory, in $KATANA_TMPDIR), copied
+    files, then submitJob. Prints the job id.
+    """
+    import uuid
+
+    from .farmapi import FarmPluginManager
+
+    steps: list[str | list[str]] = list(commands)
+    if command:
+        steps.append(list(command))
+    if not steps:
+        raise click.UsageError("nothing to run: give `-- CMD ARGS...` or --cmd")
+    plugin = session.plugin
+    context = str(uuid.uuid4())
+    plugin.createTempDirectory(context)
+    copied = plugin.copyRenderFiles(list(files), context) if files else {}
+    settings = {k: v for k, v in (("pool", pool), ("priority", priority)) if v is not None}
+    request = FarmPluginManager.JobRequest(
+        name=name or Path(parse_command(steps[0])[0]).name,
+        renderContextName=context,
+        commands=steps,
+        environment={**plugin.getEnvironmentForJob(context), **environment},
+        frameRange=frames,
+        renderType=render_type,
+        settings=settings,
+    )
+    job_id = plugin.submitJob(request)
+    click.echo(job_id)
+    for local, remote in copied.items():
+        click.echo(f"copied {local} -> {remote}", err=True)
+    if wait:
+        record = _wait_for(session.farm, job_id)
+        click.echo(f"job {job_id[:8]} {_state(record.state)}"
+                   + (f": {record.reason}" if record.reason else ""), err=True)
+        if record.state != State.COMPLETED:
+            sys.exit(EXIT_JOB_FAILED)
+
+
+def _wait_for(farm: Farm, job_id: str, poll_seconds: float = 0.5) -> JobRecord:
+    while True:
+        record = farm.get(job_id)
+        if record.finished:
+            return record
+        time.sleep(poll_seconds)
+
+
+def _state(state: str) -> str:
+    return click.style(state, fg=STATE_COLOURS.get(state))
+
+
+def _time(ms: int | None, short: bool = False) -> str:
+    if not ms:
+        return "-"
+    return time.strftime("%m-%d %H:%M:%S" if short else "%Y-%m-%d %H:%M:%S",
+                         time.localtime(ms / 1000))
+
+
+def _as_json(session: Session, record: JobRecord) -> dict[str, Any]:
+    spec = record.spec
+    return {
+        "id": record.job_id, "name": spec.name, "state": record.state,
+        "user": spec.user, "host": spec.host, "session": spec.session,
+        "render_type": spec.render_type, "pool": spec.queue, "priority": spec.priority,
+        "attempt": record.attempt,
+        "steps": len(spec.commands) or None,  # None in listings, which skip the commands
+        "step": None if record.step is None else record.step + 1, "node": record.node,
+        "submitted": record.submitted_ms, "started": record.start_ms,
+        "finished": record.end_ms, "reason": record.reason,
+        "log": _log_path(session, record),
+    }
+
+
+def _log_path(session: Session, record: JobRecord) -> str | None:
+    return str(session.farm.root.local / record.log_path) if record.log_path else None
+
+
+@cli.command()
+@click.option("--state", "states", multiple=True, type=click.Choice(State.ALL),
+              help="Only jobs in this state (repeatable).")
+@click.option("--user", help="Only this user's jobs.")
+@click.option("--mine", is_flag=True, help="Only your jobs ($CELERYFARM_USER or login).")
+@click.option("--limit", type=click.IntRange(1), help="At most this many, newest first.")
+@click.option("--json", "as_json", is_flag=True, help="JSON lines, one job per line.")
+@pass_session
+def jobs(session: Session, states: tuple[str, ...], user: str | None, mine: bool,
+         limit: int | None, as_json: bool) -> None:
+    """List the farm's jobs, newest first."""
+    filters: list[dict[str, Any]] = []
+    if states:
+        filters.append({"state": list(states)})
+    if user or mine:
+        filters.append({"user": user or session.settings.user})
+    records = session.farm.jobs(filters)[:limit]
+    if as_json:
+        for record in records:
+            click.echo(json.dumps(_as_json(session, record)))
+        return
+    rows = [
+        [r.job_id[:8], r.spec.name, r.state, _time(r.submitted_ms, True),
+         _time(r.end_ms, True), r.node or "-", _log_path(session, r) or "-"]
+        for r in records
+    ]
+    _table(["ID", "NAME", "STATE", "SUBMITTED", "FINISHED", "NODE", "LOG"], rows, state_col=2)
+
+
+def _table(header: list[str], rows: list[list[str]], state_col: int) -> None:
+    """A plain aligned table (no extra dependency), the state column coloured on a tty."""
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    click.echo("  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip())
+    for row in rows:
+        cells = [str(cell).ljust(width) for cell, width in zip(row, widths)]
+        cells[state_col] = click.style(cells[state_col], fg=STATE_COLOURS.get(row[state_col]))
+        click.echo("  ".join(cells).rstrip())
+    if not rows:
+        click.echo("(no jobs)")
+
+
+@cli.command()
+@click.argument("job_id")
+@click.option("--json", "as_json", is_flag=True, help="Print the job as JSON.")
+@pass_session
+def status(session: Session, job_id: str, as_json: bool) -> None:
+    """Show one job: state, current step, node, times, log. JOB_ID may be a prefix."""
+    record = session.record(job_id)
+    info = _as_json(session, record)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    step = f"{info['step'] or '-'}/{info['steps']}"
+    lines = [
+        ("id", record.job_id), ("name", record.spec.name), ("state", _state(record.state)),
+        ("step", step), ("node", record.node or "-"),
+        ("attempt", str(record.attempt)),
+        ("submitted", f"{_time(record.submitted_ms)} by {record.spec.user}@{record.spec.host}"),
+        ("started", _time(record.start_ms)), ("finished", _time(record.end_ms)),
+        ("pool", f"{record.spec.queue}, priority {record.spec.priority}"),
+        ("render type", record.spec.render_type), ("log", info["log"] or "-"),
+    ]
+    if record.reason:
+        lines.append(("reason", record.reason))
+    for label, value in lines:
+        click.echo(f"{label + ':':<13}{value}")
+
+
+@cli.command()
+@click.argument("job_id")
+@click.option("--follow", "-f", is_flag=True,
+              help="Keep printing as the log grows, until the job ends.")
+@pass_session
+def log(session: Session, job_id: str, follow: bool) -> None:
+    """Print a job's render log. JOB_ID may be a prefix."""
+    from .renderlog import follow as follow_log
+
+    full_id = session.resolve(job_id)
+    path = session.plugin.getRenderLogFilename(full_id)
+    if path is None:
+        raise FarmError(f"the shared root {session.settings.shared_root} is not reachable "
+                        f"from this host (set {PREFIX}SHARED_ROOT)")
+    out = click.get_binary_stream("stdout")
+    if not follow:
+        try:
+            out.write(Path(path).read_bytes())
+        except FileNotFoundError:
+            raise FarmError(f"the render log {path} does not exist (yet)") from None
+        return
+    with _quiet_interrupt():
+        follow_log(Path(path), out, finished=lambda: session.farm.get(full_id).finished)
+
+
+@contextmanager
+def _quiet_interrupt() -> Iterator[None]:
+    """Ctrl-C ends a follow quietly, as it ends ``tail -f``."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+@cli.command()
+@click.argument("job_id")
+@pass_session
+def stop(session: Session, job_id: str) -> None:
+    """Stop a waiting or running job (its render processes are killed)."""
+    full_id = session.resolve(job_id)
+    session.plugin.stopJob(full_id)
+    _report(session.farm.get(full_id))
+
+
+@cli.command()
+@click.argument("job_id")
+@pass_session
+def start(session: Session, job_id: str) -> None:
+    """Start a finished, failed or stopped job again (a new attempt, same id)."""
+    full_id = session.resolve(job_id)
+    session.plugin.startJob(full_id)
+    _report(session.farm.get(full_id))
+
+
+def _report(record: JobRecord) -> None:
+    click.echo(f"job {record.job_id[:8]} '{record.spec.name}': {_state(record.state)}"
+               + (f" (attempt {record.attempt})" if record.attempt > 1 else ""))
+
+
+def main() -> None:
+    cli(prog_name="celeryfarm")
+
+
+if __name__ == "__main__":
+    main()

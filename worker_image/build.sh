@@ -1,0 +1,150 @@
+#!/usr/bin/env bash
+# Build everything the containers need, from a machine that reaches PyPI and the Debian mirror
+# but no image registry:
+#   1. the Docker engine (.ci/docker-engine.sh: installs/starts it when missing)
+#   2. the base image, when the tag is missing (make-base-image.sh, debootstrap)
+#   3. worker_image/wheels/: wheels of celeryfarm[flower] and every dependency, made by the
+#      base image's Python (so the image build needs no package index)
+#   4. the Redis image docker-compose.yml and the tests use (redis.Dockerfile)
+#   5. the worker image (Dockerfile), also used by the flower service
+# Idempotent; a rerun with nothing changed takes a few seconds (wheels are rebuilt only when
+# pyproject.toml or celeryfarm/ changed, docker's layer cache does the rest).
+#
+# Environment (all optional):
+#   CELERYFARM_WORKER_IMAGE  worker image tag     (default celeryfarm-worker:latest)
+#   CELERYFARM_REDIS_IMAGE   Redis image tag      (default redis:7-bookworm)
+#   CELERYFARM_BASE_IMAGE    base image tag       (default: the Dockerfile's BASE_IMAGE)
+#   CELERYFARM_RENDER_UID / CELERYFARM_RENDER_GID  uid/gid of the image's render user (1000)
+#   PIP_CONSTRAINT           pin dependency versions (read by pip itself)
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+repo=$(cd "$here/.." && pwd)
+worker_image=${CELERYFARM_WORKER_IMAGE:-celeryfarm-worker:latest}
+redis_image=${CELERYFARM_REDIS_IMAGE:-redis:7-bookworm}
+default_base=$(sed -n 's/^ARG BASE_IMAGE=\(.*\)$/\1/p' "$here/Dockerfile" | head -n 1)
+base_image=${CELERYFARM_BASE_IMAGE:-$default_base}
+render_uid=${CELERYFARM_RENDER_UID:-1000}
+render_gid=${CELERYFARM_RENDER_GID:-1000}
+wheels=$here/wheels
+
+say() { printf 'build: %s\n' "$*" >&2; }
+die() { say "ERROR: $*"; exit 1; }
+t0=$SECONDS
+step() { say "[$((SECONDS - t0))s] $*"; }
+
+step "docker engine"
+"$repo/.ci/docker-engine.sh"
+
+step "base image $base_image"
+CELERYFARM_BASE_IMAGE=$base_image "$here/make-base-image.sh"
+
+# --- wheels ------------------------------------------------------------------------------
+# The wheelhouse is made by the base image's own Python, in a throwaway container on the host
+# network, not by the host's Python: pip evaluates environment markers (for example redis'
+# `async-timeout; python_full_version < "3.11.3"`) against the interpreter that runs it, and
+# `pip download --python-version` does not change that. The container gets the host's CA
+# bundle and pip settings, so it reaches whatever package index the host uses. The image build
+# itself then installs with --no-index.
+hash_files() { (cd "$repo" && find "$@" -type f ! -path '*/__pycache__/*' ! -name '*.pyc' -print0 |
+                 sort -z | xargs -0 sha256sum | sha256sum | cut -c1-16); }
+base_id=$(docker image inspect --format '{{.Id}}' "$base_image")
+pyproject_hash=$(hash_files pyproject.toml)
+constraint_hash=${PIP_CONSTRAINT:+$(sha256sum "$PIP_CONSTRAINT" | cut -c1-16)}
+deps_stamp="$base_id $pyproject_hash $constraint_hash"
+app_stamp="$base_id $(hash_files pyproject.toml celeryfarm $(cd "$repo" && ls -d README* LICENSE* 2>/dev/null))"
+
+ca_bundle=${PIP_CERT:-${REQUESTS_CA_BUNDLE:-${SSL_CERT_FILE:-/etc/ssl/certs/ca-certificates.crt}}}
+pip_in_base() {  # pip_in_base SHELL-SNIPPET: runs with $PIP = a fresh venv's pip, /repo, /wheels
+    local args=(--rm --network host --user "$(id -u):$(id -g)" --entrypoint sh
+                -e HOME=/tmp -e PIP_NO_CACHE_DIR=1 -e PIP_DISABLE_PIP_VERSION_CHECK=1
+                -e PIP_NO_INPUT=1 -v "$repo:/repo:ro" -v "$wheels:/wheels")
+    local v
+    for v in PIP_INDEX_URL PIP_EXTRA_INDEX_URL PIP_TRUSTED_HOST PIP_DEFAULT_TIMEOUT \
+             http_proxy https_proxy no_proxy HTTP_PROXY HTTPS_PROXY NO_PROXY; do
+        [ -z "${!v:-}" ] || args+=(-e "$v=${!v}")
+    done
+    if [ -f "$ca_bundle" ]; then
+        args+=(-v "$ca_bundle:/etc/celeryfarm-ca.crt:ro" -e PIP_CERT=/etc/celeryfarm-ca.crt)
+    fi
+    # pip's configuration files (an index mirror, say); PIP_CERT above wins over their cert.
+    local conf
+    for conf in /etc/pip.conf /etc/xdg/pip/pip.conf; do
+        [ ! -f "$conf" ] || args+=(-v "$conf:$conf:ro")
+    done
+    for conf in .config/pip/pip.conf .pip/pip.conf; do
+        [ ! -f "$HOME/$conf" ] || args+=(-v "$HOME/$conf:/tmp/$conf:ro")
+    done
+    if [ -n "${PIP_CONFIG_FILE:-}" ] && [ -f "$PIP_CONFIG_FILE" ]; then
+        args+=(-v "$(realpath "$PIP_CONFIG_FILE"):/etc/celeryfarm-pip.conf:ro"
+               -e PIP_CONFIG_FILE=/etc/celeryfarm-pip.conf)
+    fi
+    if [ -n "${PIP_CONSTRAINT:-}" ]; then
+        args+=(-v "$(realpath "$PIP_CONSTRAINT"):/etc/celeryfarm-constraints.txt:ro"
+               -e PIP_CONSTRAINT=/etc/celeryfarm-constraints.txt)
+    fi
+    # Quiet unless it fails: setuptools and pip warnings are not this script's business.
+    local out
+    out=$(mktemp)
+    if ! docker run "${args[@]}" "$base_image" -c "set -eu
+            python3 -m venv /tmp/venv; PIP='/tmp/venv/bin/python -m pip'
+            $1" >"$out" 2>&1; then
+        cat "$out" >&2; rm -f "$out"; die "pip failed in a $base_image container"
+    fi
+    rm -f "$out"
+}
+
+mkdir -p "$wheels"
+if [ "$(cat "$wheels/app.stamp" 2>/dev/null)" != "$app_stamp" ] || ! ls "$wheels"/app/*.whl >/dev/null 2>&1; then
+    step "wheel of celeryfarm"
+    rm -rf "$wheels/app" "$wheels/app.stamp"
+    mkdir -p "$wheels/app"
+    # Build from a copy of what goes into the wheel: the source tree is mounted read-only,
+    # setuptools writes build/ next to the sources, and the checkout may hold big renders.
+    pip_in_base 'mkdir /tmp/src; cd /repo
+                 cp -r pyproject.toml celeryfarm /tmp/src/
+                 for f in README* LICENSE* setup.cfg MANIFEST.in; do
+                     [ ! -e "$f" ] || cp -r "$f" /tmp/src/; done
+                 $PIP wheel --quiet --no-deps --wheel-dir /wheels/app /tmp/src'
+    echo "$app_stamp" >"$wheels/app.stamp"
+else
+    step "wheel of celeryfarm is up to date"
+fi
+
+if [ "$(cat "$wheels/deps.stamp" 2>/dev/null)" != "$deps_stamp" ] || ! ls "$wheels"/deps/*.whl >/dev/null 2>&1; then
+    step "dependency wheels"
+    rm -rf "$wheels/deps" "$wheels/deps.stamp"
+    mkdir -p "$wheels/deps"
+    app_wheel=$(basename "$(ls "$wheels"/app/celeryfarm-*.whl | head -n 1)")
+    # `pip wheel` also turns any sdist-only dependency into a wheel, so the image build never
+    # compiles or fetches anything.
+    pip_in_base "\$PIP wheel --quiet --wheel-dir /wheels/deps 'celeryfarm[flower] @ file:///wheels/app/$app_wheel'
+                 rm -f /wheels/deps/celeryfarm-*.whl"
+    echo "$deps_stamp" >"$wheels/deps.stamp"
+else
+    step "dependency wheels are up to date"
+fi
+
+# --- images ------------------------------------------------------------------------------
+# Do not overwrite a real (pulled or loaded) image of that name: only build when the tag is
+# missing or is one of ours (then the layer cache makes this quick).
+if docker image inspect "$redis_image" >/dev/null 2>&1; then
+    redis_label=$(docker image inspect --format '{{index .Config.Labels "io.celeryfarm.image"}}' "$redis_image")
+else
+    redis_label=missing
+fi
+if [ "$redis_label" = missing ] || [ "$redis_label" = redis ]; then
+    step "redis image $redis_image"
+    docker build --quiet --force-rm --network host --build-arg BASE_IMAGE="$base_image" \
+        --tag "$redis_image" - <"$here/redis.Dockerfile" >/dev/null
+else
+    step "redis image $redis_image exists and is not ours; leaving it"
+fi
+
+step "worker image $worker_image"
+docker build --quiet --force-rm --network host \
+    --build-arg BASE_IMAGE="$base_image" \
+    --build-arg RENDER_UID="$render_uid" --build-arg RENDER_GID="$render_gid" \
+    --tag "$worker_image" "$here" >/dev/null
+
+step "done: $worker_image, $redis_image (base $base_image)"

@@ -36,10 +36,10 @@ from celery import Celery
 from . import dispatch
 from .celery import RENDER_STEP
 from .config import Settings
-from .jobs import JobNotFound, State
+from .jobs import JobNotFound, JobRecord, State
 from .paths import SharedRoot
 from .renderlog import append
-from .store import JobStore, connect
+from .store import JobStore, connect, decode
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ redis.call('ZADD', KEYS[2], now + tonumber(ARGV[7]), ARGV[1])
 redis.call('RPUSH', KEYS[3], cjson.encode({event = 'start', step = tonumber(ARGV[4]),
   dispatch = tonumber(ARGV[3]), attempt = tonumber(ARGV[2]), owner = ARGV[5],
   node = ARGV[6], at = now}))
-return {'ok', ''}
+return {'ok', '', redis.call('HGETALL', KEYS[1])}  -- the record: no second read
 """
 
 # KEYS: job hash, leases. ARGV: job id, attempt, dispatch, owner, lease ms.
@@ -252,15 +252,17 @@ class StepLease:
         job = self.token.job_id
         return [self.store.job_key(job), self.store.leases_key, self.store.events_key(job)]
 
-    def claim(self, node: str) -> tuple[str, str]:
-        """Try to start the step: ('ok', '') or (why not, detail)."""
+    def claim(self, node: str) -> tuple[str, str, JobRecord | None]:
+        """Try to start the step: ('ok', '', the job's record) or (why not, detail, None)."""
         t = self.token
         sent = time.monotonic()
-        status, detail = self.scripts.claim(keys=self._keys(), args=[
+        status, detail, *fields = self.scripts.claim(keys=self._keys(), args=[
             t.job_id, t.attempt, t.dispatch, t.step, self.owner, node, self.lease_ms])
-        if status == "ok":
-            self._valid_until = sent + self.settings.lease_seconds
-        return status, detail
+        if status != "ok":
+            return status, detail, None
+        self._valid_until = sent + self.settings.lease_seconds
+        flat = fields[0]
+        return status, detail, decode(t.job_id, dict(zip(flat[::2], flat[1::2])))
 
     # -- while the step runs -----------------------------------------------------------------
     def keep(self) -> StepLease:

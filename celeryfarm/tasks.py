@@ -135,7 +135,7 @@ def render_step(
     lease = leases.StepLease(store, _scripts(), settings, token,
                              lease_owner(self.request.id, node, os.getpid()))
     try:
-        status, detail = lease.claim(node)
+        status, detail, record = lease.claim(node)
     except (redis.ConnectionError, redis.TimeoutError) as error:
         # Nothing has started: try again once Redis is back, rather than fail the job.
         raise self.retry(exc=error, countdown=min(2 ** self.request.retries, 10),
@@ -145,7 +145,6 @@ def render_step(
         # whose Celery state must not be overwritten.
         _skip(self, f"job {job_id} {label} not run ({status}): {detail}",
               revoked=status in ("superseded", "finished"))
-    record = store.get(job_id)
     log_path = SharedRoot(settings.shared_root).join(record.log_path)
     try:
         log = RenderLog(log_path)

@@ -9,6 +9,8 @@ execution holds its lease.
 
 from __future__ import annotations
 
+import json
+
 from celery import Celery, chain
 
 from .celery import RENDER_STEP
@@ -34,11 +36,17 @@ def task_ids(record: JobRecord) -> tuple[str, ...]:
 RESUMED_PRIORITY = 0
 
 
+def step_of(task_id: str) -> int:
+    """The step index a task id of :func:`task_ids` names."""
+    return int(task_id.rsplit("-", 1)[1])
+
+
 def send(app: Celery, store: JobStore, record: JobRecord, resumed: bool = False) -> None:
     """Send the chain of steps ``next_step..`` of the record's current dispatch.
 
     Queue and priority go on every signature: options given to the chain itself would apply
     to its first task only. A ``resumed`` step (re-dispatched after a node loss) goes first.
+    Records the ids sent in ``record.task_ids`` and in the job's record.
     """
     spec, steps = record.spec, len(record.spec.commands)
     priority = celery_priority(spec.priority)
@@ -59,4 +67,9 @@ def send(app: Celery, store: JobStore, record: JobRecord, resumed: bool = False)
         for step, task_id in zip(range(record.next_step, steps), task_ids(record))
     ]
     chain(*signatures).apply_async()
-    store.redis.zrem(store.outbox_key, record.job_id)
+    # One round trip: the ids now in flight (what stopJob revokes), and out of the outbox.
+    record.task_ids = task_ids(record)
+    pipe = store.redis.pipeline(transaction=False)
+    pipe.hset(store.job_key(record.job_id), "task_ids", json.dumps(record.task_ids))
+    pipe.zrem(store.outbox_key, record.job_id)
+    pipe.execute()

@@ -186,11 +186,11 @@ class Farm:
         task_states = dict(zip(task_ids, self._task_states(task_ids)))
         for record in active:
             seen = [task_states[task_id] for task_id in record.task_ids]
-            failures = [(i, error) for i, (state, error) in enumerate(seen)
+            failures = [(task_id, error) for task_id, (state, error) in zip(record.task_ids, seen)
                         if state == states.FAILURE and error != "WorkerLostError"]
             if failures:
-                index, error = failures[0]
-                step = record.next_step + index + 1
+                task_id, error = failures[0]
+                step = dispatch.step_of(task_id) + 1
                 outcome = State.FAILED, f"step {step} failed in the worker: {error}"
             elif any(state == states.REVOKED for state, _ in seen):
                 outcome = State.CANCELLED, "a step was revoked outside celeryfarm (Flower?)"

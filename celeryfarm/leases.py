@@ -428,9 +428,6 @@ class Reaper(threading.Thread):
             lines.append(f"job failed: {record.reason}")
         self._note(record.log_path, lines)
         if outcome == "redispatched":
-            record.task_ids = dispatch.task_ids(record)
-            self.store.redis.hset(self.store.job_key(job_id), "task_ids",
-                                  json.dumps(record.task_ids))
             dispatch.send(self.app, self.store, record, resumed=True)
 
     def _resend(self, job_id: str) -> None:

@@ -44,6 +44,17 @@ def test_spec_defaults_and_settings():
     assert spec.commands == (("true",),)
 
 
+def test_task_ids_name_the_dispatch_and_step():
+    from celeryfarm.dispatch import step_of, task_ids
+    from celeryfarm.jobs import JobRecord
+
+    spec = JobSpec.build(name="r", commands=["a", "b", "c"])
+    record = JobRecord(job_id="j1", spec=spec, log_path="j1/render.log", attempt=2, dispatch=5,
+                       next_step=1)
+    assert task_ids(record) == ("j1-2.5-1", "j1-2.5-2")
+    assert [step_of(task_id) for task_id in task_ids(record)] == [1, 2]
+
+
 def test_priorities_map_to_redis_order():
     assert celery_priority(100) == 0 and celery_priority(0) == 9 and celery_priority(50) in (4, 5)
 

@@ -358,9 +358,8 @@ def _wait(
     """Wait up to ``timeout`` for the root (through Popen, which keeps its exit status) and
     the others to be gone; return the others still alive.
 
-    Polls with :func:`_alive`, which reaps zombies reparented to us. ``psutil.wait_procs``
-    would not: a helper orphaned while we wait becomes our zombie, its pid stays, and it
-    would wait out the whole grace period.
+    Polls with :func:`_alive`, which reaps as it goes the helpers that were orphaned while
+    we waited and so became our zombies (their pids stay until we reap them).
     """
     deadline = time.monotonic() + timeout
     while True:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -66,7 +67,8 @@ def test_a_daemon_that_leaves_the_session_is_still_killed():
 
 def test_stop_kills_children_and_grandchildren():
     """The grace period is long: a stop that waited it out although every process obeyed
-    SIGTERM (helpers orphaned mid-stop become our zombies) would not finish in time."""
+    SIGTERM would not finish in time (as when renderboot's helpers, signalled twice,
+    deadlocked in their SIGTERM handler)."""
     tag = uuid.uuid4().hex
     stop = threading.Event()
     result: list = []
@@ -88,3 +90,21 @@ def test_a_missing_executable_is_an_outcome_not_an_exception():
     outcome, output = run(["/no/such/program"])
     assert outcome.describe() == "could not start: executable not found: /no/such/program"
     assert output == b""
+
+
+def test_waiting_reaps_a_helper_that_becomes_our_zombie_mid_wait():
+    """A render's helper is someone else's child when the wait starts; its parent exits, it
+    is reparented to us (a subreaper) and dies: the wait must reap it, not wait it out."""
+    assert process.become_subreaper()
+    parent = subprocess.Popen([sys.executable, "-c", (
+        "import subprocess, sys, time\n"
+        "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(0.6)'])\n"
+        "time.sleep(0.2)\n")])
+    (helper,) = wait_until(lambda: psutil.Process(parent.pid).children(), 10, "the helper")
+    result: list = []
+    waiter = threading.Thread(target=lambda: result.append(process._wait(None, [helper], 60)))
+    waiter.start()
+    waiter.join(20)
+    parent.wait()
+    assert not waiter.is_alive(), "the wait did not reap the helper that became our zombie"
+    assert result == [[]]

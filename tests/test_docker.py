@@ -118,6 +118,21 @@ def images() -> None:
             unavailable(f"image {image} is missing; build it with worker_image/build.sh")
 
 
+def test_pip_in_the_build_container_honours_a_constraints_file_named_by_pip_conf(tmp_path):
+    """The image's wheels are made by pip in a container: a constraints file that the host's
+    pip configuration names (here in a folder nothing else mounts) must reach that pip. With
+    six pinned to 1.16.0, an unpinned download would get a newer release."""
+    pins = tmp_path / "site-pip"
+    pins.mkdir()
+    (pins / "constraints.txt").write_text("six==1.16.0\n")
+    (pins / "pip.conf").write_text(f"[global]\nconstraint = {pins}/constraints.txt\n")
+    env = {**os.environ, "PIP_CONFIG_FILE": str(pins / "pip.conf")}
+    result = run([str(REPO / "worker_image/pip-in-base.sh"),
+                  "$PIP download --no-deps --dest /tmp/got six; ls /tmp/got"],
+                 timeout=300, env=env)
+    assert result.stdout.split()[-1] == "six-1.16.0-py2.py3-none-any.whl", result.stdout
+
+
 @pytest.fixture
 def shared_dir(tmp_path: Path) -> Iterator[Path]:
     """The farm's shared folder, writable by the nodes; this process writes group-writable

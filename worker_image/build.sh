@@ -15,7 +15,9 @@
 #   CELERYFARM_REDIS_IMAGE   Redis image tag      (default redis:7-bookworm)
 #   CELERYFARM_BASE_IMAGE    base image tag       (default: the Dockerfile's BASE_IMAGE)
 #   CELERYFARM_RENDER_UID / CELERYFARM_RENDER_GID  uid/gid of the image's render user (1000)
-#   PIP_CONSTRAINT           pin dependency versions (read by pip itself)
+#   PYTHON                   host Python whose pip configuration the build uses (python3)
+# pip's own configuration (files and PIP_* variables, constraints included) applies as on the
+# host: see pip-in-base.sh.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -43,56 +45,19 @@ CELERYFARM_BASE_IMAGE=$base_image "$here/make-base-image.sh"
 # The wheelhouse is made by the base image's own Python, in a throwaway container on the host
 # network, not by the host's Python: pip evaluates environment markers (for example redis'
 # `async-timeout; python_full_version < "3.11.3"`) against the interpreter that runs it, and
-# `pip download --python-version` does not change that. The container gets the host's CA
-# bundle and pip settings, so it reaches whatever package index the host uses. The image build
-# itself then installs with --no-index.
+# `pip download --python-version` does not change that. pip-in-base.sh hands the container this
+# host's whole pip configuration (files, the files they name, PIP_* variables, CA bundle), so it
+# reaches whatever package index the host uses. The image build itself then installs with
+# --no-index.
 hash_files() { (cd "$repo" && find "$@" -type f ! -path '*/__pycache__/*' ! -name '*.pyc' -print0 |
                  sort -z | xargs -0 sha256sum | sha256sum | cut -c1-16); }
+pip_in_base() { CELERYFARM_BASE_IMAGE=$base_image "$here/pip-in-base.sh" "$1" >/dev/null; }
+pip_conf=$(mktemp -d)
+trap 'rm -rf "$pip_conf"' EXIT
+"${PYTHON:-python3}" "$here/pipconf.py" "$pip_conf"
 base_id=$(docker image inspect --format '{{.Id}}' "$base_image")
-pyproject_hash=$(hash_files pyproject.toml)
-constraint_hash=${PIP_CONSTRAINT:+$(sha256sum "$PIP_CONSTRAINT" | cut -c1-16)}
-deps_stamp="$base_id $pyproject_hash $constraint_hash"
+deps_stamp="$base_id $(hash_files pyproject.toml) $(cat "$pip_conf/stamp")"
 app_stamp="$base_id $(hash_files pyproject.toml celeryfarm $(cd "$repo" && ls -d README* LICENSE* 2>/dev/null))"
-
-ca_bundle=${PIP_CERT:-${REQUESTS_CA_BUNDLE:-${SSL_CERT_FILE:-/etc/ssl/certs/ca-certificates.crt}}}
-pip_in_base() {  # pip_in_base SHELL-SNIPPET: runs with $PIP = a fresh venv's pip, /repo, /wheels
-    local args=(--rm --network host --user "$(id -u):$(id -g)" --entrypoint sh
-                -e HOME=/tmp -e PIP_NO_CACHE_DIR=1 -e PIP_DISABLE_PIP_VERSION_CHECK=1
-                -e PIP_NO_INPUT=1 -v "$repo:/repo:ro" -v "$wheels:/wheels")
-    local v
-    for v in PIP_INDEX_URL PIP_EXTRA_INDEX_URL PIP_TRUSTED_HOST PIP_DEFAULT_TIMEOUT \
-             http_proxy https_proxy no_proxy HTTP_PROXY HTTPS_PROXY NO_PROXY; do
-        [ -z "${!v:-}" ] || args+=(-e "$v=${!v}")
-    done
-    if [ -f "$ca_bundle" ]; then
-        args+=(-v "$ca_bundle:/etc/celeryfarm-ca.crt:ro" -e PIP_CERT=/etc/celeryfarm-ca.crt)
-    fi
-    # pip's configuration files (an index mirror, say); PIP_CERT above wins over their cert.
-    local conf
-    for conf in /etc/pip.conf /etc/xdg/pip/pip.conf; do
-        [ ! -f "$conf" ] || args+=(-v "$conf:$conf:ro")
-    done
-    for conf in .config/pip/pip.conf .pip/pip.conf; do
-        [ ! -f "$HOME/$conf" ] || args+=(-v "$HOME/$conf:/tmp/$conf:ro")
-    done
-    if [ -n "${PIP_CONFIG_FILE:-}" ] && [ -f "$PIP_CONFIG_FILE" ]; then
-        args+=(-v "$(realpath "$PIP_CONFIG_FILE"):/etc/celeryfarm-pip.conf:ro"
-               -e PIP_CONFIG_FILE=/etc/celeryfarm-pip.conf)
-    fi
-    if [ -n "${PIP_CONSTRAINT:-}" ]; then
-        args+=(-v "$(realpath "$PIP_CONSTRAINT"):/etc/celeryfarm-constraints.txt:ro"
-               -e PIP_CONSTRAINT=/etc/celeryfarm-constraints.txt)
-    fi
-    # Quiet unless it fails: setuptools and pip warnings are not this script's business.
-    local out
-    out=$(mktemp)
-    if ! docker run "${args[@]}" "$base_image" -c "set -eu
-            python3 -m venv /tmp/venv; PIP='/tmp/venv/bin/python -m pip'
-            $1" >"$out" 2>&1; then
-        cat "$out" >&2; rm -f "$out"; die "pip failed in a $base_image container"
-    fi
-    rm -f "$out"
-}
 
 mkdir -p "$wheels"
 if [ "$(cat "$wheels/app.stamp" 2>/dev/null)" != "$app_stamp" ] || ! ls "$wheels"/app/*.whl >/dev/null 2>&1; then

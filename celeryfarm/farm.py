@@ -108,6 +108,9 @@ class Farm:
         recorded as this user's, host's and session's. ``environment`` adds to (and may
         override) the context's; ``settings`` are the farm settings (pool, priority,
         maxStepSeconds, stallSeconds). Raises :class:`FarmError` for bad input."""
+        if environment is not None and not isinstance(environment, Mapping):
+            raise FarmError(f"environment must be a mapping of names to values, "
+                            f"got {environment!r}")
         spec = JobSpec.build(
             name=name,
             commands=commands,

@@ -391,7 +391,7 @@ def test_temp_dir_is_the_working_folder_and_may_be_spelled_through_a_symlink(
                                    plugin.getEnvironmentForJob(context), spelling)
         job_id = plugin.submitJob(request)
         assert wait_for_state(plugin, job_id) == State.kCompleted
-        cwd = Path(read_log(plugin, job_id).split(b"CWD=")[1].split()[0].decode())
+        cwd = Path(read_log(plugin, job_id).rsplit(b"CWD=", 1)[1].split()[0].decode())
         assert cwd.resolve() == Path(temp_dir).resolve()
 
 

@@ -83,10 +83,11 @@ class Farm:
             "KATANA_TMPDIR": self.root.to_remote(self.root.context_dir(context)),
         }
 
-    def create_context(self, files: Iterable[str] = ()) -> RenderContext:
-        """A new render context with its folder and ``files`` copied into it: what Katana
-        asks of the plug-in before a submission, in one call."""
-        name = str(uuid.uuid4())
+    def create_context(self, files: Iterable[str] = (), name: str = "") -> RenderContext:
+        """A render context with its folder and ``files`` copied into it: what Katana asks
+        of the plug-in before a submission, in one call. Named by a new UUID, as Katana
+        names them, unless ``name`` is given."""
+        name = name or str(uuid.uuid4())
         folder = self.prepare_context(name)
         copies = self.copy_files(files, name)
         environment = self.job_environment(name)

@@ -22,9 +22,6 @@ class JobRequest:
 
     def __init__(self, nodeName: str, renderContextName: str, frames: list[int],
                  commands: list[str], environment: Any, tempDir: str) -> None:
-        self.nodeName = nodeName
-        self.renderContextName = renderContextName
-        self.frames = frames
-        self.commands = commands
-        self.environment = environment
-        self.tempDir = tempDir
+        self.nodeName, self.renderContextName = nodeName, renderContextName
+        self.frames, self.commands = frames, commands
+        self.environment, self.tempDir = environment, tempDir

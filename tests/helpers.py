@@ -67,12 +67,8 @@ class KatanaJobRequest:
     the plug-in must read Katana's own objects, not our stand-in's."""
 
     def __init__(self, nodeName, renderContextName, frames, commands, environment, tempDir):
-        self.nodeName = nodeName
-        self.renderContextName = renderContextName
-        self.frames = frames
-        self.commands = commands
-        self.environment = environment
-        self.tempDir = tempDir
+        self.nodeName, self.renderContextName, self.frames = nodeName, renderContextName, frames
+        self.commands, self.environment, self.tempDir = commands, environment, tempDir
 
 
 def submit_like_katana(

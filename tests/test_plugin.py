@@ -418,3 +418,24 @@ def test_get_jobs_filters(plugin: CeleryFarmPlugin):
         plugin.getJobs([{"name": "x"}, {"colour": "red"}])
     with pytest.raises(FarmAPI.FarmPluginException, match="list of dicts"):
         plugin.getJobs("mine")
+
+
+def test_temp_dir_is_the_nodes_path_when_they_mount_the_share_elsewhere(
+    farm_env: dict, katana_dropin: dict, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setenv("CELERYFARM_REMOTE_SHARED_ROOT", "/nodes/share")
+    plugin = CeleryFarmPlugin()
+    pool = f"nobody-{uuid.uuid4().hex[:6]}"
+    node = render_node(pool=pool)  # a pool no node serves: the jobs wait, then are stopped
+    context = str(uuid.uuid4())
+    temp_dir = plugin.createTemporaryDirectory(context)
+    assert temp_dir == f"/nodes/share/{context}"
+    assert plugin.getEnvironmentForJob(context)["KATANA_TMPDIR"] == temp_dir
+    local = str(plugin.farm.root.local / context)  # this host's spelling: the same folder
+    for spelling in (temp_dir, local):
+        request = KatanaJobRequest(node, context, [1], ["true"],
+                                   plugin.getEnvironmentForJob(context), spelling)
+        plugin.stopJob(plugin.submitJob(request))
+    with pytest.raises(FarmAPI.FarmPluginException, match="is not the folder"):
+        plugin.submitJob(KatanaJobRequest("Render", context, [1], ["true"], {},
+                                          f"/nodes/share/{uuid.uuid4()}"))

@@ -105,7 +105,8 @@ class Farm:
         render_type: str | None = None,
         settings: Mapping[str, Any] | None = None,
     ) -> JobRecord:
-        """Submit ``commands`` (argv lists, run in order) as a job of render ``context``,
+        """Submit ``commands`` (argv lists, or command-line strings that are split with
+        shlex and never given to a shell; run in order) as a job of render ``context``,
         recorded as this user's, host's and session's. ``environment`` adds to (and may
         override) the context's; ``settings`` are the farm settings (pool, priority,
         maxStepSeconds, stallSeconds). Raises :class:`FarmError` for bad input."""

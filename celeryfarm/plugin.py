@@ -200,8 +200,11 @@ class CeleryFarmPlugin(FarmAPI.BaseFarmPlugin):
         return {name: values.get(name, default) for name, _add, default, _hints in FARM_SETTINGS}
 
     def _job(self, record: JobRecord, log_reachable: bool) -> FarmAPI.Job:
-        """Katana's view of a record: submission and end times in ms (0: not ended, as
-        Katana's int has no None), the log as this host reaches it (None if it cannot)."""
+        """Katana's view of a record. ``startTime`` is the submission time in ms (Katana
+        Queue's "Submitted" column), so a waiting job has one too. ``endTime`` is the end in
+        ms once the job has ended, else 0: Katana 5's stubs declare it ``int``, not
+        ``int | None``, and 0 (the epoch, falsy) is the one int no real end can be. The log
+        is this host's path, or None when this host cannot reach the shared mount."""
         log = (local_path(self.farm.root.local, record.log_path)
                if record.log_path and log_reachable else None)
         return FarmAPI.Job(record.job_id, record.spec.name, record.submitted_ms,

@@ -1,9 +1,13 @@
-"""Katana drop-in: registers celeryfarm as a render farm plug-in.
+"""Katana drop-in: registers celeryfarm as a render farm plug-in, and its farm settings.
 
 Put the folder that holds this ``Plugins/`` folder on ``KATANA_RESOURCES`` and make the
-``celeryfarm`` package importable by Katana's Python (see the README).
+``celeryfarm`` package importable by Katana's Python (see the README). Loading this file adds
+the farm's settings (pool, priority, maxStepSeconds, stallSeconds, renderType) to the
+``farmSettings`` of Render nodes, where artists set them per render.
 """
 
-from celeryfarm.plugin import CeleryFarmPlugin
+from celeryfarm.plugin import CeleryFarmPlugin, register_farm_settings
+
+register_farm_settings()
 
 PluginRegistry = [("FarmPlugin", 2.0, "Celery Farm", CeleryFarmPlugin)]

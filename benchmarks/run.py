@@ -21,6 +21,7 @@ import datetime
 import json
 import os
 import random
+import shlex
 import shutil
 import signal
 import socket
@@ -38,11 +39,12 @@ from typing import Callable
 import psutil
 from celery import chain, states
 
+from celeryfarm import nodegraphapi
 from celeryfarm.config import Settings
 from celeryfarm.farm import Farm
 from celeryfarm.farmapi import FarmPluginManager
 from celeryfarm.jobs import JobRecord, JobSpec, State
-from celeryfarm.plugin import CeleryFarmPlugin
+from celeryfarm.plugin import CeleryFarmPlugin, register_farm_settings
 from celeryfarm.testing.cluster import LocalCluster
 
 from . import bare
@@ -189,7 +191,7 @@ class Bench:
                 commands=[["renderboot", "--frames", "1-100", "--render-context", context,
                            "--scene", f"/shared/{context}/scene.katana"]],
                 environment={"KATANA_TMPDIR": f"/shared/{context}"},
-                frame_range=(1, 100),
+                frames=range(1, 101),
                 context=context,
                 user=self.settings.user,
                 host=host,
@@ -224,7 +226,8 @@ class Bench:
 
     # -- running jobs ------------------------------------------------------------------------
     def submit(self, commands: list[list[str]], name: str = "bench") -> str:
-        return self.plugin.submitJob(JobRequest(name=name, commands=commands))
+        context = self.farm.create_context()
+        return self.farm.submit_commands(commands, context=context.name, name=name).job_id
 
     def wait_farm(self, job_ids: Sequence[str], timeout: float = 300.0,
                   interval: float = 0.005) -> list[int]:
@@ -415,11 +418,14 @@ def fig1_submit(b: Bench) -> list[Row]:
     n, block, warm = b.sizes.submits, 50, 20
     argv = ["renderboot", "--frames", "1-100", "--scene", "/shared/ctx/scene.katana"]
     contexts = [f"submit-{index:05d}" for index in range(n + warm)]
-    for context in contexts:  # Katana calls createTempDirectory before submitJob
-        b.plugin.createTempDirectory(context)
-    requests = [JobRequest(name=f"submit {index}", renderContextName=context,
-                           commands=[argv], settings={"pool": IDLE_QUEUE})
-                for index, context in enumerate(contexts)]
+    register_farm_settings()  # the Render node sends its jobs to the idle pool
+    node = nodegraphapi.CreateNode("Render")
+    node.getParameter("farmSettings.pool").setValue(IDLE_QUEUE, 0)
+    # Katana calls createTemporaryDirectory before submitJob
+    temp_dirs = [b.plugin.createTemporaryDirectory(context) for context in contexts]
+    requests = [JobRequest(node.getName(), context, list(range(1, 101)), [shlex.join(argv)],
+                           b.plugin.getEnvironmentForJob(context), temp_dir)
+                for context, temp_dir in zip(contexts, temp_dirs)]
     farm_times: list[float] = []
     bare_times: list[float] = []
     job_ids: list[str] = []

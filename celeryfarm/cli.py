@@ -1,8 +1,8 @@
 """The ``celeryfarm`` command: run a farm on this machine, and drive and watch any farm.
 
-Every command goes through the same code as Katana: submissions through
-:class:`~celeryfarm.plugin.CeleryFarmPlugin`, everything else through
-:class:`~celeryfarm.farm.Farm`. Without ``CELERYFARM_BROKER_URL`` the commands use the farm
+Every command goes through the farm core, :class:`~celeryfarm.farm.Farm`, as the Katana
+plug-in does: a submission is a render context (folder, copied files, environment) and argv
+lists. Without ``CELERYFARM_BROKER_URL`` the commands use the farm
 that ``celeryfarm up`` runs from the data folder. Errors are one line on stderr and a
 non-zero exit status; heavy modules are imported only by the commands that need them, so
 ``--help`` and configuration errors are quick.
@@ -27,12 +27,19 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from .config import PREFIX, ConfigError, Settings, redact
-from .jobs import RENDER_TYPES, FarmError, JobNotFound, JobRecord, State, parse_command
+from .jobs import (
+    RENDER_TYPES,
+    FarmError,
+    JobNotFound,
+    JobRecord,
+    State,
+    describe_frames,
+    parse_command,
+)
 
 if TYPE_CHECKING:
     from .farm import Farm
     from .localfarm import FarmState, LocalFarm
-    from .plugin import CeleryFarmPlugin
 
 #: Exit status of ``submit --wait`` and ``demo`` when a job did not end as it should.
 EXIT_JOB_FAILED = 1
@@ -52,12 +59,11 @@ class FarmGroup(click.Group):
         import redis
         from kombu.exceptions import OperationalError
 
-        from .farmapi import FarmPluginException
         from .redisserver import RedisServerError
 
         try:
             return super().invoke(ctx)
-        except (FarmError, FarmPluginException, ConfigError, RedisServerError) as error:
+        except (FarmError, ConfigError, RedisServerError) as error:
             raise click.ClickException(_one_line(error)) from None
         except (redis.RedisError, OperationalError) as error:
             raise click.ClickException(f"cannot reach the farm: {_one_line(error)}") from None
@@ -68,8 +74,8 @@ def _one_line(error: BaseException) -> str:
 
 
 class Session:
-    """What the commands share: the environment, the settings, the farm and the plug-in,
-    each made when first needed."""
+    """What the commands share: the environment, the settings and the farm, each made when
+    first needed."""
 
     def __init__(self, data_dir: str | None) -> None:
         self.environ = dict(os.environ)
@@ -104,16 +110,10 @@ class Session:
             check_redis(settings.records_url)
         return Farm(settings)
 
-    @cached_property
-    def plugin(self) -> CeleryFarmPlugin:
-        from .plugin import CeleryFarmPlugin
-
-        return CeleryFarmPlugin(self.farm)
-
     def point_at(self, env: dict[str, str]) -> None:
         """Use the farm these variables name from now on (the farm the demo started)."""
         self.environ.update(env)
-        for name in ("client_environ", "settings", "farm", "plugin"):
+        for name in ("client_environ", "settings", "farm"):
             self.__dict__.pop(name, None)
 
     def resolve(self, text: str) -> str:
@@ -293,7 +293,7 @@ def worker(session: Session, queues: str, concurrency: int, name: str) -> None:
               help="Seconds to wait for the jobs before giving up.")
 @pass_session
 def demo(session: Session, workers: int, timeout: int) -> None:
-    """Submit a few real jobs through the Katana plug-in and watch them run.
+    """Submit a few real render jobs and watch them run.
 
     Uses the farm `celeryfarm up` runs (or CELERYFARM_BROKER_URL's); without one, starts a
     farm on this machine for the demo and stops it afterwards. Exits 0 when every job ended
@@ -316,14 +316,23 @@ def _parse_env(_ctx: Any, _param: Any, items: Sequence[str]) -> dict[str, str]:
     return env
 
 
-def _parse_frames(_ctx: Any, _param: Any, text: str | None) -> tuple[int, int] | None:
-    if not text:
-        return None
-    match = re.fullmatch(r"(-?\d+)(?:-(-?\d+))?", text.strip())
-    if not match:
-        raise click.BadParameter(f"expected FIRST-LAST, got {text!r}")
-    first = int(match.group(1))
-    return first, int(match.group(2) or first)
+#: Most frames one ``--frames`` may name.
+MAX_FRAMES = 1_000_000
+
+
+def _parse_frames(_ctx: Any, _param: Any, text: str | None) -> list[int]:
+    """``1-100`` or ``1-10,20``: every frame number, as Katana's request lists them."""
+    frames: list[int] = []
+    for part in filter(None, (text or "").replace(" ", "").split(",")):
+        match = re.fullmatch(r"(-?\d+)(?:-(-?\d+))?", part)
+        if not match:
+            raise click.BadParameter(f"expected FIRST-LAST[,FRAME...], got {text!r}")
+        first = int(match.group(1))
+        last = int(match.group(2) or first)
+        if last < first or len(frames) + last - first >= MAX_FRAMES:
+            raise click.BadParameter(f"{part!r}: ranges go up, at most {MAX_FRAMES} frames")
+        frames.extend(range(first, last + 1))
+    return frames
 
 
 @cli.command(context_settings={"allow_interspersed_args": False})
@@ -333,7 +342,8 @@ def _parse_frames(_ctx: Any, _param: Any, text: str | None) -> tuple[int, int] |
 @click.option("--name", help="Job name (default: the first command's program).")
 @click.option("--pool", help="Pool (queue) to run in (default: $CELERYFARM_DEFAULT_QUEUE).")
 @click.option("--priority", type=click.IntRange(0, 100), help="0..100, higher first; 50.")
-@click.option("--frames", callback=_parse_frames, metavar="FIRST-LAST", help="Frame range.")
+@click.option("--frames", callback=_parse_frames, metavar="FRAMES",
+              help="Frames the job renders: 1-100, or 1-10,20.")
 @click.option("--render-type", type=click.Choice(RENDER_TYPES), default="Disk",
               show_default=True)
 @click.option("--env", "environment", multiple=True, callback=_parse_env,
@@ -344,40 +354,27 @@ def _parse_frames(_ctx: Any, _param: Any, text: str | None) -> tuple[int, int] |
 @pass_session
 def submit(session: Session, command: tuple[str, ...], commands: tuple[str, ...],
            name: str | None, pool: str | None, priority: int | None,
-           frames: tuple[int, int] | None, render_type: str, environment: dict[str, str],
+           frames: list[int], render_type: str, environment: dict[str, str],
            files: tuple[str, ...], wait: bool) -> None:
     """Submit a job: `celeryfarm submit [OPTIONS] -- CMD ARGS...` or `--cmd` steps.
 
-    The job goes through the Katana plug-in as a Katana render would: a render context
-    folder on the shared mount (the job's working directory, in $KATANA_TMPDIR), copied
-    files, then submitJob. Prints the job id.
+    Like a Katana render, the job gets a render context: a folder on the shared mount (its
+    working directory, in $KATANA_TMPDIR) with the copied files. Prints the job id.
     """
-    import uuid
-
-    from .farmapi import FarmPluginManager
-
-    steps: list[str | list[str]] = list(commands)
+    steps = [parse_command(text) for text in commands]
     if command:
         steps.append(list(command))
     if not steps:
         raise click.UsageError("nothing to run: give `-- CMD ARGS...` or --cmd")
-    plugin = session.plugin
-    context = str(uuid.uuid4())
-    plugin.createTempDirectory(context)
-    copied = plugin.copyRenderFiles(list(files), context) if files else {}
+    farm = session.farm
+    context = farm.create_context(files)
     settings = {k: v for k, v in (("pool", pool), ("priority", priority)) if v is not None}
-    request = FarmPluginManager.JobRequest(
-        name=name or Path(parse_command(steps[0])[0]).name,
-        renderContextName=context,
-        commands=steps,
-        environment={**plugin.getEnvironmentForJob(context), **environment},
-        frameRange=frames,
-        renderType=render_type,
-        settings=settings,
-    )
-    job_id = plugin.submitJob(request)
+    job_id = farm.submit_commands(
+        steps, context=context.name, name=name or Path(steps[0][0]).name,
+        environment=environment, frames=frames, render_type=render_type, settings=settings,
+    ).job_id
     click.echo(job_id)
-    for local, remote in copied.items():
+    for local, remote in context.copies.items():
         click.echo(f"copied {local} -> {remote}", err=True)
     if wait:
         record = _wait_for(session.farm, job_id)
@@ -412,6 +409,7 @@ def _as_json(session: Session, record: JobRecord) -> dict[str, Any]:
         "id": record.job_id, "name": spec.name, "state": record.state,
         "user": spec.user, "host": spec.host, "session": spec.session,
         "render_type": spec.render_type, "pool": spec.queue, "priority": spec.priority,
+        "frames": describe_frames(spec.frames),
         "attempt": record.attempt,
         "steps": len(spec.commands) or None,  # None in listings, which skip the commands
         "step": None if record.step is None else record.step + 1, "node": record.node,
@@ -447,11 +445,13 @@ def jobs(session: Session, states: tuple[str, ...], user: str | None, mine: bool
             click.echo(json.dumps(_as_json(session, record)))
         return
     rows = [
-        [r.job_id[:8], r.spec.name, r.state, _time(r.submitted_ms, True),
-         _time(r.end_ms, True), r.node or "-", _log_path(session, r) or "-"]
+        [r.job_id[:8], r.spec.name, r.state, describe_frames(r.spec.frames),
+         _time(r.submitted_ms, True), _time(r.end_ms, True), r.node or "-",
+         _log_path(session, r) or "-"]
         for r in records
     ]
-    _table(["ID", "NAME", "STATE", "SUBMITTED", "FINISHED", "NODE", "LOG"], rows, state_col=2)
+    _table(["ID", "NAME", "STATE", "FRAMES", "SUBMITTED", "FINISHED", "NODE", "LOG"], rows,
+           state_col=2)
 
 
 def _table(header: list[str], rows: list[list[str]], state_col: int) -> None:
@@ -480,6 +480,7 @@ def status(session: Session, job_id: str, as_json: bool) -> None:
     step = f"{info['step'] or '-'}/{info['steps']}"
     lines = [
         ("id", record.job_id), ("name", record.spec.name), ("state", _state(record.state)),
+        ("frames", describe_frames(record.spec.frames)),
         ("step", step), ("node", record.node or "-"),
         ("attempt", str(record.attempt)),
         ("submitted", f"{_time(record.submitted_ms)} by {record.spec.user}@{record.spec.host}"),
@@ -503,7 +504,7 @@ def log(session: Session, job_id: str, follow: bool) -> None:
     from .renderlog import follow as follow_log
 
     full_id = session.resolve(job_id)
-    path = session.plugin.getRenderLogFilename(full_id)
+    path = session.farm.log_file(full_id)
     if path is None:
         raise FarmError(f"the shared root {session.settings.shared_root} is not reachable "
                         f"from this host (set {PREFIX}SHARED_ROOT)")
@@ -532,9 +533,7 @@ def _quiet_interrupt() -> Iterator[None]:
 @pass_session
 def stop(session: Session, job_id: str) -> None:
     """Stop a waiting or running job (its render processes are killed)."""
-    full_id = session.resolve(job_id)
-    session.plugin.stopJob(full_id)
-    _report(session.farm.get(full_id))
+    _report(session.farm.stop(session.resolve(job_id)))
 
 
 @cli.command()
@@ -542,9 +541,7 @@ def stop(session: Session, job_id: str) -> None:
 @pass_session
 def start(session: Session, job_id: str) -> None:
     """Start a finished, failed or stopped job again (a new attempt, same id)."""
-    full_id = session.resolve(job_id)
-    session.plugin.startJob(full_id)
-    _report(session.farm.get(full_id))
+    _report(session.farm.start(session.resolve(job_id)))
 
 
 def _report(record: JobRecord) -> None:

@@ -1,8 +1,8 @@
-"""``celeryfarm demo``: real jobs, submitted through the Katana plug-in, watched to the end.
+"""``celeryfarm demo``: real jobs, submitted through the farm core, watched to the end.
 
-The demo does what Katana does for a remote render (render context, temp folder on the
-shared mount, copied scene file, installation metadata, job environment, ``submitJob``),
-with the stand-in renderboot as the renderer: a disk render writing frames, a preview
+The demo submits as Katana's plug-in does (a render context: its folder on the shared mount,
+the copied scene file, the job environment; then the commands), with the stand-in
+renderboot as the renderer: a disk render writing frames, a preview
 render, and a render that fails on purpose. It shows a progress bar per job, read from the
 job records and from the progress lines in the render logs, then each job's final state,
 log and frames. It uses the farm that runs already, or starts one and stops it afterwards.
@@ -15,17 +15,15 @@ import re
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .config import PREFIX, redact
-from .farmapi import FarmPluginManager
 from .jobs import FarmError, State
 
 if TYPE_CHECKING:
     from .cli import Session
-    from .plugin import CeleryFarmPlugin
+    from .farm import Farm
 
 RENDERBOOT = [sys.executable, "-m", "celeryfarm.testing.renderboot"]
 _STEP = re.compile(rb"==== celeryfarm \| step (\d+)/(\d+) \|")
@@ -40,7 +38,7 @@ class DemoJob:
     render_type: str
     steps: list[list[str]]  # renderboot arguments of each step; {out} is the frames folder
     expected: str
-    frames: tuple[int, int] | None = None
+    frames: range = range(0)
     writes_frames: bool = True
     job_id: str = ""
     local_dir: Path = Path()
@@ -76,18 +74,18 @@ def demo_jobs() -> list[DemoJob]:
     """A disk render in three chunks of frames, a preview, and one that fails in step 2."""
     return [
         DemoJob(
-            "shot010 beauty (disk render)", "Disk", frames=(1, 12), expected=State.COMPLETED,
+            "shot010 beauty (disk render)", "Disk", frames=range(1, 13), expected=State.COMPLETED,
             steps=[["--frames", f"{a}-{a + 3}", "--seconds", "3", "--output", "{out}"]
                    for a in (1, 5, 9)],
         ),
         DemoJob(
-            "shot010 preview (preview render)", "Preview", frames=(1, 1),
+            "shot010 preview (preview render)", "Preview", frames=range(1, 2),
             expected=State.COMPLETED, writes_frames=False,
             steps=[["--frames", "1-1", "--seconds", "1"],
                    ["--frames", "1-1", "--seconds", "3", "--children", "1"]],
         ),
         DemoJob(
-            "shot020 lighting (fails on purpose)", "Disk", frames=(1, 8),
+            "shot020 lighting (fails on purpose)", "Disk", frames=range(1, 13),
             expected=State.FAILED,
             steps=[["--frames", "1-4", "--seconds", "2", "--output", "{out}"],
                    ["--frames", "5-8", "--seconds", "2", "--output", "{out}",
@@ -97,25 +95,21 @@ def demo_jobs() -> list[DemoJob]:
     ]
 
 
-def submit(plugin: CeleryFarmPlugin, job: DemoJob, scene: Path) -> None:
-    """Submit ``job`` in the order Katana calls the plug-in."""
-    context = str(uuid.uuid4())
-    job.local_dir = Path(plugin.createTempDirectory(context))
-    remote_scene = plugin.copyRenderFiles([str(scene)], context)[str(scene)]
-    plugin.getRemoteInstallationMetadata()  # Katana rewrites its commands with this
-    environment = plugin.getEnvironmentForJob(context)
-    out = f"{environment['KATANA_TMPDIR']}/frames"
+def submit(farm: Farm, job: DemoJob, scene: Path) -> None:
+    """Submit ``job`` in a render context of its own, with a copy of ``scene``."""
+    context = farm.create_context([str(scene)])
+    job.local_dir = context.folder
+    out = f"{context.node_folder}/frames"
     commands = [
-        [*RENDERBOOT, *(arg.replace("{out}", out) for arg in args), "--scene", remote_scene,
-         "--tag", "celeryfarm-demo"]
+        [*RENDERBOOT, *(arg.replace("{out}", out) for arg in args),
+         "--scene", context.copies[str(scene)], "--tag", "celeryfarm-demo"]
         for args in job.steps
     ]
-    request = FarmPluginManager.JobRequest(
-        name=job.name, renderContextName=context, commands=commands,
-        environment=environment, frameRange=job.frames, renderType=job.render_type,
-    )
-    job.job_id = plugin.submitJob(request)
-    job.log_path = Path(plugin.getRenderLogFilename(job.job_id) or "")
+    job.job_id = farm.submit_commands(
+        commands, context=context.name, name=job.name, frames=job.frames,
+        render_type=job.render_type,
+    ).job_id
+    job.log_path = farm.log_file(job.job_id) or Path()
 
 
 def run(session: Session, workers: int = 2, timeout: float = 300.0) -> bool:
@@ -156,7 +150,7 @@ def _show(session: Session, console: Any, timeout: float) -> bool:
         scene = Path(local) / "scene.optree"
         scene.write_text("<!-- a stand-in for Katana's serialised Op Tree -->\n")
         for job in jobs:
-            submit(session.plugin, job, scene)
+            submit(session.farm, job, scene)
             console.print(f"submitted [bold]{job.job_id[:8]}[/] {job.name} "
                           f"({len(job.steps)} steps)")
     columns = [TextColumn("{task.fields[id]}"), TextColumn("{task.description}"),

@@ -1,12 +1,16 @@
 """The farm core, as a client sees it: submit, watch, list, stop and restart jobs.
 
-The Katana plug-in and the command line are thin layers over :class:`Farm`. It never waits
-on workers: ``submit`` stores a record and enqueues one Celery chain, and everything else reads
-the records (in pipelined batches) and, for jobs still active, Celery's task states.
+The Katana plug-in, the command line and the demo are thin layers over :class:`Farm`, and
+submit the same way: a render context (its folder on the shared mount, copied files, the
+job environment), then argv lists with ``submit_commands``. It never waits on workers:
+``submit`` stores a record and enqueues one Celery chain, and everything else reads the
+records (in pipelined batches) and, for jobs still active, Celery's task states.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import socket
 import time
 import uuid
@@ -20,7 +24,7 @@ from kombu.exceptions import OperationalError
 from . import dispatch
 from .celery import create_app
 from .config import Settings
-from .jobs import FarmError, JobRecord, JobSpec, State
+from .jobs import Command, FarmError, JobRecord, JobSpec, State, describe_frames
 from .paths import SharedRoot
 from .renderlog import append
 from .store import JobStore, connect
@@ -31,6 +35,17 @@ FILTER_KEYS = ("user", "session", "host", "state", "name", "renderType")
 
 def now_ms() -> int:
     return int(time.time() * 1000)
+
+
+@dataclasses.dataclass(frozen=True)
+class RenderContext:
+    """A render's folder on the shared mount, made by :meth:`Farm.create_context`."""
+
+    name: str
+    folder: Path  # as this host sees it
+    node_folder: str  # as the render nodes see it: the render's working folder
+    copies: Mapping[str, str]  # local file -> its copy, as the nodes see it
+    environment: Mapping[str, str]  # what every render of the context gets
 
 
 class Farm:
@@ -46,7 +61,10 @@ class Farm:
         self.app = app or create_app(self.settings)
         self.store = store or JobStore(connect(self.settings.records_url), self.settings.key_prefix)
         self.root = SharedRoot(self.settings.shared_root, self.settings.node_shared_root)
-        self.who = f"{self.settings.user}@{socket.gethostname()}"
+        self.host = socket.gethostname()
+        self.who = f"{self.settings.user}@{self.host}"
+        #: Identifies this client's jobs (``getJobs({'session': ...})``).
+        self.session = self.settings.session or f"{self.host}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
     # -- before submission -------------------------------------------------------------------
     def prepare_context(self, context: str) -> Path:
@@ -57,7 +75,59 @@ class Farm:
         """Copy local files into the context folder; return {local path: node path}."""
         return self.root.copy_files(filenames, context)
 
+    def job_environment(self, context: str) -> dict[str, str]:
+        """What every render of ``context`` gets: its name, and its folder as the nodes see
+        it (``KATANA_TMPDIR``), which is also the render's working folder."""
+        return {
+            "CELERYFARM_RENDER_CONTEXT": context,
+            "KATANA_TMPDIR": self.root.to_remote(self.root.context_dir(context)),
+        }
+
+    def create_context(self, files: Iterable[str] = (), name: str = "") -> RenderContext:
+        """A render context with its folder and ``files`` copied into it: what Katana asks
+        of the plug-in before a submission, in one call. Named by a new UUID, as Katana
+        names them, unless ``name`` is given."""
+        name = name or str(uuid.uuid4())
+        folder = self.prepare_context(name)
+        copies = self.copy_files(files, name)
+        environment = self.job_environment(name)
+        return RenderContext(name, folder, environment["KATANA_TMPDIR"], copies, environment)
+
     # -- submission and control --------------------------------------------------------------
+    def submit_commands(
+        self,
+        commands: Sequence[Command],
+        *,
+        context: str,
+        name: str = "",
+        environment: Mapping[str, str] | None = None,
+        frames: Iterable[int] = (),
+        render_type: str | None = None,
+        settings: Mapping[str, Any] | None = None,
+    ) -> JobRecord:
+        """Submit ``commands`` (argv lists, or command-line strings that are split with
+        shlex and never given to a shell; run in order) as a job of render ``context``,
+        recorded as this user's, host's and session's. ``environment`` adds to (and may
+        override) the context's; ``settings`` are the farm settings (pool, priority,
+        maxStepSeconds, stallSeconds). Raises :class:`FarmError` for bad input."""
+        if environment is not None and not isinstance(environment, Mapping):
+            raise FarmError(f"environment must be a mapping of names to values, "
+                            f"got {environment!r}")
+        spec = JobSpec.build(
+            name=name,
+            commands=commands,
+            environment={**self.job_environment(context), **(environment or {})},
+            render_type=render_type,
+            frames=frames,
+            settings=settings,
+            default_queue=self.settings.default_queue,
+            context=context,
+            user=self.settings.user,
+            host=self.host,
+            session=self.session,
+        )
+        return self.submit(spec)
+
     def submit(self, spec: JobSpec) -> JobRecord:
         """Record and enqueue a job; returns at once with the record."""
         job_id = uuid.uuid4().hex
@@ -72,7 +142,8 @@ class Farm:
         self._note(
             record,
             f"job {job_id} '{spec.name}' submitted by {self.who}: "
-            f"{len(spec.commands)} step(s), {spec.render_type} render, pool {spec.queue}",
+            f"{len(spec.commands)} step(s), {spec.render_type} render, pool {spec.queue}, "
+            f"frames {describe_frames(spec.frames)}",
         )
         self.store.create(record, dispatching=True)
         self._send(record)
@@ -226,6 +297,8 @@ def _merge_filters(filters: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     match nothing."""
     merged: dict[str, Any] = {}
     for one in filters:
+        if not isinstance(one, Mapping):
+            raise FarmError(f"a job filter must be a dict, got {one!r}")
         for key, value in one.items():
             if key not in FILTER_KEYS:
                 raise FarmError(f"unknown job filter {key!r}; known: {', '.join(FILTER_KEYS)}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import shlex
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Union
 
 
@@ -44,6 +44,8 @@ _QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 MIN_PRIORITY, MAX_PRIORITY, DEFAULT_PRIORITY = 0, 100, 50
 
 Command = Union[str, Sequence[str]]
+#: Frames as sorted, disjoint, inclusive ranges: ``((1, 10), (20, 20))`` is frames 1-10 and 20.
+FrameRanges = tuple[tuple[int, int], ...]
 
 
 def parse_command(command: Command) -> list[str]:
@@ -80,7 +82,7 @@ class JobSpec:
     commands: tuple[tuple[str, ...], ...]
     environment: Mapping[str, str]
     render_type: str = "Disk"
-    frame_range: tuple[int, int] | None = None
+    frames: FrameRanges = ()  # the frames the job renders (Katana's request lists each one)
     context: str = ""
     queue: str = "renders"
     priority: int = DEFAULT_PRIORITY
@@ -98,7 +100,7 @@ class JobSpec:
         commands: Sequence[Command],
         environment: Mapping[str, Any] | None = None,
         render_type: str | None = None,
-        frame_range: Sequence[int] | None = None,
+        frames: Iterable[int] = (),
         settings: Mapping[str, Any] | None = None,
         default_queue: str = "renders",
         **identity: str,
@@ -130,7 +132,7 @@ class JobSpec:
             commands=argvs,
             environment=env,
             render_type=render_type,
-            frame_range=_frame_range(frame_range),
+            frames=frame_ranges(frames),
             queue=queue,
             priority=priority,
             max_step_seconds=max_step_seconds,
@@ -154,33 +156,53 @@ def _environment(environment: Mapping[str, Any] | None) -> dict[str, str]:
     return env
 
 
-def _frame_range(frame_range: Sequence[int] | None) -> tuple[int, int] | None:
-    if frame_range is None:
-        return None
+def frame_ranges(frames: Iterable[int]) -> FrameRanges:
+    """Katana's list of frame numbers as sorted ranges (duplicates dropped)."""
+    if isinstance(frames, (str, bytes)) or not isinstance(frames, Iterable):
+        raise FarmError(f"frames must be a list of frame numbers, got {frames!r}")
+    numbers = sorted({_whole(frame, "a frame number") for frame in frames})
+    ranges: list[tuple[int, int]] = []
+    for frame in numbers:
+        if ranges and frame == ranges[-1][1] + 1:
+            ranges[-1] = (ranges[-1][0], frame)
+        else:
+            ranges.append((frame, frame))
+    return tuple(ranges)
+
+
+def describe_frames(ranges: FrameRanges) -> str:
+    """``1-10,20, 11 frames``; ``-`` for a job without frames."""
+    if not ranges:
+        return "-"
+    text = ",".join(str(a) if a == b else f"{a}-{b}" for a, b in ranges)
+    count = sum(b - a + 1 for a, b in ranges)
+    return f"{text}, {count} frame{'s' if count != 1 else ''}"
+
+
+def _whole(value: Any, what: str) -> int:
+    """An integer from an int, a whole float (Katana's number parameters hold floats) or a
+    numeric string; anything else is a :class:`FarmError` naming ``what``."""
+    if isinstance(value, bool):
+        raise FarmError(f"{what} must be a whole number, got {value!r}")
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise FarmError(f"{what} must be a whole number, got {value!r}")
+        return int(value)
     try:
-        first, last = (int(frame) for frame in frame_range)
+        return int(value)
     except (TypeError, ValueError):
-        raise FarmError(f"frame range must be (first, last), got {frame_range!r}") from None
-    if last < first:
-        raise FarmError(f"frame range ends before it starts: {first}-{last}")
-    return first, last
+        raise FarmError(f"{what} must be a whole number, got {value!r}") from None
 
 
 def _seconds(value: Any, name: str) -> int:
-    try:
-        seconds = int(value or 0)
-    except (TypeError, ValueError):
-        raise FarmError(f"{name} must be a whole number of seconds, got {value!r}") from None
+    seconds = _whole(value or 0, f"{name} (seconds)")
     if seconds < 0:
         raise FarmError(f"{name} must not be negative, got {seconds}")
     return seconds
 
 
 def _priority(value: Any) -> int:
-    try:
-        priority = int(value)
-    except (TypeError, ValueError):
-        raise FarmError(f"priority must be a whole number, got {value!r}") from None
+    priority = _whole(value, "priority")
     if not MIN_PRIORITY <= priority <= MAX_PRIORITY:
         raise FarmError(f"priority must be {MIN_PRIORITY}..{MAX_PRIORITY}, got {priority}")
     return priority

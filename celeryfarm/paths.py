@@ -9,6 +9,7 @@ that would land outside the root.
 from __future__ import annotations
 
 import os
+import posixpath
 import re
 import shutil
 import tempfile
@@ -50,6 +51,20 @@ class SharedRoot:
                 f"invalid render context name {context!r}: use letters, digits, '_', '.', '-'"
             )
         return context
+
+    def is_context_folder(self, folder: str, context: str) -> bool:
+        """Whether ``folder`` names the context's folder: as the nodes see it (the path handed
+        out for it, however spelled), or as a path on this host that resolves to it (through
+        a symlinked shared root, say)."""
+        expected = posixpath.normpath(self.to_remote(self.context_dir(context)))
+        if not isinstance(folder, str) or not posixpath.isabs(folder):
+            return False
+        if posixpath.normpath(folder) == expected:
+            return True
+        try:
+            return Path(folder).resolve(strict=True) == self.join(context)
+        except OSError:
+            return False
 
     def log_path(self, context: str) -> str:
         """The relative path of a render context's render log."""

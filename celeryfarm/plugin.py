@@ -1,19 +1,18 @@
 """The Katana farm plug-in: a thin adapter from Katana's FarmAPI to the farm core.
 
-Inside Katana the base class and types come from ``Katana.FarmAPI``; elsewhere from the
-stand-in :mod:`celeryfarm.farmapi`, so the same class runs in both. Each method converts
-Katana's arguments, calls :class:`celeryfarm.farm.Farm`, and turns the core's errors into
-``FarmPluginException`` / ``JobNotFoundException``.
+Inside Katana the base class and types come from ``Katana.FarmAPI`` and the node graph from
+``Katana.NodegraphAPI``; elsewhere from the stand-ins :mod:`celeryfarm.farmapi` and
+:mod:`celeryfarm.nodegraphapi`, so the same class runs in both. This is the only code that
+touches FarmAPI types: each method converts Katana's arguments, calls
+:class:`celeryfarm.farm.Farm`, and turns the core's errors into ``FarmPluginException`` /
+``JobNotFoundException``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import re
-import socket
-import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,38 +21,46 @@ from kombu.exceptions import OperationalError
 
 from .config import redact
 from .farm import Farm
-from .jobs import FarmError, JobNotFound, JobRecord, JobSpec
+from .jobs import DEFAULT_PRIORITY, RENDER_TYPES, FarmError, JobNotFound, JobRecord
 
 try:  # inside Katana
-    from Katana import FarmAPI  # type: ignore[import-not-found]
+    from Katana import FarmAPI, NodegraphAPI  # type: ignore[import-not-found]
 except ImportError:  # tests, the command line, the demo
     from . import farmapi as FarmAPI
+    from . import nodegraphapi as NodegraphAPI
 
-#: Attribute names tried, in order, for each field of Katana's JobRequest (whose attribute
-#: list is not public): plain attributes, getter methods and mapping keys all work.
-REQUEST_FIELDS = {
-    "name": ("name", "getName", "nodeName", "renderNodeName"),
-    "context": ("renderContextName", "getRenderContextName"),
-    "commands": ("commands", "getCommands", "renderCommands"),
-    "environment": ("environment", "getEnvironment", "environmentVariables"),
-    "frame_range": ("frameRange", "getFrameRange"),
-    "render_type": ("renderType", "getRenderType", "renderMethod"),
-    "settings": ("settings", "getSettings", "farmSettings"),
-}
+#: The attributes of Katana 5's ``FarmPluginManager.JobRequest``, in its constructor's order.
+JOB_REQUEST_ATTRIBUTES = ("nodeName", "renderContextName", "frames", "commands", "environment",
+                          "tempDir")
+
+#: The farm settings artists set on Render nodes: (name, AddFarmSetting* function, default,
+#: hints). Katana's request carries no render type, and how renderboot's command line names
+#: the render method is not public (neither Foundry's guides nor public plug-ins spell out
+#: renderboot's arguments), so the render type is a setting too, Disk unless set.
+FARM_SETTINGS = (
+    ("pool", "AddFarmSettingString", "",
+     {"label": "Pool", "help": "The farm pool (queue) to render on; empty: the farm's default"}),
+    ("priority", "AddFarmSettingNumber", DEFAULT_PRIORITY,
+     {"label": "Priority", "int": True, "min": 0, "max": 100,
+      "help": "0..100, higher renders first"}),
+    ("maxStepSeconds", "AddFarmSettingNumber", 0,
+     {"label": "Max Step Seconds", "int": True, "min": 0,
+      "help": "Kill and fail a step that runs longer; 0: the farm's limit only"}),
+    ("stallSeconds", "AddFarmSettingNumber", 0,
+     {"label": "Stall Seconds", "int": True, "min": 0,
+      "help": "Kill and fail a step that prints nothing for this long; 0: never"}),
+    ("renderType", "AddFarmSettingString", "Disk",
+     {"label": "Render Type", "widget": "popup", "options": list(RENDER_TYPES),
+      "help": "What the farm records and shows: Disk, Preview or Live"}),
+)
 
 
-def read_request(request: Any, field: str) -> Any:
-    """Read one field of a job request, whatever shape the request has."""
-    for name in REQUEST_FIELDS[field]:
-        if isinstance(request, Mapping):
-            value = request.get(name)
-        else:
-            value = getattr(request, name, None)
-            if callable(value):
-                value = value()
-        if value is not None:
-            return value
-    return None
+def register_farm_settings() -> None:
+    """Add the farm's settings to Katana's farm nodes (once, however often called)."""
+    added = {setting.getName() for setting in FarmAPI.GetAddedFarmSettings()}
+    for name, add, default, hints in FARM_SETTINGS:
+        if name not in added:
+            getattr(FarmAPI, add)(name, default, hints)
 
 
 _PLAIN_RELATIVE = re.compile(r"[^/]+(/[^/]+)*")
@@ -70,22 +77,27 @@ def local_path(root: Path, relative: str) -> str:
 
 
 class CeleryFarmPlugin(FarmAPI.BaseFarmPlugin):
-    """Sends Katana renders to a celeryfarm; configured by ``CELERYFARM_*`` variables."""
+    """Sends Katana renders to a celeryfarm; configured by ``CELERYFARM_*`` variables and,
+    per render, by the farm settings on the Render node (``FARM_SETTINGS``)."""
 
     def __init__(self, farm: Farm | None = None) -> None:
         super().__init__()
         self.farm = farm or Farm()
-        settings = self.farm.settings
-        self.host = socket.gethostname()
         #: Identifies this Katana session's jobs (``getJobs({'session': ...})``).
-        self.session = settings.session or f"{self.host}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.session = self.farm.session
 
     # -- job submission, in the order Katana calls it ----------------------------------------
-    def createTempDirectory(self, renderContextName: str) -> str:
+    def createTemporaryDirectory(self, renderContextName: str) -> str:
+        """The render context's folder as the render nodes see it (Katana hands it back as
+        the request's ``tempDir`` and rewrites the commands with it)."""
         with self._errors():
-            return str(self.farm.prepare_context(renderContextName))
+            self.farm.prepare_context(renderContextName)
+            return self.farm.job_environment(renderContextName)["KATANA_TMPDIR"]
 
-    def copyRenderFiles(self, filenames: Sequence[str], renderContextName: str) -> dict:
+    # The Katana 4 docs' prose calls it createTempDirectory; Katana calls the method above.
+    createTempDirectory = createTemporaryDirectory
+
+    def copyRenderFiles(self, filenames: list[str], renderContextName: str) -> dict:
         with self._errors():
             return self.farm.copy_files(filenames, renderContextName)
 
@@ -99,28 +111,38 @@ class CeleryFarmPlugin(FarmAPI.BaseFarmPlugin):
 
     def getEnvironmentForJob(self, renderContextName: str) -> dict:
         with self._errors():
-            folder = self.farm.root.context_dir(renderContextName)
-        return {
-            "CELERYFARM_RENDER_CONTEXT": renderContextName,
-            "KATANA_TMPDIR": self.farm.root.to_remote(folder),
-        }
+            return self.farm.job_environment(renderContextName)
 
     def submitJob(self, jobRequest: Any) -> str:
+        """Katana's request as it is: the Render node's name is the job's name, the commands
+        are command-line strings (split with shlex, never given to a shell), ``tempDir`` must
+        be the folder ``createTemporaryDirectory`` made (the render's working folder), and
+        the farm settings come from the node."""
         with self._errors():
-            spec = JobSpec.build(
-                name=read_request(jobRequest, "name"),
-                commands=read_request(jobRequest, "commands") or (),
-                environment=read_request(jobRequest, "environment"),
-                render_type=read_request(jobRequest, "render_type"),
-                frame_range=read_request(jobRequest, "frame_range"),
-                settings=read_request(jobRequest, "settings"),
-                default_queue=self.farm.settings.default_queue,
-                context=read_request(jobRequest, "context") or "",
-                user=self.farm.settings.user,
-                host=self.host,
-                session=self.session,
-            )
-            return self.farm.submit(spec).job_id
+            missing = [name for name in JOB_REQUEST_ATTRIBUTES if not hasattr(jobRequest, name)]
+            if missing:
+                raise FarmError(
+                    f"the job request has no {', '.join(missing)}: expected Katana's "
+                    f"FarmPluginManager.JobRequest({', '.join(JOB_REQUEST_ATTRIBUTES)})")
+            context, commands = jobRequest.renderContextName, jobRequest.commands
+            self._check_temp_dir(jobRequest.tempDir, context)
+            if isinstance(commands, (str, bytes)) or not isinstance(commands, (list, tuple)):
+                raise FarmError(f"commands must be a list of command-line strings, "
+                                f"got {commands!r}")
+            for command in commands:
+                if not isinstance(command, str):
+                    raise FarmError(f"each command must be a command-line string, "
+                                    f"got {command!r}")
+            settings = self._farm_settings(jobRequest.nodeName)
+            return self.farm.submit_commands(
+                commands,
+                context=context,
+                name=jobRequest.nodeName,
+                environment=jobRequest.environment,
+                frames=jobRequest.frames,
+                render_type=settings.pop("renderType"),
+                settings=settings,
+            ).job_id
 
     # -- information retrieval ---------------------------------------------------------------
     def getJobState(self, jobId: str) -> str:
@@ -132,15 +154,21 @@ class CeleryFarmPlugin(FarmAPI.BaseFarmPlugin):
             path = self.farm.log_file(jobId)
         return None if path is None else str(path)
 
-    def getJobs(self, filters: Any = None) -> list:
-        """Jobs matching ``filters``: None (this user's jobs), a dict, or a list of dicts that
-        are ANDed. Keys: user, session, host, state, name (substring), renderType."""
-        if filters is None:
+    def getJobs(self, filters: list) -> list:
+        """Jobs matching ``filters``: None or ``[]`` (this user's jobs), a dict, or a list of
+        dicts that are ANDed. Keys: user, session, host, state, name (substring),
+        renderType."""
+        if not filters:
             filters = [{"user": self.farm.settings.user}]
         elif isinstance(filters, Mapping):
             filters = [filters]
+        elif not isinstance(filters, (list, tuple)):
+            raise FarmAPI.FarmPluginException(
+                f"getJobs filters must be a list of dicts, got {filters!r}")
         with self._errors():
-            return [self._job(record) for record in self.farm.jobs(list(filters))]
+            records = self.farm.jobs(list(filters))
+            reachable = self.farm.root.local.is_dir()
+            return [self._job(record, reachable) for record in records]
 
     # -- job control -------------------------------------------------------------------------
     def startJob(self, jobId: str) -> None:
@@ -152,15 +180,35 @@ class CeleryFarmPlugin(FarmAPI.BaseFarmPlugin):
             self.farm.stop(jobId)
 
     # -- helpers -----------------------------------------------------------------------------
-    def _job(self, record: JobRecord) -> FarmAPI.Job:
-        return FarmAPI.Job(
-            record.job_id,
-            record.spec.name,
-            record.start_ms,
-            record.end_ms,
-            record.state,
-            local_path(self.farm.root.local, record.log_path) if record.log_path else None,
-        )
+    def _check_temp_dir(self, temp_dir: Any, context: Any) -> None:
+        folder = self.farm.root.join(self.farm.root.context_dir(context))
+        if not folder.is_dir():
+            raise FarmError(f"render context {context!r} has no folder: Katana calls "
+                            f"createTemporaryDirectory before submitJob")
+        if not self.farm.root.is_context_folder(temp_dir, context):
+            expected = self.farm.job_environment(context)["KATANA_TMPDIR"]
+            raise FarmError(f"tempDir {temp_dir!r} is not the folder createTemporaryDirectory "
+                            f"made for render context {context!r} ({expected})")
+
+    def _farm_settings(self, node_name: Any) -> dict[str, Any]:
+        """This farm's settings on the Render node ``node_name`` (defaults for a node that
+        has none); other farms' settings on the same node are left alone."""
+        if not isinstance(node_name, str) or not node_name:
+            raise FarmError(f"nodeName must be the Render node's name, got {node_name!r}")
+        node = NodegraphAPI.GetNode(node_name)
+        values = FarmAPI.ExtractFarmSettingsFromNode(node) if node is not None else {}
+        return {name: values.get(name, default) for name, _add, default, _hints in FARM_SETTINGS}
+
+    def _job(self, record: JobRecord, log_reachable: bool) -> FarmAPI.Job:
+        """Katana's view of a record. ``startTime`` is the submission time in ms (Katana
+        Queue's "Submitted" column), so a waiting job has one too. ``endTime`` is the end in
+        ms once the job has ended, else 0: Katana 5's stubs declare it ``int``, not
+        ``int | None``, and 0 (the epoch, falsy) is the one int no real end can be. The log
+        is this host's path, or None when this host cannot reach the shared mount."""
+        log = (local_path(self.farm.root.local, record.log_path)
+               if record.log_path and log_reachable else None)
+        return FarmAPI.Job(record.job_id, record.spec.name, record.submitted_ms,
+                           record.end_ms or 0, record.state, log)
 
     @contextlib.contextmanager
     def _errors(self) -> Iterator[None]:

@@ -48,6 +48,7 @@ return 1
 SUMMARY_FIELDS = (
     "name", "user", "host", "session", "render_type", "state", "attempt", "task_ids",
     "submitted", "start", "end", "log", "step", "node", "reason", "queue", "priority",
+    "frames",  # listings show them
 )
 _STATE_AT = SUMMARY_FIELDS.index("state")
 
@@ -76,7 +77,7 @@ def _encode(record: JobRecord) -> dict[str, str]:
         "session": spec.session,
         "context": spec.context,
         "render_type": spec.render_type,
-        "frame_range": json.dumps(spec.frame_range) if spec.frame_range else "",
+        "frames": json.dumps(spec.frames) if spec.frames else "",  # [[first, last], ...]
         "queue": spec.queue,
         "priority": str(spec.priority),
         "max_step_seconds": str(spec.max_step_seconds),
@@ -111,14 +112,14 @@ def _int_or_none(text: str | None) -> int | None:
 def decode(job_id: str, fields: dict[str, str]) -> JobRecord:
     """Build a record from stored fields; listing reads (``SUMMARY_FIELDS``) leave the
     commands and environment empty."""
-    frame_range = fields.get("frame_range")
+    frames = fields.get("frames")
     commands, environment = fields.get("commands"), fields.get("environment")
     spec = JobSpec(
         name=fields.get("name", ""),
         commands=tuple(tuple(argv) for argv in json.loads(commands)) if commands else (),
         environment=json.loads(environment) if environment else {},
         render_type=fields.get("render_type") or "Disk",
-        frame_range=tuple(json.loads(frame_range)) if frame_range else None,
+        frames=tuple((first, last) for first, last in json.loads(frames)) if frames else (),
         context=fields.get("context", ""),
         queue=fields.get("queue", ""),
         priority=int(fields.get("priority") or 0),

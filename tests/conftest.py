@@ -51,3 +51,13 @@ def farm_env(cluster: LocalCluster, monkeypatch: pytest.MonkeyPatch) -> dict[str
 def plugin(farm_env: dict[str, str]) -> CeleryFarmPlugin:
     """The plug-in as Katana builds it: no arguments, configured by the environment."""
     return CeleryFarmPlugin()
+
+
+@pytest.fixture(scope="session")
+def katana_dropin() -> dict:
+    """``Plugins/CeleryFarmPlugin.py`` loaded as Katana loads it (which registers the farm
+    settings with the FarmAPI stand-in); its globals."""
+    import runpy
+    from pathlib import Path
+
+    return runpy.run_path(str(Path(__file__).parent.parent / "Plugins" / "CeleryFarmPlugin.py"))

@@ -1,16 +1,20 @@
-"""Helpers for driving the plug-in the way Katana does, and for watching processes."""
+"""Helpers: submitting through the farm core, driving the plug-in the way Katana does (for the
+tests about the plug-in), and watching processes."""
 
 from __future__ import annotations
 
+import shlex
 import sys
 import time
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Callable, TypeVar
 
 import psutil
 
-from celeryfarm.farmapi import FarmPluginManager, Job
+from celeryfarm.farm import Farm
+from celeryfarm.farmapi import Job
 from celeryfarm.plugin import CeleryFarmPlugin
 
 T = TypeVar("T")
@@ -42,28 +46,57 @@ def wait_for_state(plugin: CeleryFarmPlugin, job_id: str, states=FINISHED, timeo
     )
 
 
-def submit_like_katana(
-    plugin: CeleryFarmPlugin,
+def submit(
+    farm: Farm,
     commands: list,
     name: str = "Render",
     render_type: str = "Disk",
     settings: dict | None = None,
-    scene: Path | None = None,
+    frames: Iterable[int] = range(1, 4),
 ) -> tuple[str, str]:
-    """Go through the plug-in in Katana's order; return (job id, render temp folder)."""
+    """Submit argv lists through the farm core, as the command line does; return (job id,
+    the render's folder on this host)."""
+    context = farm.create_context()
+    job_id = farm.submit_commands(commands, context=context.name, name=name, frames=frames,
+                                  render_type=render_type, settings=settings).job_id
+    return job_id, str(context.folder)
+
+
+class KatanaJobRequest:
+    """A job request shaped as Katana 5's ``FarmPluginManager.JobRequest``, and nothing more:
+    the plug-in must read Katana's own objects, not our stand-in's."""
+
+    def __init__(self, nodeName, renderContextName, frames, commands, environment, tempDir):
+        self.nodeName, self.renderContextName, self.frames = nodeName, renderContextName, frames
+        self.commands, self.environment, self.tempDir = commands, environment, tempDir
+
+
+def submit_like_katana(
+    plugin: CeleryFarmPlugin,
+    commands: list[str],
+    node_name: str = "Render",
+    frames: Iterable[int] = range(1, 4),
+    scene: Path | None = None,
+    environment: dict | None = None,
+) -> tuple[str, str]:
+    """Go through the plug-in in Katana's order with command-line strings; return (job id,
+    the temp folder createTemporaryDirectory returned)."""
     context = str(uuid.uuid4())
-    folder = plugin.createTempDirectory(context)
+    temp_dir = plugin.createTemporaryDirectory(context)
     if scene is not None:
         copied = plugin.copyRenderFiles([str(scene)], context)
         assert Path(copied[str(scene)]).read_bytes() == scene.read_bytes()
     metadata = plugin.getRemoteInstallationMetadata()
     assert metadata.katanaRoot
-    environment = plugin.getEnvironmentForJob(context)
-    request = FarmPluginManager.JobRequest(
-        name=name, renderContextName=context, commands=commands, environment=environment,
-        frameRange=(1, 3), renderType=render_type, settings=settings or {},
-    )
-    return plugin.submitJob(request), folder
+    job_environment = {**plugin.getEnvironmentForJob(context), **(environment or {})}
+    request = KatanaJobRequest(node_name, context, list(frames), commands, job_environment,
+                               temp_dir)
+    return plugin.submitJob(request), temp_dir
+
+
+def command_line(argv: list) -> str:
+    """One command-line string, as Katana's requests carry commands."""
+    return shlex.join(map(str, argv))
 
 
 def read_log(plugin: CeleryFarmPlugin, job_id: str) -> bytes:

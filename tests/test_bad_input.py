@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import uuid
@@ -9,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from celeryfarm.farmapi import FarmPluginException, FarmPluginManager, Job, JobNotFoundException
+from celeryfarm.farmapi import FarmPluginException, Job, JobNotFoundException
 from celeryfarm.plugin import CeleryFarmPlugin
 from celeryfarm.testing.cluster import LocalCluster
 
-from .helpers import read_log, renderboot, submit_like_katana, wait_for_state
+from .helpers import KatanaJobRequest, read_log, renderboot, submit, wait_for_state
 
 
 @pytest.mark.parametrize("method", ["getJobState", "getRenderLogFilename", "startJob", "stopJob"])
@@ -25,45 +26,66 @@ def test_unknown_job_ids_raise_job_not_found(plugin: CeleryFarmPlugin, method: s
     assert isinstance(raised.value, FarmPluginException)
 
 
-def request(**fields) -> FarmPluginManager.JobRequest:
-    fields.setdefault("name", "Render")
-    fields.setdefault("renderContextName", str(uuid.uuid4()))
-    return FarmPluginManager.JobRequest(**fields)
+def request(plugin: CeleryFarmPlugin, **fields) -> KatanaJobRequest:
+    """A Katana-shaped request for a render context the plug-in made, with ``fields``
+    replaced."""
+    context = str(uuid.uuid4())
+    values = {"nodeName": "Render", "renderContextName": context, "frames": [1, 2, 3],
+              "commands": ["true"], "environment": plugin.getEnvironmentForJob(context),
+              "tempDir": plugin.createTemporaryDirectory(context), **fields}
+    return KatanaJobRequest(**values)
 
 
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
         ({"commands": []}, "no commands"),
-        ({"commands": [[]]}, "empty"),
         ({"commands": [""]}, "empty"),
-        ({"commands": "renderboot -x"}, "list of commands"),
-        ({"commands": [["renderboot", 3]]}, "must be strings"),
+        ({"commands": "renderboot -x"}, "list of command-line strings"),
+        ({"commands": [["renderboot", "-x"]]}, "command-line string"),
         ({"commands": ["renderboot 'unclosed"]}, "cannot parse"),
-        ({"commands": [["render\0boot"]]}, "NUL"),
-        ({"commands": [["true"]], "renderType": "Batch"}, "unknown render type"),
-        ({"commands": [["true"]], "settings": {"pool": "a b"}}, "invalid pool"),
-        ({"commands": [["true"]], "settings": {"priority": 101}}, "priority"),
-        ({"commands": [["true"]], "settings": {"priority": "high"}}, "whole number"),
-        ({"commands": [["true"]], "settings": {"licences": 2}}, "unknown farm settings"),
-        ({"commands": [["true"]], "frameRange": (10, 1)}, "ends before it starts"),
-        ({"commands": [["true"]], "environment": {"A=B": "x"}}, "environment variable name"),
-        ({"commands": [["true"]], "renderContextName": "../outside"}, "render context"),
-        ({"commands": [["true"]], "renderContextName": "/etc"}, "render context"),
+        ({"commands": ["render\0boot"]}, "NUL"),
+        ({"frames": ["first"]}, "frame number must be a whole number"),
+        ({"frames": [1.5]}, "frame number must be a whole number"),
+        ({"frames": "1-3"}, "list of frame numbers"),
+        ({"environment": {"A=B": "x"}}, "environment variable name"),
+        ({"environment": ["A=B"]}, "environment must be a mapping"),
+        ({"nodeName": ""}, "nodeName"),
+        ({"renderContextName": "../outside"}, "render context"),
+        ({"renderContextName": "/etc"}, "render context"),
+        ({"renderContextName": "never-made"}, "createTemporaryDirectory before submitJob"),
+        ({"tempDir": "/tmp"}, "tempDir '/tmp' is not the folder createTemporaryDirectory made"),
+        ({"tempDir": "relative/folder"}, "tempDir"),
+        ({"tempDir": None}, "tempDir"),
     ],
 )
 def test_malformed_requests_are_refused_with_a_clear_message(
     plugin: CeleryFarmPlugin, fields: dict, message: str
 ):
-    with pytest.raises(FarmPluginException, match=message):
-        plugin.submitJob(request(**fields))
+    with pytest.raises(FarmPluginException, match=re.escape(message)):
+        plugin.submitJob(request(plugin, **fields))
     assert plugin.getJobs(None) == []  # nothing half-submitted
+
+
+def test_a_request_without_katanas_attributes_names_what_is_missing(plugin: CeleryFarmPlugin):
+    class OldShape:  # the fields this project's stand-in once invented
+        name, renderContextName, commands = "Render", str(uuid.uuid4()), ["true"]
+        frameRange, renderType, settings = (1, 3), "Disk", {"pool": "gpu"}
+
+    with pytest.raises(FarmPluginException) as raised:
+        plugin.submitJob(OldShape())
+    assert "nodeName, frames, environment, tempDir" in str(raised.value)
+    assert "JobRequest(nodeName, renderContextName, frames, commands, environment, tempDir)" \
+        in str(raised.value)
+    with pytest.raises(FarmPluginException, match="no nodeName, renderContextName"):
+        plugin.submitJob({"nodeName": "Render"})  # a mapping is not a request either
+    assert plugin.getJobs(None) == []
 
 
 @pytest.mark.parametrize("context", ["../escape", "a/../../b", "/abs", "..", "", "a/b"])
 def test_context_names_cannot_escape_the_shared_root(plugin: CeleryFarmPlugin, context: str):
     with pytest.raises(FarmPluginException, match="render context"):
-        plugin.createTempDirectory(context)
+        plugin.createTemporaryDirectory(context)
     with pytest.raises(FarmPluginException, match="render context"):
         plugin.copyRenderFiles([__file__], context)
 
@@ -90,7 +112,7 @@ def test_an_unwritable_shared_mount_is_reported_where_it_is(
     monkeypatch.setenv("CELERYFARM_SHARED_ROOT", "/proc/celeryfarm-unwritable")
     plugin = CeleryFarmPlugin()
     with pytest.raises(FarmPluginException, match="/proc/celeryfarm-unwritable"):
-        plugin.createTempDirectory(str(uuid.uuid4()))
+        plugin.createTemporaryDirectory(str(uuid.uuid4()))
 
 
 def test_a_node_that_cannot_write_the_log_fails_the_job_with_the_reason(
@@ -102,7 +124,7 @@ def test_a_node_that_cannot_write_the_log_fails_the_job_with_the_reason(
                          env={"CELERYFARM_SHARED_ROOT": "/proc/celeryfarm-unwritable"})
     try:
         cluster.wait_for_workers(plugin.farm.app, [name])
-        job_id, _ = submit_like_katana(plugin, [renderboot()], settings={"pool": pool})
+        job_id, _ = submit(plugin.farm, [renderboot()], settings={"pool": pool})
         assert wait_for_state(plugin, job_id) == Job.State.kFailed
         reason = plugin.farm.get(job_id).reason
         assert "cannot write the render log" in reason and "/proc/celeryfarm-unwritable" in reason
@@ -136,7 +158,7 @@ def test_a_killed_step_on_a_stopped_job_is_never_rerun_by_a_restart_race(
     plugin: CeleryFarmPlugin,
 ):
     """startJob on an active job is a no-op, so a double click cannot start two attempts."""
-    job_id, _ = submit_like_katana(plugin, [renderboot("--seconds", 0.5)])
+    job_id, _ = submit(plugin.farm, [renderboot("--seconds", 0.5)])
     plugin.startJob(job_id)
     plugin.startJob(job_id)
     assert wait_for_state(plugin, job_id) == Job.State.kCompleted

@@ -24,7 +24,7 @@ from .conftest import WORKER_ENV
 from .helpers import (
     assert_never_two_current,
     renderboot,
-    submit_like_katana,
+    submit,
     tagged_processes,
     wait_until,
 )
@@ -92,7 +92,7 @@ def test_chaos(tmp_path, monkeypatch, capsys):
             if index % 10 == 3:
                 steps.append(renderboot("--seconds", 0.05, "--exit-code", 3, "--tag", tag))
                 expected_failures.add(index)
-            jobs.append(submit_like_katana(plugin, steps, name=f"chaos-{index}")[0])
+            jobs.append(submit(plugin.farm, steps, name=f"chaos-{index}")[0])
 
         def all_finished() -> bool:
             try:

@@ -106,7 +106,7 @@ def test_submit_and_watch_a_job_to_completed(farm, tmp_path):
     assert job_id in [job["id"] for job in listed]
     table = ok(farm.env, "jobs", "--state", "Completed")
     assert table.splitlines()[0].split() == [
-        "ID", "NAME", "STATE", "SUBMITTED", "FINISHED", "NODE", "LOG"]
+        "ID", "NAME", "STATE", "FRAMES", "SUBMITTED", "FINISHED", "NODE", "LOG"]
     row = next(line for line in table.splitlines() if line.startswith(job_id[:8]))
     assert "beauty" in row and "Completed" in row and status["log"] in row
     assert "frame 3 written" in ok(farm.env, "log", job_id[:6])  # a unique prefix is enough
@@ -115,13 +115,17 @@ def test_submit_and_watch_a_job_to_completed(farm, tmp_path):
 def test_submit_steps_with_cmd_and_wait_for_the_outcome(farm, tmp_path):
     boot = shlex.join(RENDERBOOT)
     env = {**farm.env, "CELERYFARM_USER": f"td{os.getpid()}"}
-    passing = cli(env, "submit", "--name", "two steps", "--wait",
+    passing = cli(env, "submit", "--name", "two steps", "--wait", "--frames", "1-10,20",
                   "--cmd", f"{boot} --seconds 0.2 --output {tmp_path}/a",
                   "--cmd", f"{boot} --seconds 0.2 --output {tmp_path}/b")
     assert passing.returncode == 0, passing.stderr
     assert "Completed" in passing.stderr
     assert (tmp_path / "a" / "frame.0001.ppm").exists()
     assert (tmp_path / "b" / "frame.0001.ppm").exists()
+    assert "frames:      1-10,20, 11 frames" in ok(env, "status", passing.stdout.strip())
+    for bad in ("10-1", "a-b", "1-2000000"):
+        refused = cli(env, "submit", "--frames", bad, "--", "true")
+        assert refused.returncode == 2 and "--frames" in refused.stderr, refused.stderr
     failing = cli(env, "submit", "--wait", "--cmd", f"{boot} --seconds 0.2 --exit-code 3",
                   "--cmd", f"{boot} --output {tmp_path}/never")
     assert failing.returncode == 1

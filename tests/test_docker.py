@@ -44,7 +44,7 @@ from pytest_docker_tools import container, fxtr
 
 from celeryfarm.config import Settings
 from celeryfarm.farm import Farm
-from celeryfarm.farmapi import FarmPluginManager, Job
+from celeryfarm.farmapi import Job
 from celeryfarm.plugin import CeleryFarmPlugin
 
 from .helpers import FINISHED, wait_for_state, wait_until
@@ -165,18 +165,14 @@ def host_plugin(broker_url: str, backend_url: str, shared: Path) -> CeleryFarmPl
 
 def submit(plugin: CeleryFarmPlugin, context: str, *renderboot_args: object,
            steps: int = 1) -> str:
-    """Submit a job the way Katana does; its renders write frames to <context>/img."""
-    plugin.createTempDirectory(context)
-    environment = plugin.getEnvironmentForJob(context)
-    node_folder = environment["KATANA_TMPDIR"]  # the context folder as the nodes see it
-    assert node_folder == f"/shared/{context}"
+    """Submit a job through the farm core in render context ``context``; its renders write
+    frames to <context>/img."""
+    render = plugin.farm.create_context(name=context)
+    assert render.node_folder == f"/shared/{context}"  # the context folder as the nodes see it
     command = ["python", "-m", "celeryfarm.testing.renderboot", "--frames", "1-3",
-               "--output", f"{node_folder}/img", *map(str, renderboot_args)]
-    request = FarmPluginManager.JobRequest(
-        name=context, renderContextName=context, commands=[command] * steps,
-        environment=environment, frameRange=(1, 3), renderType="Disk", settings={},
-    )
-    return plugin.submitJob(request)
+               "--output", f"{render.node_folder}/img", *map(str, renderboot_args)]
+    return plugin.farm.submit_commands([command] * steps, context=context, name=context,
+                                       frames=range(1, 4)).job_id
 
 
 def render_log(plugin: CeleryFarmPlugin, job_id: str) -> str:

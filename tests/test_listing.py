@@ -11,14 +11,14 @@ from celeryfarm.farmapi import FarmPluginException, Job
 from celeryfarm.plugin import CeleryFarmPlugin
 from celeryfarm.store import BATCH
 
-from .helpers import renderboot, submit_like_katana, wait_for_state
+from .helpers import renderboot, submit, wait_for_state
 
 State = Job.State
 
 
 def test_filters_select_and_and_together(plugin: CeleryFarmPlugin, monkeypatch):
-    done, _ = submit_like_katana(plugin, [["true"]], name="Render_beauty")
-    failed, _ = submit_like_katana(plugin, [["false"]], name="Render_shadow", render_type="Preview")
+    done, _ = submit(plugin.farm, [["true"]], name="Render_beauty")
+    failed, _ = submit(plugin.farm, [["false"]], name="Render_shadow", render_type="Preview")
     wait_for_state(plugin, done), wait_for_state(plugin, failed)
 
     artist = plugin.farm.settings.user
@@ -52,7 +52,7 @@ def test_filters_select_and_and_together(plugin: CeleryFarmPlugin, monkeypatch):
 def test_get_jobs_reads_records_in_batches(plugin: CeleryFarmPlugin, monkeypatch):
     """Katana polls getJobs: a farm with a long history must not cost a round trip a job."""
     farm = plugin.farm
-    pending = [submit_like_katana(plugin, [["true"]], settings={"pool": "parked"})[0]
+    pending = [submit(plugin.farm, [["true"]], settings={"pool": "parked"})[0]
                for _ in range(3)]
     # Fill the history straight through the store: many finished jobs.
     template = farm.get(pending[0])
@@ -73,8 +73,8 @@ def test_get_jobs_reads_records_in_batches(plugin: CeleryFarmPlugin, monkeypatch
 
 
 def test_a_finished_job_keeps_its_state_after_celery_results_expire(plugin: CeleryFarmPlugin):
-    completed, _ = submit_like_katana(plugin, [renderboot("--seconds", 0.1)])
-    failed, _ = submit_like_katana(plugin, [["false"], ["true"]])
+    completed, _ = submit(plugin.farm, [renderboot("--seconds", 0.1)])
+    failed, _ = submit(plugin.farm, [["false"], ["true"]])
     assert wait_for_state(plugin, completed) == State.kCompleted
     assert wait_for_state(plugin, failed) == State.kFailed
     backend = plugin.farm.app.backend

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import shlex
 import sys
 import threading
 import uuid
@@ -10,12 +13,18 @@ from pathlib import Path
 
 import pytest
 
-from celeryfarm.farmapi import FarmPluginManager, Job
-from celeryfarm.plugin import CeleryFarmPlugin
+from celeryfarm import farmapi as FarmAPI
+from celeryfarm import nodegraphapi as NodegraphAPI
+from celeryfarm.farmapi import Job
+from celeryfarm.plugin import CeleryFarmPlugin, register_farm_settings
 
+from .cli_fixtures import ok
 from .helpers import (
+    KatanaJobRequest,
+    command_line,
     read_log,
     renderboot,
+    submit,
     submit_like_katana,
     tagged_processes,
     wait_for_state,
@@ -35,10 +44,11 @@ def test_three_step_job_runs_in_order_to_completed(plugin: CeleryFarmPlugin, tmp
     scene.write_bytes(b"serialised op tree \x00\x01")
     images = tmp_path / "images"
     job_id, folder = submit_like_katana(plugin, [
-        renderboot("--seconds", 0.6, "--frames", "1-3", "--output", images, "--tag", "first"),
-        renderboot("--seconds", 0.3, "--tag", "second"),
-        renderboot("--seconds", 0.3, "--tag", "third"),
-    ], scene=scene)
+        command_line(renderboot("--seconds", 0.6, "--frames", "1-3", "--output", images,
+                                "--tag", "first")),
+        command_line(renderboot("--seconds", 0.3, "--tag", "second")),
+        command_line(renderboot("--seconds", 0.3, "--tag", "third")),
+    ], node_name="Render_beauty", scene=scene)
 
     seen = [plugin.getJobState(job_id)]
     while seen[-1] not in (State.kCompleted, State.kFailed, State.kCancelled):
@@ -59,8 +69,9 @@ def test_three_step_job_runs_in_order_to_completed(plugin: CeleryFarmPlugin, tmp
     assert str(Path(plugin.getRenderLogFilename(job_id)).parent) == folder
 
     (job,) = [job for job in plugin.getJobs(None) if job.jobId == job_id]
-    assert job.state == State.kCompleted and job.name == "Render"
-    assert job.startTime is not None and job.endTime >= job.startTime
+    assert job.state == State.kCompleted and job.name == "Render_beauty"
+    assert isinstance(job.startTime, int) and isinstance(job.endTime, int)
+    assert 0 < job.startTime <= job.endTime
     assert job.renderLogFilename == plugin.getRenderLogFilename(job_id)
 
 
@@ -68,7 +79,7 @@ def test_failure_in_step_two_fails_the_job_and_skips_step_three(
     plugin: CeleryFarmPlugin, tmp_path: Path
 ):
     third = tmp_path / "third-ran"
-    job_id, _ = submit_like_katana(plugin, [
+    job_id, _ = submit(plugin.farm, [
         renderboot("--seconds", 0.1),
         renderboot("--seconds", 0.1, "--exit-code", 3),
         [sys.executable, "-c", f"open({str(third)!r}, 'w')"],
@@ -96,7 +107,7 @@ def test_failure_in_step_two_fails_the_job_and_skips_step_three(
 def test_a_step_that_cannot_run_or_dies_fails_the_job_with_the_reason_in_the_log(
     plugin: CeleryFarmPlugin, command: list[str], expected: bytes
 ):
-    job_id, _ = submit_like_katana(plugin, [command, renderboot("--seconds", 0.1)])
+    job_id, _ = submit(plugin.farm, [command, renderboot("--seconds", 0.1)])
     assert wait_for_state(plugin, job_id) == State.kFailed
     log = read_log(plugin, job_id)
     assert expected in log
@@ -106,7 +117,7 @@ def test_a_step_that_cannot_run_or_dies_fails_the_job_with_the_reason_in_the_log
 def test_stop_mid_render_kills_the_whole_process_tree(plugin: CeleryFarmPlugin, tmp_path: Path):
     tag = uuid.uuid4().hex
     second = tmp_path / "second-ran"
-    job_id, _ = submit_like_katana(plugin, [
+    job_id, _ = submit(plugin.farm, [
         renderboot("--seconds", 120, "--children", 2, "--grandchildren", 2, "--tag", tag),
         [sys.executable, "-c", f"open({str(second)!r}, 'w')"],
     ])
@@ -130,7 +141,7 @@ def test_stop_mid_render_kills_the_whole_process_tree(plugin: CeleryFarmPlugin, 
 
 def test_stop_escalates_to_sigkill_for_renders_that_ignore_sigterm(plugin: CeleryFarmPlugin):
     tag = uuid.uuid4().hex
-    job_id, _ = submit_like_katana(plugin, [
+    job_id, _ = submit(plugin.farm, [
         renderboot("--seconds", 120, "--children", 1, "--ignore-sigterm", "--tag", tag),
     ])
     wait_until(lambda: len(tagged_processes(tag)) == 3, 30, "the render's 3 processes")
@@ -141,7 +152,7 @@ def test_stop_escalates_to_sigkill_for_renders_that_ignore_sigterm(plugin: Celer
 
 def test_leftover_children_of_a_finished_step_are_killed(plugin: CeleryFarmPlugin):
     tag = uuid.uuid4().hex
-    job_id, _ = submit_like_katana(plugin, [
+    job_id, _ = submit(plugin.farm, [
         renderboot("--seconds", 0.2, "--children", 2, "--orphan-children", "--tag", tag),
     ])
     assert wait_for_state(plugin, job_id) == State.kCompleted
@@ -154,7 +165,7 @@ def test_restart_after_stop_and_after_failure_runs_a_new_attempt(
     flag = tmp_path / "fixed"
     fails_until_fixed = [sys.executable, "-c",
                          f"import os, sys; sys.exit(0 if os.path.exists({str(flag)!r}) else 4)"]
-    job_id, _ = submit_like_katana(plugin, [renderboot("--seconds", 0.1), fails_until_fixed])
+    job_id, _ = submit(plugin.farm, [renderboot("--seconds", 0.1), fails_until_fixed])
     assert wait_for_state(plugin, job_id) == State.kFailed
 
     flag.touch()
@@ -172,7 +183,7 @@ def test_restart_after_stop_and_after_failure_runs_a_new_attempt(
     assert plugin.farm.get(job_id).attempt == 3
 
     tag = uuid.uuid4().hex
-    job_id, _ = submit_like_katana(plugin, [renderboot("--seconds", 120, "--tag", tag)])
+    job_id, _ = submit(plugin.farm, [renderboot("--seconds", 120, "--tag", tag)])
     wait_for_state(plugin, job_id, State.kRunning)
     plugin.stopJob(job_id)
     wait_until(lambda: not tagged_processes(tag), 15, "the stopped render to be gone")
@@ -186,18 +197,20 @@ def test_restart_after_stop_and_after_failure_runs_a_new_attempt(
 
 
 def test_a_job_on_a_pool_no_node_serves_waits_and_can_be_cancelled(plugin: CeleryFarmPlugin):
-    job_id, _ = submit_like_katana(plugin, [renderboot("--seconds", 0.1)],
+    job_id, _ = submit(plugin.farm, [renderboot("--seconds", 0.1)],
                                    settings={"pool": f"nobody-{uuid.uuid4().hex[:6]}"})
     assert plugin.getJobState(job_id) == State.kWaiting
     (job,) = plugin.getJobs({"state": State.kWaiting})
-    assert job.jobId == job_id and job.startTime is None
+    assert job.jobId == job_id
+    assert isinstance(job.startTime, int) and job.startTime > 0  # "Submitted", in ms
+    assert job.endTime == 0  # an int, and not ended
     plugin.stopJob(job_id)
     assert plugin.getJobState(job_id) == State.kCancelled
 
 
 def test_two_nodes_run_two_jobs_at_the_same_time(plugin: CeleryFarmPlugin):
     tags = [uuid.uuid4().hex, uuid.uuid4().hex]
-    jobs = [submit_like_katana(plugin, [renderboot("--seconds", 60, "--tag", tag)])[0]
+    jobs = [submit(plugin.farm, [renderboot("--seconds", 60, "--tag", tag)])[0]
             for tag in tags]
     wait_until(lambda: all(tagged_processes(tag) for tag in tags), 30, "both renders running")
     assert [plugin.getJobState(job_id) for job_id in jobs] == [State.kRunning] * 2
@@ -215,7 +228,7 @@ def test_many_jobs_submitted_from_several_threads_all_complete(plugin: CeleryFar
     def submit_some() -> None:
         try:
             for _ in range(5):
-                submitted.append(submit_like_katana(plugin, [["true"], ["true"]])[0])
+                submitted.append(submit(plugin.farm, [["true"], ["true"]])[0])
         except BaseException as error:  # reported by the main thread
             errors.append(error)
 
@@ -231,7 +244,7 @@ def test_many_jobs_submitted_from_several_threads_all_complete(plugin: CeleryFar
 
 
 def test_non_utf8_and_very_long_output_do_not_break_a_step(plugin: CeleryFarmPlugin):
-    job_id, _ = submit_like_katana(plugin, [
+    job_id, _ = submit(plugin.farm, [
         renderboot("--seconds", 0.1, "--binary-noise", "--output-bytes", 3_000_000),
     ])
     assert wait_for_state(plugin, job_id) == State.kCompleted
@@ -246,13 +259,183 @@ def test_the_render_gets_the_job_environment_but_not_the_farm_secrets(
     dump = [sys.executable, "-c",
             "import os; print(sorted(k for k in os.environ if k.startswith('CELERYFARM_'))); "
             "print('SHOT=' + os.environ['SHOT']); print('CWD=' + os.getcwd())"]
-    context = str(uuid.uuid4())
-    folder = plugin.createTempDirectory(context)
-    env = {**plugin.getEnvironmentForJob(context), "SHOT": "sh010"}
-    job_id = plugin.submitJob(FarmPluginManager.JobRequest(
-        name="env", renderContextName=context, commands=[dump], environment=env))
+    job_id, folder = submit_like_katana(plugin, [command_line(dump)],
+                                        environment={"SHOT": "sh010"})
     assert wait_for_state(plugin, job_id) == State.kCompleted
     log = read_log(plugin, job_id)
     assert b"SHOT=sh010" in log and f"CWD={folder}".encode() in log
     assert b"CELERYFARM_BROKER_URL" not in log
     assert b"'CELERYFARM_JOB_ID'" in log and b"'CELERYFARM_RENDER_CONTEXT'" in log
+
+
+# -- farm settings on the Render node, and what Katana's request carries ----------------------
+
+
+def render_node(**settings) -> str:
+    """A Render node in the stand-in node graph, its farm settings set as an artist would;
+    returns its name."""
+    node = NodegraphAPI.CreateNode("Render")
+    node.setName(f"Render_{uuid.uuid4().hex[:8]}")
+    for name, value in settings.items():
+        node.getParameter(f"farmSettings.{name}").setValue(value, 0)
+    return node.getName()
+
+
+def test_loading_the_dropin_registers_the_farm_settings(katana_dropin: dict):
+    assert katana_dropin["PluginRegistry"] == [
+        ("FarmPlugin", 2.0, "Celery Farm", CeleryFarmPlugin)]
+    added = {setting.getName(): setting for setting in FarmAPI.GetAddedFarmSettings()}
+    assert {"pool", "priority", "maxStepSeconds", "stallSeconds", "renderType"} <= set(added)
+    assert added["priority"].getValue() == 50 and added["renderType"].getValue() == "Disk"
+    node = NodegraphAPI.GetNode(render_node())
+    assert node.getParameter("farmSettings.priority").getValue(0) == 50.0  # Katana: floats
+    runpy_again = register_farm_settings()  # loading twice adds nothing twice
+    assert runpy_again is None and len(FarmAPI.GetAddedFarmSettings()) == len(added)
+
+
+def test_farm_settings_on_the_render_node_reach_the_job(
+    plugin: CeleryFarmPlugin, katana_dropin: dict
+):
+    pool = f"nobody-{uuid.uuid4().hex[:6]}"
+    node = render_node(pool=pool, priority=80, stallSeconds=30, renderType="Preview")
+    job_id, _ = submit_like_katana(plugin, ["true"], node_name=node,
+                                   frames=[*range(1, 11), 20])
+    spec = plugin.farm.get(job_id).spec
+    assert (spec.name, spec.queue, spec.priority, spec.stall_seconds, spec.render_type) == (
+        node, pool, 80, 30, "Preview")
+    assert plugin.getJobState(job_id) == State.kWaiting  # no node serves that pool
+    (job,) = plugin.getJobs([{"renderType": "Preview"}, {"name": node}])
+    assert job.jobId == job_id and job.name == node
+    plugin.stopJob(job_id)
+
+
+def test_a_step_limit_set_on_the_node_is_enforced_by_the_render_node(
+    plugin: CeleryFarmPlugin, katana_dropin: dict
+):
+    tag = uuid.uuid4().hex
+    node = render_node(maxStepSeconds=1)
+    job_id, _ = submit_like_katana(plugin, [command_line(renderboot("--seconds", 60,
+                                                                   "--tag", tag))],
+                                   node_name=node)
+    assert wait_for_state(plugin, job_id, timeout=30) == State.kFailed
+    assert "ran longer than its limit of 1 s" in plugin.farm.get(job_id).reason
+    wait_until(lambda: not tagged_processes(tag), 15, "the render to be gone")
+
+
+@pytest.mark.parametrize("node_name", ["no-such-node", "merge"])
+def test_a_node_without_farm_settings_gets_the_defaults(
+    plugin: CeleryFarmPlugin, katana_dropin: dict, node_name: str
+):
+    if node_name == "merge":  # a 3D node that is not a Render node has no farmSettings
+        merge = NodegraphAPI.CreateNode("Merge")
+        node_name = merge.setName(f"Merge_{uuid.uuid4().hex[:8]}")
+    job_id, _ = submit_like_katana(plugin, ["true"], node_name=node_name)
+    spec = plugin.farm.get(job_id).spec
+    assert (spec.queue, spec.priority, spec.max_step_seconds, spec.stall_seconds,
+            spec.render_type) == (plugin.farm.settings.default_queue, 50, 0, 0, "Disk")
+    assert wait_for_state(plugin, job_id) == State.kCompleted
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"priority": 500}, "priority must be 0..100, got 500"),
+        ({"priority": 50.5}, "priority must be a whole number"),
+        ({"pool": "a b"}, "invalid pool name 'a b'"),
+        ({"maxStepSeconds": -1}, "maxStepSeconds must not be negative"),
+        ({"renderType": "Batch"}, "unknown render type 'Batch'"),
+    ],
+)
+def test_bad_farm_settings_are_refused_with_a_clear_message(
+    plugin: CeleryFarmPlugin, katana_dropin: dict, settings: dict, message: str
+):
+    with pytest.raises(FarmAPI.FarmPluginException, match=re.escape(message)):
+        submit_like_katana(plugin, ["true"], node_name=render_node(**settings))
+    assert plugin.getJobs(None) == []
+
+
+def test_another_farms_settings_on_the_same_node_are_left_alone(
+    plugin: CeleryFarmPlugin, katana_dropin: dict
+):
+    FarmAPI.AddFarmSettingString("Tractor.engine", "tractor-engine:80")  # a studio's other farm
+    node = render_node(priority=70)
+    assert FarmAPI.ExtractFarmSettingsFromNode(NodegraphAPI.GetNode(node))[
+        "Tractor.engine"] == "tractor-engine:80"
+    job_id, _ = submit_like_katana(plugin, ["true"], node_name=node)
+    assert plugin.farm.get(job_id).spec.priority == 70
+
+
+def test_commands_are_command_lines_split_without_a_shell(
+    plugin: CeleryFarmPlugin, tmp_path: Path
+):
+    target = tmp_path / "a file; with $SHELL stuff"
+    script = "import sys; open(sys.argv[1], 'w').write(sys.argv[2])"
+    line = f"{shlex.quote(sys.executable)} -c {shlex.quote(script)} " \
+           f"{shlex.quote(str(target))} 'two words' > {tmp_path}/redirected"
+    job_id, _ = submit_like_katana(plugin, [line])
+    assert wait_for_state(plugin, job_id) == State.kCompleted
+    assert target.read_text() == "two words"  # quoting kept; '>' was an argument
+    assert not (tmp_path / "redirected").exists()
+
+
+def test_temp_dir_is_the_working_folder_and_may_be_spelled_through_a_symlink(
+    plugin: CeleryFarmPlugin, tmp_path: Path
+):
+    context = str(uuid.uuid4())
+    temp_dir = plugin.createTemporaryDirectory(context)
+    link = tmp_path / "farm-link"
+    link.symlink_to(plugin.farm.root.local)
+    pwd = [sys.executable, "-c", "import os; print('CWD=' + os.getcwd())"]
+    for spelling in (f"{temp_dir}/", str(link / context)):
+        request = KatanaJobRequest("Render", context, [1], [command_line(pwd)],
+                                   plugin.getEnvironmentForJob(context), spelling)
+        job_id = plugin.submitJob(request)
+        assert wait_for_state(plugin, job_id) == State.kCompleted
+        cwd = Path(read_log(plugin, job_id).rsplit(b"CWD=", 1)[1].split()[0].decode())
+        assert cwd.resolve() == Path(temp_dir).resolve()
+
+
+def test_frames_are_kept_and_shown_by_status_and_jobs(plugin: CeleryFarmPlugin):
+    env = dict(os.environ)  # the farm's variables and this test's user, set by farm_env
+    job_id, _ = submit_like_katana(plugin, ["true"], frames=[20, *range(1, 11), 5])
+    assert plugin.farm.get(job_id).spec.frames == ((1, 10), (20, 20))
+    assert wait_for_state(plugin, job_id) == State.kCompleted
+    assert re.search(r"frames: +1-10,20, 11 frames", ok(env, "status", job_id))
+    assert "1-10,20, 11 frames" in ok(env, "jobs", "--mine")
+    assert json.loads(ok(env, "status", "--json", job_id))["frames"] == \
+        "1-10,20, 11 frames"
+
+
+def test_get_jobs_filters(plugin: CeleryFarmPlugin):
+    job_id, _ = submit(plugin.farm, [["true"]], name="Render_filters")
+    for mine in (None, []):
+        assert [job.jobId for job in plugin.getJobs(mine)] == [job_id]
+    assert [job.jobId for job in plugin.getJobs([{"name": "filters"}, {"state": [
+        State.kWaiting, State.kRunning, State.kCompleted]}])] == [job_id]
+    with pytest.raises(FarmAPI.FarmPluginException, match="must be a dict, got 'state'"):
+        plugin.getJobs(["state"])
+    with pytest.raises(FarmAPI.FarmPluginException, match="unknown job filter 'colour'"):
+        plugin.getJobs([{"name": "x"}, {"colour": "red"}])
+    with pytest.raises(FarmAPI.FarmPluginException, match="list of dicts"):
+        plugin.getJobs("mine")
+
+
+def test_temp_dir_is_the_nodes_path_when_they_mount_the_share_elsewhere(
+    farm_env: dict, katana_dropin: dict, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setenv("CELERYFARM_REMOTE_SHARED_ROOT", "/nodes/share")
+    plugin = CeleryFarmPlugin()
+    pool = f"nobody-{uuid.uuid4().hex[:6]}"
+    node = render_node(pool=pool)  # a pool no node serves: the jobs wait, then are stopped
+    context = str(uuid.uuid4())
+    temp_dir = plugin.createTemporaryDirectory(context)
+    assert temp_dir == f"/nodes/share/{context}"
+    assert plugin.getEnvironmentForJob(context)["KATANA_TMPDIR"] == temp_dir
+    local = str(plugin.farm.root.local / context)  # this host's spelling: the same folder
+    for spelling in (temp_dir, local):
+        request = KatanaJobRequest(node, context, [1], ["true"],
+                                   plugin.getEnvironmentForJob(context), spelling)
+        plugin.stopJob(plugin.submitJob(request))
+    with pytest.raises(FarmAPI.FarmPluginException, match="is not the folder"):
+        plugin.submitJob(KatanaJobRequest("Render", context, [1], ["true"], {},
+                                          f"/nodes/share/{uuid.uuid4()}"))

@@ -27,7 +27,7 @@ from .helpers import (
     pids_of,
     read_log,
     renderboot,
-    submit_like_katana,
+    submit,
     tagged_processes,
     wait_for_state,
     wait_until,
@@ -56,7 +56,7 @@ class Pool:
         return self
 
     def submit(self, commands: list, **settings) -> str:
-        return submit_like_katana(self.plugin, commands, settings={"pool": self.name,
+        return submit(self.plugin.farm, commands, settings={"pool": self.name,
                                                                     **settings})[0]
 
     def node_process(self, node: str) -> psutil.Process:
@@ -203,7 +203,7 @@ def test_time_limits_and_stalls_fail_the_job_and_kill_the_render(
     plugin: CeleryFarmPlugin, settings: dict, command: list, reason: str
 ):
     tag = uuid.uuid4().hex
-    job_id, _ = submit_like_katana(plugin, [[*command, tag], ["true"]], settings=settings)
+    job_id, _ = submit(plugin.farm, [[*command, tag], ["true"]], settings=settings)
     assert wait_for_state(plugin, job_id, timeout=30) == State.kFailed
     assert reason in plugin.farm.get(job_id).reason
     assert f"killed: {reason}".encode() in read_log(plugin, job_id)
@@ -223,7 +223,7 @@ def test_every_job_survives_a_redis_restart(tmp_path, monkeypatch):
         for node in ("r1", "r2"):
             farm.start_worker(node, concurrency=1)
         farm.wait_for_workers(plugin.farm.app, ["r1", "r2"])
-        jobs = [submit_like_katana(plugin, [renderboot("--seconds", 1.5), ["true"]])[0]
+        jobs = [submit(plugin.farm, [renderboot("--seconds", 1.5), ["true"]])[0]
                 for _ in range(6)]
         wait_until(lambda: sum(plugin.getJobState(j) == State.kRunning for j in jobs) == 2,
                    30, "two jobs running")

@@ -9,9 +9,8 @@ import pytest
 from celeryfarm import farmapi
 from celeryfarm.config import ConfigError, Settings, redact
 from celeryfarm.dispatch import celery_priority
-from celeryfarm.jobs import FarmError, JobSpec, parse_command
+from celeryfarm.jobs import FarmError, JobSpec, describe_frames, frame_ranges, parse_command
 from celeryfarm.paths import SharedRoot
-from celeryfarm.plugin import read_request
 
 
 def test_job_refuses_states_katana_does_not_know():
@@ -19,7 +18,7 @@ def test_job_refuses_states_katana_does_not_know():
     assert (job.jobId, job.name, job.startTime, job.endTime, job.state,
             job.renderLogFilename) == ("id", "name", 1, 2, "Running", "/log")
     with pytest.raises(ValueError):
-        farmapi.Job("id", "name", None, None, "Paused", None)
+        farmapi.Job("id", "name", 0, 0, "Paused", "/log")
     assert set(farmapi.Job.State.kAllStates) == {
         "Waiting", "Running", "Completed", "Cancelled", "Failed"}
 
@@ -59,17 +58,47 @@ def test_priorities_map_to_redis_order():
     assert celery_priority(100) == 0 and celery_priority(0) == 9 and celery_priority(50) in (4, 5)
 
 
-def test_requests_are_read_tolerantly():
-    class KatanaLike:
-        def getCommands(self):
-            return ["renderboot -a"]
+def test_frames_are_kept_as_ranges_and_described_with_their_count():
+    assert frame_ranges(range(1, 101)) == ((1, 100),)
+    assert describe_frames(frame_ranges(range(1, 101))) == "1-100, 100 frames"
+    assert frame_ranges([20, 3, 1, 2, 2, 4.0, 10]) == ((1, 4), (10, 10), (20, 20))
+    assert describe_frames(frame_ranges([*range(1, 11), 20])) == "1-10,20, 11 frames"
+    assert describe_frames(frame_ranges([7])) == "7, 1 frame"
+    assert describe_frames(frame_ranges([-2, -1, 0, 5])) == "-2-0,5, 4 frames"
+    assert describe_frames(()) == "-"
+    for bad in ([1.5], ["x"], [True], "1-3", 3):
+        with pytest.raises(FarmError, match="frame"):
+            frame_ranges(bad)
 
-        renderContextName = "ctx"
 
-    assert read_request(KatanaLike(), "commands") == ["renderboot -a"]
-    assert read_request(KatanaLike(), "context") == "ctx"
-    assert read_request(KatanaLike(), "settings") is None
-    assert read_request({"commands": ["x"]}, "commands") == ["x"]
+def test_number_settings_arrive_as_floats_and_must_be_whole():
+    spec = JobSpec.build(name="r", commands=["true"],
+                         settings={"priority": 80.0, "maxStepSeconds": 60.0})
+    assert (spec.priority, spec.max_step_seconds) == (80, 60)
+    with pytest.raises(FarmError, match="priority must be a whole number"):
+        JobSpec.build(name="r", commands=["true"], settings={"priority": 80.5})
+
+
+def test_the_farmapi_stand_in_keeps_farm_settings_on_render_nodes():
+    from celeryfarm import nodegraphapi
+
+    farmapi.AddFarmSettingString("unitPool", "farm")
+    farmapi.AddFarmSettingNumber("unitLimit", 3)
+    farmapi.AddFarmSettingStringArray("unitTags", 2)
+    render = nodegraphapi.CreateNode("Render")
+    other = nodegraphapi.CreateNode("Render")
+    assert other.getName() != render.getName()  # names are unique, as in Katana
+    assert nodegraphapi.GetNode(render.getName()) is render
+    render.getParameter("farmSettings.unitLimit").setValue(7, 0)
+    render.getParameter("farmSettings.unitTags.i1").setValue("gpu", 0)
+    values = farmapi.ExtractFarmSettingsFromNode(render)
+    assert (values["unitPool"], values["unitLimit"], values["unitTags"]) == (
+        "farm", 7.0, ["", "gpu"])
+    merge = nodegraphapi.CreateNode("Merge")  # not a farm node: no farmSettings, defaults
+    assert merge.getParameter("farmSettings") is None
+    assert farmapi.ExtractFarmSettingsFromNode(merge)["unitLimit"] == 3
+    assert "unitPool" in {s.getName() for s in farmapi.GetAddedFarmSettings()}
+    assert farmapi.FarmPluginManager.JobRequest("n", "c", [1], ["x"], {}, "/t").tempDir == "/t"
 
 
 def test_settings_from_the_environment():

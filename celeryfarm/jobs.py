@@ -86,6 +86,7 @@ class JobSpec:
     priority: int = DEFAULT_PRIORITY
     max_step_seconds: int = 0  # 0: only the farm-wide limit
     stall_seconds: int = 0  # 0: no stall detection
+    max_memory_mb: int = 0  # 0: no memory cap
     user: str = ""
     host: str = ""
     session: str = ""
@@ -123,6 +124,7 @@ class JobSpec:
         priority = _priority(settings.pop("priority", DEFAULT_PRIORITY))
         max_step_seconds = _seconds(settings.pop("maxStepSeconds", 0), "maxStepSeconds")
         stall_seconds = _seconds(settings.pop("stallSeconds", 0), "stallSeconds")
+        max_memory_mb = _whole(settings.pop("maxMemoryMB", 0), "maxMemoryMB", "megabytes")
         if settings:
             raise FarmError(f"unknown farm settings: {', '.join(sorted(map(str, settings)))}")
         return cls(
@@ -135,6 +137,7 @@ class JobSpec:
             priority=priority,
             max_step_seconds=max_step_seconds,
             stall_seconds=stall_seconds,
+            max_memory_mb=max_memory_mb,
             **identity,
         )
 
@@ -167,13 +170,17 @@ def _frame_range(frame_range: Sequence[int] | None) -> tuple[int, int] | None:
 
 
 def _seconds(value: Any, name: str) -> int:
+    return _whole(value, name, "seconds")
+
+
+def _whole(value: Any, name: str, unit: str) -> int:
     try:
-        seconds = int(value or 0)
+        number = int(value or 0)
     except (TypeError, ValueError):
-        raise FarmError(f"{name} must be a whole number of seconds, got {value!r}") from None
-    if seconds < 0:
-        raise FarmError(f"{name} must not be negative, got {seconds}")
-    return seconds
+        raise FarmError(f"{name} must be a whole number of {unit}, got {value!r}") from None
+    if number < 0:
+        raise FarmError(f"{name} must not be negative, got {number}")
+    return number
 
 
 def _priority(value: Any) -> int:

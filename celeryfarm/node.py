@@ -86,6 +86,6 @@ def on_lost_pool_process(
 
 
 def _kill_orphaned_render(task_id: str) -> None:
-    survivors = process.kill_marked(task_id, app.conf.celeryfarm_settings.stop_grace_seconds)
+    survivors = process.kill_step(task_id, app.conf.celeryfarm_settings.stop_grace_seconds)
     if survivors:
         logger.error("processes of step %s survived SIGKILL: %s", task_id, survivors)

@@ -164,6 +164,7 @@ def render_step(
                 grace_seconds=settings.stop_grace_seconds,
                 max_seconds=record.spec.max_step_seconds or settings.max_render_seconds,
                 stall_seconds=record.spec.stall_seconds,
+                memory_mb=record.spec.max_memory_mb,
                 token=self.request.id,
             )
         except Exception as error:

@@ -113,3 +113,20 @@ def test_without_a_cgroup_the_node_warns_and_still_kills_detached_processes():
     assert "cannot make a cgroup for the step" in result.stderr
     assert "env -i" in result.stderr  # the warning says what the fallback cannot catch
     assert not tagged_processes(tag)
+
+
+def test_a_dead_pool_process_s_escaped_daemon_is_killed_by_its_node(cluster, plugin):
+    """The node's main process kills the group of a step whose pool process died."""
+    pool, node = f"pool-{uuid.uuid4().hex[:6]}", f"n{uuid.uuid4().hex[:6]}"
+    cluster.start_worker(node, concurrency=1, queues=pool)
+    try:
+        cluster.wait_for_workers(plugin.farm.app, [node])
+        tag = uuid.uuid4().hex
+        job_id, _ = submit_like_katana(plugin, [escaping_render(tag)], settings={"pool": pool})
+        wait_until(lambda: b"daemon up" in read_log(plugin, job_id), 30, "the daemon to start")
+        (pool_process,) = psutil.Process(cluster.workers[node].pid).children()
+        pool_process.kill()
+        wait_until(lambda: not tagged_processes(tag), 15, "the daemon to be killed")
+        plugin.stopJob(job_id)
+    finally:
+        cluster.stop_worker(node)

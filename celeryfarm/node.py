@@ -20,7 +20,7 @@ from billiard.exceptions import WorkerLostError
 from billiard.util import set_pdeathsig
 from celery import signals
 
-from . import leases, process
+from . import leases, process, renderenv
 from .celery import RENDER_STEP, app
 from .store import JobStore, connect
 
@@ -56,8 +56,17 @@ def stop_reaper(**_: Any) -> None:
         _reaper.stop()
 
 
+@signals.worker_init.connect
+def protect_node(**_: Any) -> None:
+    """Before any render runs: renders must not read the node's environment or memory."""
+    if not renderenv.protect_node_process():
+        logger.warning("could not make the node non-dumpable: renders running as its user "
+                       "can read its environment, which holds the farm's credentials")
+
+
 @signals.worker_process_init.connect
 def prepare_pool_process(**_: Any) -> None:
+    renderenv.protect_node_process()  # inherited from the main process; made sure of here
     process.become_subreaper()
     signal.signal(PARENT_DIED, _exit_now)  # idle; a step handles it itself while it runs
     set_pdeathsig(PARENT_DIED)

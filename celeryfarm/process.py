@@ -28,7 +28,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator, Mapping
-from typing import BinaryIO, Callable
+from typing import Any, BinaryIO, Callable
 
 import psutil
 
@@ -91,6 +91,7 @@ def run(
     stall_seconds: float = 0,
     token: str = "",
     memory_mb: int = 0,
+    spawn_options: Mapping[str, Any] | None = None,
 ) -> Outcome:
     """Run ``argv`` with stdout and stderr streamed into ``output`` as bytes arrive.
 
@@ -100,7 +101,8 @@ def run(
     the node can cap it. The command's cgroup is named ``token`` (a fresh one by default), and
     every process of the command carries it in its environment, so :func:`kill_step` can find
     them from another process. Whatever happens, including an exception raised into this
-    frame, the command's whole process tree is gone when this returns.
+    frame, the command's whole process tree is gone when this returns. ``spawn_options``
+    go to ``subprocess.Popen`` (the user and groups of a render user).
     """
     become_subreaper()
     token = token or uuid.uuid4().hex
@@ -116,6 +118,7 @@ def run(
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                **(spawn_options or {}),
             )
     except OSError as error:
         if group:

@@ -23,10 +23,11 @@ __all__ = ["LocalCluster", "worker_command"]
 class LocalCluster:
     """A Redis and some render-node workers sharing one shared root under ``base``."""
 
-    def __init__(self, base: Path, extra_env: Mapping[str, str] | None = None) -> None:
+    def __init__(self, base: Path, extra_env: Mapping[str, str] | None = None,
+                 password: str = "") -> None:
         self.base = Path(base)
         self.shared_root = self.base / "shared"
-        self.redis = RedisServer(self.base / "redis")
+        self.redis = RedisServer(self.base / "redis", password=password)
         self.extra_env = dict(extra_env or {})
         self.workers: dict[str, subprocess.Popen] = {}
 

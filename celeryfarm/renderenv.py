@@ -1,0 +1,147 @@
+"""What a render gets from its node: the job's environment, a home of its own, and no secret.
+
+A render runs code the farm did not write (a scene, its plug-ins, whatever a job's command
+starts), so it gets only what it needs from the node that runs it:
+
+* an environment built from the job's own plus an allowlist of the node's variables
+  (:data:`ALLOWED`, and the names in ``CELERYFARM_RENDER_ENV``), never the operator's whole
+  environment (``SSH_AUTH_SOCK``...) nor the node's ``CELERYFARM_*`` settings, which hold
+  credentials (nor those settings from a job's environment);
+* a fresh ``HOME`` and ``TMPDIR`` for each step, removed when it ends, so a job cannot leave
+  a ``usercustomize.py`` or a shell profile behind for the next job to run;
+* optionally another user (``CELERYFARM_RENDER_USER``) where the node can switch users, so
+  the node's files (its credentials, ``celeryfarm up``'s data folder) are out of reach;
+* a node process that is not dumpable (:func:`protect_node_process`), so a render running as
+  the node's own user cannot read the node's ``/proc/<pid>/environ`` or memory either.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import dataclasses
+import os
+import pwd
+import shutil
+import stat
+import subprocess
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from .config import PREFIX, SECRETS, ConfigError
+
+#: The node's variables every render gets: the program search path, locale and time zone.
+ALLOWED = ("PATH", "LANG", "LANGUAGE", "TZ", "TERM")
+ALLOWED_PREFIXES = ("LC_",)
+#: Variables the farm sets for each step, and credentials: a job's environment cannot set them.
+NOT_FROM_JOBS = ("HOME", "TMPDIR", "USER", "LOGNAME",
+                 *(PREFIX + name + end for name in SECRETS for end in ("", "_FILE")))
+_PR_SET_DUMPABLE = 4
+#: When the node is not root but may switch users (CAP_SETUID/CAP_SETGID, as in the worker
+#: image), the render must not inherit that: this drops every capability before it runs.
+DROP_CAPABILITIES = ("setpriv", "--inh-caps=-all", "--ambient-caps=-all", "--")
+
+
+def protect_node_process() -> bool:
+    """Make this process non-dumpable: only root can then read its ``/proc/<pid>/environ``,
+    ``cmdline``-adjacent files and memory, or attach to it. Kept across ``fork``, reset by
+    ``exec``, so renders are dumpable as usual. Returns whether it worked."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def environment(
+    job: Mapping[str, str], node: Mapping[str, str], also_allowed: tuple[str, ...] = (),
+    farm: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """A render's environment: the allowed variables of the ``node``'s, then the ``job``'s,
+    then the ``farm``'s own for this step (home, temporary folder, job id). No node's
+    ``CELERYFARM_*`` variable, and no credential setting from anywhere, gets in."""
+
+    def allowed(name: str) -> bool:
+        return not name.startswith(PREFIX) and (
+            name in ALLOWED or name in also_allowed or name.startswith(ALLOWED_PREFIXES))
+
+    env = {name: value for name, value in node.items() if allowed(name)}
+    env.update((name, value) for name, value in job.items() if name not in NOT_FROM_JOBS)
+    env.update(farm or {})
+    return env
+
+
+@dataclasses.dataclass(frozen=True)
+class RenderUser:
+    """The account renders run as, when it is not the node's."""
+
+    name: str
+    uid: int
+    gid: int
+    groups: tuple[int, ...]
+
+    @classmethod
+    def lookup(cls, name: str) -> RenderUser:
+        try:
+            entry = pwd.getpwnam(name)
+        except KeyError:
+            raise ConfigError(f"{PREFIX}RENDER_USER: no user {name!r} on this node") from None
+        groups = tuple(os.getgrouplist(name, entry.pw_gid))
+        return cls(name, entry.pw_uid, entry.pw_gid, groups)
+
+    def spawn_options(self) -> dict[str, Any]:
+        """``subprocess.Popen`` options that start a process as this user, with its groups."""
+        return {"user": self.uid, "group": self.gid, "extra_groups": list(self.groups)}
+
+    def command(self, argv: list[str]) -> list[str]:
+        """``argv`` as this user runs it: through ``setpriv`` to drop the capabilities a
+        non-root node holds to switch users (root's are dropped by the switch itself)."""
+        return argv if os.geteuid() == 0 else [*DROP_CAPABILITIES, *argv]
+
+
+@contextlib.contextmanager
+def private_folders(user: RenderUser | None) -> Iterator[dict[str, str]]:
+    """A fresh ``HOME`` and ``TMPDIR`` for one step on the node's local disk, owned by the
+    render's user and private to it; removed, with whatever the step left, when it ends."""
+    base = Path(tempfile.mkdtemp(prefix="celeryfarm-step-"))
+    home, tmp = base / "home", base / "tmp"
+    for folder in (home, tmp):
+        folder.mkdir(mode=0o700)
+        if user is not None:
+            os.chown(folder, user.uid, user.gid)
+    if user is not None:
+        base.chmod(0o711)  # the render may pass through, not list
+    try:
+        yield {"HOME": str(home), "TMPDIR": str(tmp)}
+    finally:
+        _remove(base, user)
+
+
+def _remove(base: Path, user: RenderUser | None) -> None:
+    """Remove a step's folders, also what the render made unwritable (``chmod 0``)."""
+    if user is not None and os.geteuid() != 0:  # files the render owns: remove them as it
+        subprocess.run(user.command(["chmod", "-R", "u+rwx", str(base / "home"),
+                                     str(base / "tmp")]),
+                       capture_output=True, **user.spawn_options())
+        subprocess.run(user.command(["rm", "-rf", str(base / "home"), str(base / "tmp")]),
+                       capture_output=True, **user.spawn_options())
+
+    def writable_and_retry(function: Any, path: str, _error: Any) -> None:
+        with contextlib.suppress(OSError):
+            os.chmod(os.path.dirname(path), stat.S_IRWXU)
+            os.chmod(path, stat.S_IRWXU)
+            function(path)
+
+    shutil.rmtree(base, onerror=writable_and_retry)
+
+
+def render_user(name: str) -> RenderUser | None:
+    """The render user named by ``CELERYFARM_RENDER_USER``, or None to run renders as the
+    node's own user (also when it names the node's own user)."""
+    if not name:
+        return None
+    user = RenderUser.lookup(name)
+    return None if user.uid == os.geteuid() else user
+

@@ -89,6 +89,8 @@ class Settings:
     render_user: str = ""
     #: Variables of the node's environment that renders also get (licence servers...).
     render_env: tuple[str, ...] = ()
+    #: Whether a render node may run as root (``--allow-root``); it refuses to otherwise.
+    allow_root: bool = False
 
     @property
     def results_url(self) -> str:
@@ -171,6 +173,7 @@ class Settings:
             flower_password=_login_part("FLOWER_PASSWORD", secret("FLOWER_PASSWORD")),
             render_user=get("RENDER_USER"),
             render_env=tuple(filter(None, (n.strip() for n in get("RENDER_ENV").split(",")))),
+            allow_root=get("ALLOW_ROOT").lower() in ("1", "true", "yes"),
         )
 
 

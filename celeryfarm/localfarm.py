@@ -367,6 +367,8 @@ class LocalFarm:
         env = {k: v for k, v in os.environ.items() if not k.startswith("FLOWER_")}
         env[PREFIX + "BROKER_URL"] = self.broker_url
         env[PREFIX + "SHARED_ROOT"] = str(self.settings.shared_root)
+        if self.settings.allow_root:
+            env[PREFIX + "ALLOW_ROOT"] = "1"
         return env
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen:

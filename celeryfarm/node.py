@@ -58,7 +58,11 @@ def stop_reaper(**_: Any) -> None:
 
 @signals.worker_init.connect
 def protect_node(**_: Any) -> None:
-    """Before any render runs: renders must not read the node's environment or memory."""
+    """Before any render runs: a node runs as root only when told to, and renders must not
+    read the node's environment or memory."""
+    problem = renderenv.root_problem(app.conf.celeryfarm_settings)
+    if problem:
+        raise SystemExit(problem)  # not an Exception: Celery would log it and carry on
     if not renderenv.protect_node_process():
         logger.warning("could not make the node non-dumpable: renders running as its user "
                        "can read its environment, which holds the farm's credentials")

@@ -30,7 +30,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from .config import PREFIX, SECRETS, ConfigError
+from . import sharing
+from .config import PREFIX, SECRETS, ConfigError, Settings
 
 #: The node's variables every render gets: the program search path, locale and time zone.
 ALLOWED = ("PATH", "LANG", "LANGUAGE", "TZ", "TERM")
@@ -53,6 +54,16 @@ def protect_node_process() -> bool:
         return libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0) == 0
     except (OSError, AttributeError):
         return False
+
+
+def root_problem(settings: Settings) -> str:
+    """Why this process may not be a render node ("" if it may): renders must not run as
+    root by accident, so root needs ``--allow-root`` (``CELERYFARM_ALLOW_ROOT``)."""
+    if os.geteuid() != 0 or settings.allow_root:
+        return ""
+    return (f"refusing to run a render node as root: run it as another user, or start it "
+            f"with --allow-root ({PREFIX}ALLOW_ROOT=1) if you mean it (with "
+            f"{PREFIX}RENDER_USER, renders still run as that user)")
 
 
 def environment(
@@ -94,6 +105,12 @@ class RenderUser:
     def spawn_options(self) -> dict[str, Any]:
         """``subprocess.Popen`` options that start a process as this user, with its groups."""
         return {"user": self.uid, "group": self.gid, "extra_groups": list(self.groups)}
+
+
+def spawn_options(user: RenderUser | None) -> dict[str, Any]:
+    """``subprocess.Popen`` options of a render: its user, and a umask that leaves what it
+    writes on the shared mount to the farm's group (:mod:`celeryfarm.sharing`)."""
+    return {"umask": sharing.RENDER_UMASK, **(user.spawn_options() if user else {})}
 
     def command(self, argv: list[str]) -> list[str]:
         """``argv`` as this user runs it: through ``setpriv`` to drop the capabilities a

@@ -167,7 +167,7 @@ def render_step(
             outcome = process.run(
                 user.command(command) if user else command,
                 env=render_environment(record, folders),
-                spawn_options=user.spawn_options() if user else {},
+                spawn_options=renderenv.spawn_options(user),
                 cwd=str(log_path.parent),
                 output=GatedLog(log, lease),
                 should_stop=should_stop,

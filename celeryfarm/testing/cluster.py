@@ -37,6 +37,8 @@ class LocalCluster:
         return {
             "CELERYFARM_BROKER_URL": self.redis.url,
             "CELERYFARM_SHARED_ROOT": str(self.shared_root),
+            # Tests and CI run as root; the nodes are told they may (--allow-root).
+            **({"CELERYFARM_ALLOW_ROOT": "1"} if os.geteuid() == 0 else {}),
             **self.extra_env,
         }
 

@@ -40,9 +40,10 @@ ALLOWED_PREFIXES = ("LC_",)
 NOT_FROM_JOBS = ("HOME", "TMPDIR", "USER", "LOGNAME",
                  *(PREFIX + name + end for name in SECRETS for end in ("", "_FILE")))
 _PR_SET_DUMPABLE = 4
-#: When the node is not root but may switch users (CAP_SETUID/CAP_SETGID, as in the worker
-#: image), the render must not inherit that: this drops every capability before it runs.
-DROP_CAPABILITIES = ("setpriv", "--inh-caps=-all", "--ambient-caps=-all", "--")
+#: How a node that is not root switches users: ``setpriv`` (util-linux) with CAP_SETUID and
+#: CAP_SETGID, from the node's ambient capabilities or from file capabilities on a copy only
+#: the node may run (the worker image's); it drops every capability before the render runs.
+SWITCH_USER = "setpriv"
 
 
 def protect_node_process() -> bool:
@@ -103,19 +104,26 @@ class RenderUser:
         return cls(name, entry.pw_uid, entry.pw_gid, groups)
 
     def spawn_options(self) -> dict[str, Any]:
-        """``subprocess.Popen`` options that start a process as this user, with its groups."""
+        """``subprocess.Popen`` options that start a process as this user, with its groups,
+        when this node is root (the switch drops root's capabilities)."""
+        if os.geteuid() != 0:
+            return {}  # see command()
         return {"user": self.uid, "group": self.gid, "extra_groups": list(self.groups)}
+
+    def command(self, argv: list[str]) -> list[str]:
+        """``argv`` as this user runs it, started with :meth:`spawn_options`: as is on a
+        root node; through :data:`SWITCH_USER` on a node that is not root."""
+        if os.geteuid() == 0:
+            return argv
+        groups = ",".join(map(str, self.groups))
+        return [SWITCH_USER, f"--reuid={self.uid}", f"--regid={self.gid}",
+                f"--groups={groups}", "--inh-caps=-all", "--ambient-caps=-all", "--", *argv]
 
 
 def spawn_options(user: RenderUser | None) -> dict[str, Any]:
     """``subprocess.Popen`` options of a render: its user, and a umask that leaves what it
     writes on the shared mount to the farm's group (:mod:`celeryfarm.sharing`)."""
     return {"umask": sharing.RENDER_UMASK, **(user.spawn_options() if user else {})}
-
-    def command(self, argv: list[str]) -> list[str]:
-        """``argv`` as this user runs it: through ``setpriv`` to drop the capabilities a
-        non-root node holds to switch users (root's are dropped by the switch itself)."""
-        return argv if os.geteuid() == 0 else [*DROP_CAPABILITIES, *argv]
 
 
 @contextlib.contextmanager
@@ -124,10 +132,17 @@ def private_folders(user: RenderUser | None) -> Iterator[dict[str, str]]:
     render's user and private to it; removed, with whatever the step left, when it ends."""
     base = Path(tempfile.mkdtemp(prefix="celeryfarm-step-"))
     home, tmp = base / "home", base / "tmp"
-    for folder in (home, tmp):
-        folder.mkdir(mode=0o700)
-        if user is not None:
+    if user is None:
+        home.mkdir(mode=0o700)
+        tmp.mkdir(mode=0o700)
+    elif os.geteuid() == 0:
+        for folder in (home, tmp):
+            folder.mkdir(mode=0o700)
             os.chown(folder, user.uid, user.gid)
+    else:  # no CAP_CHOWN: the render's user makes them
+        base.chmod(0o1733)
+        subprocess.run(user.command(["mkdir", "-m", "700", str(home), str(tmp)]), check=True,
+                       capture_output=True)
     if user is not None:
         base.chmod(0o711)  # the render may pass through, not list
     try:
@@ -139,11 +154,10 @@ def private_folders(user: RenderUser | None) -> Iterator[dict[str, str]]:
 def _remove(base: Path, user: RenderUser | None) -> None:
     """Remove a step's folders, also what the render made unwritable (``chmod 0``)."""
     if user is not None and os.geteuid() != 0:  # files the render owns: remove them as it
-        subprocess.run(user.command(["chmod", "-R", "u+rwx", str(base / "home"),
-                                     str(base / "tmp")]),
-                       capture_output=True, **user.spawn_options())
-        subprocess.run(user.command(["rm", "-rf", str(base / "home"), str(base / "tmp")]),
-                       capture_output=True, **user.spawn_options())
+        base.chmod(0o1733)  # it may remove what it owns in base, nothing else
+        folders = [str(base / "home"), str(base / "tmp")]
+        subprocess.run(user.command(["chmod", "-R", "u+rwx", *folders]), capture_output=True)
+        subprocess.run(user.command(["rm", "-rf", *folders]), capture_output=True)
 
     def writable_and_retry(function: Any, path: str, _error: Any) -> None:
         with contextlib.suppress(OSError):

@@ -12,6 +12,7 @@ import json
 import os
 import secrets
 import shutil
+import struct
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -183,3 +184,53 @@ def test_the_render_environment_is_the_job_s_plus_an_allowlist():
     assert env == {"PATH": "/studio/bin:/usr/bin", "LANG": "C.UTF-8", "LC_ALL": "C",
                    "foundry_LICENSE": "4101@licence", "SHOT": "sh010",
                    "CELERYFARM_RENDER_CONTEXT": "ctx", "HOME": "/tmp/h"}
+
+
+#: A render that says who it is, which capabilities it has, writes in its home, and tries to
+#: run the program given as its argument.
+WHO_AM_I = (
+    "import os, subprocess, sys\n"
+    "print(os.getuid(), os.getgid())\n"
+    "print(open('/proc/self/status').read().split('CapEff:')[1].split()[0])\n"
+    "open(os.path.join(os.environ['HOME'], 'x'), 'w').write('x')\n"
+    "subprocess.run([sys.argv[1], '--help'])\n"
+)
+
+
+def test_a_node_that_is_not_root_runs_renders_as_the_render_user(tmp_path_factory):
+    """As in the worker image: the node may run (only it) a ``setpriv`` with CAP_SETUID and
+    CAP_SETGID; its renders run as the render user, with no capability left, in a home the
+    render user owns, removed afterwards."""
+    node, render = ensure_user(NODE), ensure_user(RENDER)
+    switch = Path(tempfile.mkdtemp(prefix="celeryfarm-switch-"))
+    switch.chmod(0o755)
+    try:
+        setpriv = switch / "setpriv"
+        shutil.copy(shutil.which("setpriv"), setpriv)
+        os.chown(setpriv, 0, node.pw_gid)
+        setpriv.chmod(0o750)
+        os.setxattr(setpriv, "security.capability",  # cap_setuid,cap_setgid=ep
+                    struct.pack("<5I", 0x02000001, 1 << 6 | 1 << 7, 0, 0, 0))
+        code = (
+            "import io, os, sys\n"
+            "from celeryfarm import process, renderenv\n"
+            f"user = renderenv.render_user({RENDER!r})\n"
+            "with renderenv.private_folders(user) as folders:\n"
+            "    out = io.BytesIO()\n"
+            "    argv = [sys.executable, '-c', %r, %r]\n" % (WHO_AM_I, str(setpriv)) +
+            "    outcome = process.run(user.command(argv),\n"
+            "                          env=renderenv.environment({}, os.environ, (), folders),\n"
+            "                          spawn_options=renderenv.spawn_options(user),\n"
+            "                          cwd='/', output=out, should_stop=lambda: '')\n"
+            "print(out.getvalue().decode())\n"
+            "print('home', folders['HOME'], os.path.exists(folders['HOME']))\n"
+        )
+        result = python_as(NODE, code, env={"PATH": f"{switch}:{os.environ['PATH']}"})
+        lines = result.stdout.splitlines()
+        who = f"{render.pw_uid} {render.pw_gid}"
+        assert who in lines, result.stdout + result.stderr
+        assert int(lines[lines.index(who) + 1], 16) == 0  # no capability left in the render
+        assert "PermissionError" in result.stdout  # nor can it run the node's setpriv
+        assert lines[-1].startswith("home ") and lines[-1].endswith(" False")
+    finally:
+        shutil.rmtree(switch, ignore_errors=True)

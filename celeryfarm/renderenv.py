@@ -44,6 +44,14 @@ _PR_SET_DUMPABLE = 4
 #: CAP_SETGID, from the node's ambient capabilities or from file capabilities on a copy only
 #: the node may run (the worker image's); it drops every capability before the render runs.
 SWITCH_USER = "setpriv"
+#: Variables glibc removes from the environment of a program with file capabilities (its
+#: "secure execution" mode, unsecvars.h), such as that ``setpriv``: given back to the render.
+SECURE_MODE_DROPS = (
+    "GCONV_PATH", "GETCONF_DIR", "GLIBC_TUNABLES", "HOSTALIASES", "LD_AUDIT", "LD_DEBUG",
+    "LD_DEBUG_OUTPUT", "LD_DYNAMIC_WEAK", "LD_HWCAP_MASK", "LD_LIBRARY_PATH", "LD_ORIGIN_PATH",
+    "LD_PRELOAD", "LD_PROFILE", "LD_SHOW_AUXV", "LD_USE_LOAD_BIAS", "LOCALDOMAIN", "LOCPATH",
+    "MALLOC_TRACE", "NIS_PATH", "NLSPATH", "RESOLV_HOST_CONF", "RES_OPTIONS", "TMPDIR", "TZDIR",
+)
 
 
 def protect_node_process() -> bool:
@@ -110,14 +118,17 @@ class RenderUser:
             return {}  # see command()
         return {"user": self.uid, "group": self.gid, "extra_groups": list(self.groups)}
 
-    def command(self, argv: list[str]) -> list[str]:
-        """``argv`` as this user runs it, started with :meth:`spawn_options`: as is on a
-        root node; through :data:`SWITCH_USER` on a node that is not root."""
+    def command(self, argv: list[str], env: Mapping[str, str] | None = None) -> list[str]:
+        """``argv`` as this user runs it with ``env``, started with :meth:`spawn_options`:
+        as is on a root node; through :data:`SWITCH_USER` on a node that is not root (and
+        ``env`` to give back what glibc took from that capable program's environment)."""
         if os.geteuid() == 0:
             return argv
         groups = ",".join(map(str, self.groups))
+        dropped = [f"{name}={env[name]}" for name in SECURE_MODE_DROPS if name in (env or {})]
         return [SWITCH_USER, f"--reuid={self.uid}", f"--regid={self.gid}",
-                f"--groups={groups}", "--inh-caps=-all", "--ambient-caps=-all", "--", *argv]
+                f"--groups={groups}", "--inh-caps=-all", "--ambient-caps=-all", "--",
+                *(["env", *dropped] if dropped else []), *argv]
 
 
 def spawn_options(user: RenderUser | None) -> dict[str, Any]:

@@ -164,9 +164,10 @@ def render_step(
             renderenv.private_folders(user) as folders:
         log.step_started(step, steps, command, node, attempt)
         try:
+            env = render_environment(record, folders)
             outcome = process.run(
-                user.command(command) if user else command,
-                env=render_environment(record, folders),
+                user.command(command, env) if user else command,
+                env=env,
                 spawn_options=renderenv.spawn_options(user),
                 cwd=str(log_path.parent),
                 output=GatedLog(log, lease),

@@ -192,6 +192,7 @@ WHO_AM_I = (
     "import os, subprocess, sys\n"
     "print(os.getuid(), os.getgid())\n"
     "print(open('/proc/self/status').read().split('CapEff:')[1].split()[0])\n"
+    "print('TMPDIR', os.environ.get('TMPDIR'))\n"
     "open(os.path.join(os.environ['HOME'], 'x'), 'w').write('x')\n"
     "subprocess.run([sys.argv[1], '--help'])\n"
 )
@@ -218,8 +219,8 @@ def test_a_node_that_is_not_root_runs_renders_as_the_render_user(tmp_path_factor
             "with renderenv.private_folders(user) as folders:\n"
             "    out = io.BytesIO()\n"
             "    argv = [sys.executable, '-c', %r, %r]\n" % (WHO_AM_I, str(setpriv)) +
-            "    outcome = process.run(user.command(argv),\n"
-            "                          env=renderenv.environment({}, os.environ, (), folders),\n"
+            "    env = renderenv.environment({}, os.environ, (), folders)\n"
+            "    outcome = process.run(user.command(argv, env), env=env,\n"
             "                          spawn_options=renderenv.spawn_options(user),\n"
             "                          cwd='/', output=out, should_stop=lambda: '')\n"
             "print(out.getvalue().decode())\n"
@@ -230,6 +231,7 @@ def test_a_node_that_is_not_root_runs_renders_as_the_render_user(tmp_path_factor
         who = f"{render.pw_uid} {render.pw_gid}"
         assert who in lines, result.stdout + result.stderr
         assert int(lines[lines.index(who) + 1], 16) == 0  # no capability left in the render
+        assert lines[lines.index(who) + 2].startswith("TMPDIR /tmp/celeryfarm-step-")
         assert "PermissionError" in result.stdout  # nor can it run the node's setpriv
         assert lines[-1].startswith("home ") and lines[-1].endswith(" False")
     finally:

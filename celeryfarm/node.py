@@ -99,6 +99,8 @@ def on_lost_pool_process(
 
 
 def _kill_orphaned_render(task_id: str) -> None:
-    survivors = process.kill_step(task_id, app.conf.celeryfarm_settings.stop_grace_seconds)
+    settings = app.conf.celeryfarm_settings
+    survivors = process.kill_step(task_id, settings.stop_grace_seconds)
     if survivors:
         logger.error("processes of step %s survived SIGKILL: %s", task_id, survivors)
+    renderenv.remove_private_folders(task_id, renderenv.render_user(settings.render_user))

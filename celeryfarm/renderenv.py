@@ -22,6 +22,7 @@ import ctypes
 import dataclasses
 import os
 import pwd
+import secrets
 import shutil
 import stat
 import subprocess
@@ -138,10 +139,15 @@ def spawn_options(user: RenderUser | None) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def private_folders(user: RenderUser | None) -> Iterator[dict[str, str]]:
+def private_folders(user: RenderUser | None, step: str = "") -> Iterator[dict[str, str]]:
     """A fresh ``HOME`` and ``TMPDIR`` for one step on the node's local disk, owned by the
-    render's user and private to it; removed, with whatever the step left, when it ends."""
-    base = Path(tempfile.mkdtemp(prefix="celeryfarm-step-"))
+    render's user and private to it; removed, with whatever the step left, when it ends.
+    Named after ``step`` (a fresh name by default), so :func:`remove_private_folders` can
+    remove them for a process that died first."""
+    base = _steps_folder() / (step or secrets.token_hex(16))
+    if base.exists():  # an earlier execution of this step that died
+        _remove(base, user)
+    base.mkdir(mode=0o700)
     home, tmp = base / "home", base / "tmp"
     if user is None:
         home.mkdir(mode=0o700)
@@ -160,6 +166,27 @@ def private_folders(user: RenderUser | None) -> Iterator[dict[str, str]]:
         yield {"HOME": str(home), "TMPDIR": str(tmp)}
     finally:
         _remove(base, user)
+
+
+def remove_private_folders(step: str, user: RenderUser | None) -> None:
+    """Remove what :func:`private_folders` made for ``step``, if anything is left."""
+    with contextlib.suppress(OSError):
+        base = _steps_folder() / step
+        if base.exists():
+            _remove(base, user)
+
+
+def _steps_folder() -> Path:
+    """This node user's folder of steps' folders, in the temporary folder: one that only
+    this user can list, and which others may pass through to their own home."""
+    folder = Path(tempfile.gettempdir()) / f"celeryfarm-steps-{os.geteuid()}"
+    with contextlib.suppress(FileExistsError):
+        folder.mkdir(mode=0o711)
+    info = folder.lstat()
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
+        raise PermissionError(f"{folder} is not a folder of this user's")
+    folder.chmod(0o711)
+    return folder
 
 
 def _remove(base: Path, user: RenderUser | None) -> None:

@@ -161,7 +161,7 @@ def render_step(
     started = time.monotonic()
     user = _render_user()
     with log, lease.keep(), stop_signals(lease.stop_reason) as should_stop, \
-            renderenv.private_folders(user) as folders:
+            renderenv.private_folders(user, self.request.id) as folders:
         log.step_started(step, steps, command, node, attempt)
         try:
             env = render_environment(record, folders)

@@ -9,7 +9,9 @@ from __future__ import annotations
 import io
 import os
 import sys
+import tempfile
 import uuid
+from pathlib import Path
 
 import psutil
 
@@ -116,7 +118,8 @@ def test_without_a_cgroup_the_node_warns_and_still_kills_detached_processes():
 
 
 def test_a_dead_pool_process_s_escaped_daemon_is_killed_by_its_node(cluster, plugin):
-    """The node's main process kills the group of a step whose pool process died."""
+    """The node's main process kills the group of a step whose pool process died, and
+    removes the group and the step's private folders."""
     pool, node = f"pool-{uuid.uuid4().hex[:6]}", f"n{uuid.uuid4().hex[:6]}"
     cluster.start_worker(node, concurrency=1, queues=pool)
     try:
@@ -124,9 +127,14 @@ def test_a_dead_pool_process_s_escaped_daemon_is_killed_by_its_node(cluster, plu
         tag = uuid.uuid4().hex
         job_id, _ = submit_like_katana(plugin, [escaping_render(tag)], settings={"pool": pool})
         wait_until(lambda: b"daemon up" in read_log(plugin, job_id), 30, "the daemon to start")
+        (step,) = plugin.farm.get(job_id).task_ids
+        folders = Path(tempfile.gettempdir()) / f"celeryfarm-steps-{os.geteuid()}" / step
+        assert cgroup.find(step) is not None and folders.is_dir()
         (pool_process,) = psutil.Process(cluster.workers[node].pid).children()
         pool_process.kill()
         wait_until(lambda: not tagged_processes(tag), 15, "the daemon to be killed")
+        wait_until(lambda: cgroup.find(step) is None and not folders.exists(), 15,
+                   "the step's cgroup and folders to be removed")
         plugin.stopJob(job_id)
     finally:
         cluster.stop_worker(node)

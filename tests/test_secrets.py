@@ -231,7 +231,7 @@ def test_a_node_that_is_not_root_runs_renders_as_the_render_user(tmp_path_factor
         who = f"{render.pw_uid} {render.pw_gid}"
         assert who in lines, result.stdout + result.stderr
         assert int(lines[lines.index(who) + 1], 16) == 0  # no capability left in the render
-        assert lines[lines.index(who) + 2].startswith("TMPDIR /tmp/celeryfarm-step-")
+        assert lines[lines.index(who) + 2].startswith("TMPDIR /tmp/celeryfarm-steps-")
         assert "PermissionError" in result.stdout  # nor can it run the node's setpriv
         assert lines[-1].startswith("home ") and lines[-1].endswith(" False")
     finally:

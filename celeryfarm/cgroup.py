@@ -50,8 +50,7 @@ def create(name: str, memory_mb: int = 0) -> StepGroup:
         group = _V2Group(name) if _unified() else _V1Group(name)
         group.make(memory_mb)
     except OSError as error:
-        raise Unavailable(f"cannot make a cgroup for the step: {error.strerror or error}"
-                          f"{': ' + str(error.filename) if error.filename else ''}") from None
+        raise Unavailable(f"cannot make a cgroup for the steps: {_why(error)}") from None
     return group
 
 
@@ -150,7 +149,10 @@ class _V1Group(StepGroup):
             memory = _v1_home("memory") / FOLDER / self.folders[0].name
             memory.mkdir(parents=True, exist_ok=True)
             _write(memory / "memory.limit_in_bytes", str(memory_mb * 1024 * 1024))
-        except (OSError, Unavailable) as error:
+        except OSError as error:
+            self.memory_problem = f"no memory cap on this node: {_why(error)}"
+            return
+        except Unavailable as error:
             self.memory_problem = f"no memory cap on this node: {error}"
             return
         self._memory = memory
@@ -227,6 +229,15 @@ def _v1_home(controller: str) -> Path:
     if not (mount / "cgroup.procs").exists():
         raise Unavailable(f"no cgroup v1 {controller} hierarchy at {mount}")
     return mount / _own_path(controller).lstrip("/")
+
+
+def _why(error: OSError) -> str:
+    """What went wrong, naming the folder of steps rather than one step's (so a node's log
+    says it once, not once per step)."""
+    where = Path(error.filename) if error.filename else MOUNT
+    while where.name and where.name != FOLDER and FOLDER in where.parts:
+        where = where.parent
+    return f"{error.strerror or error}: {where}"
 
 
 def _write(path: Path, text: str) -> None:

@@ -5,6 +5,8 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# Render nodes refuse to run as root unless told; a root shell (CI, a fresh VM) tells them.
+ALLOW_ROOT := $(shell [ "$$(id -u)" = 0 ] && echo --allow-root)
 
 .PHONY: setup redis-server test lint demo up bench bench-quick
 
@@ -29,11 +31,11 @@ test: lint
 
 # A local farm runs three real jobs through the Katana plug-in, shows their progress, stops.
 demo: setup
-	$(BIN)/celeryfarm demo
+	$(BIN)/celeryfarm demo $(ALLOW_ROOT)
 
 # A local farm in the foreground until Ctrl-C (see the README).
 up: setup
-	$(BIN)/celeryfarm up
+	$(BIN)/celeryfarm up $(ALLOW_ROOT)
 
 # Starts its own Redis and workers, prints the table and updates BENCHMARKS.md (~5 minutes).
 bench: setup

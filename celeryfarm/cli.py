@@ -138,6 +138,17 @@ class Session:
 pass_session = click.make_pass_decorator(Session)
 
 
+def _set_allow_root(ctx: click.Context, _param: Any, value: bool) -> None:
+    if value:
+        ctx.find_object(Session).environ[PREFIX + "ALLOW_ROOT"] = "1"
+
+
+#: The option of the commands that start render nodes, which refuse to run as root without it.
+allow_root_option = click.option(
+    "--allow-root", is_flag=True, expose_value=False, callback=_set_allow_root,
+    help=f"Let render nodes run as root (they refuse to otherwise; {PREFIX}ALLOW_ROOT=1).")
+
+
 @click.group(cls=FarmGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--data-dir", type=click.Path(file_okay=False), metavar="DIR",
               help="The local farm's data folder (default: $CELERYFARM_DATA_DIR or "
@@ -160,8 +171,11 @@ def make_local_farm(session: Session, *, workers: int, concurrency: int = 1, que
                     echo: Any = click.echo) -> LocalFarm:
     """The LocalFarm that ``up`` (and the demo) run, from the session's environment."""
     from .localfarm import LocalFarm, wants_embedded_redis
+    from .renderenv import root_problem
 
     settings = session.local_settings
+    if root_problem(settings):
+        raise FarmError(root_problem(settings))
     if flower_port:
         settings = dataclasses.replace(settings, flower_port=flower_port)
     return LocalFarm(
@@ -182,6 +196,7 @@ def make_local_farm(session: Session, *, workers: int, concurrency: int = 1, que
               help="Run Flower, the web monitor.")
 @click.option("--flower-port", type=click.IntRange(1, 65535), metavar="PORT",
               help="Flower's port (default: $CELERYFARM_FLOWER_PORT, else 5555 if free).")
+@allow_root_option
 @pass_session
 def up(session: Session, workers: int, concurrency: int, queues: str, flower: bool,
        flower_port: int | None) -> None:
@@ -265,6 +280,7 @@ def env(session: Session) -> None:
               help="Render steps this node runs at once.")
 @click.option("--name", "-n", default="render", show_default=True,
               help="Node name (the host name is added); unique per machine.")
+@allow_root_option
 @pass_session
 def worker(session: Session, queues: str, concurrency: int, name: str) -> None:
     """Join this machine to the farm as a render node (runs in the foreground).
@@ -274,9 +290,12 @@ def worker(session: Session, queues: str, concurrency: int, name: str) -> None:
     the shared folder), or the one `celeryfarm up` runs here.
     """
     from .localfarm import check_redis
+    from .renderenv import root_problem
     from .worker import node_name, worker_command
 
     settings = session.settings
+    if root_problem(settings):
+        raise FarmError(root_problem(settings))
     check_redis(settings.broker_url)
     argv = worker_command(name, concurrency, queues or settings.default_queue)
     click.echo(f"joining the farm at {redact(settings.broker_url)} as {node_name(name)}, "
@@ -287,10 +306,26 @@ def worker(session: Session, queues: str, concurrency: int, name: str) -> None:
 
 
 @cli.command()
+@pass_session
+def doctor(session: Session) -> None:
+    """Check this node's set-up, one line each: the shared mount, the Katana root, the
+    Redis connection and the node's user. Exits 1 if anything is wrong."""
+    from .doctor import checks
+
+    healthy = True
+    for what, finding, ok in checks(session.settings):
+        healthy = healthy and ok
+        verdict = click.style("ok" if ok else "PROBLEM", fg="green" if ok else "red")
+        click.echo(f"{what + ':':<14}{verdict} {finding}")
+    sys.exit(0 if healthy else 1)
+
+
+@cli.command()
 @click.option("--workers", "-w", default=2, show_default=True, type=click.IntRange(1, 8),
               help="Workers of the farm the demo starts (when none runs).")
 @click.option("--timeout", default=300, show_default=True, type=click.IntRange(10),
               help="Seconds to wait for the jobs before giving up.")
+@allow_root_option
 @pass_session
 def demo(session: Session, workers: int, timeout: int) -> None:
     """Submit a few real render jobs and watch them run.

@@ -15,6 +15,8 @@ from collections.abc import Mapping
 from pathlib import Path
 
 PREFIX = "CELERYFARM_"
+#: Settings that hold credentials; each may instead come from a file named by ``NAME_FILE``.
+SECRETS = ("BROKER_URL", "RESULT_BACKEND", "STORE_URL", "FLOWER_PASSWORD")
 
 
 class ConfigError(ValueError):
@@ -83,6 +85,12 @@ class Settings:
     #: Flower's basic-auth login; an empty password makes ``up`` generate and keep one.
     flower_user: str = "admin"
     flower_password: str = ""
+    #: The user render steps run as, where the node can switch users ("": the node's own).
+    render_user: str = ""
+    #: Variables of the node's environment that renders also get (licence servers...).
+    render_env: tuple[str, ...] = ()
+    #: Whether a render node may run as root (``--allow-root``); it refuses to otherwise.
+    allow_root: bool = False
 
     @property
     def results_url(self) -> str:
@@ -119,6 +127,11 @@ class Settings:
         def get(name: str, default: str = "") -> str:
             return env.get(PREFIX + name, default).strip()
 
+        def secret(name: str) -> str:
+            """A credential, from the variable or else from the file ``NAME_FILE`` names
+            (readable by the node, not by its renders)."""
+            return get(name) or _read_secret(name, get(name + "_FILE"))
+
         def number(name: str, default: float, kind: type = float):
             raw = get(name)
             if not raw:
@@ -136,10 +149,10 @@ class Settings:
         shared_root = Path(get("SHARED_ROOT") or data_dir / "shared").expanduser()
         remote_root = get("REMOTE_SHARED_ROOT")
         return cls(
-            broker_url=get("BROKER_URL") or defaults.broker_url,
+            broker_url=secret("BROKER_URL") or defaults.broker_url,
             data_dir=data_dir,
-            result_backend=get("RESULT_BACKEND"),
-            store_url=get("STORE_URL"),
+            result_backend=secret("RESULT_BACKEND"),
+            store_url=secret("STORE_URL"),
             shared_root=shared_root,
             remote_shared_root=Path(remote_root) if remote_root else None,
             katana_root=get("KATANA_ROOT") or defaults.katana_root,
@@ -157,8 +170,20 @@ class Settings:
             session=get("SESSION"),
             flower_port=_port(get("FLOWER_PORT")),
             flower_user=_login_part("FLOWER_USER", get("FLOWER_USER") or defaults.flower_user),
-            flower_password=_login_part("FLOWER_PASSWORD", get("FLOWER_PASSWORD")),
+            flower_password=_login_part("FLOWER_PASSWORD", secret("FLOWER_PASSWORD")),
+            render_user=get("RENDER_USER"),
+            render_env=tuple(filter(None, (n.strip() for n in get("RENDER_ENV").split(",")))),
+            allow_root=get("ALLOW_ROOT").lower() in ("1", "true", "yes"),
         )
+
+
+def _read_secret(name: str, path: str) -> str:
+    if not path:
+        return ""
+    try:
+        return Path(path).read_text().strip()
+    except OSError as error:
+        raise ConfigError(f"{PREFIX}{name}_FILE: cannot read {path}: {error.strerror}") from None
 
 
 def _port(text: str) -> int:

@@ -88,6 +88,7 @@ class JobSpec:
     priority: int = DEFAULT_PRIORITY
     max_step_seconds: int = 0  # 0: only the farm-wide limit
     stall_seconds: int = 0  # 0: no stall detection
+    max_memory_mb: int = 0  # 0: no memory cap
     user: str = ""
     host: str = ""
     session: str = ""
@@ -125,6 +126,7 @@ class JobSpec:
         priority = _priority(settings.pop("priority", DEFAULT_PRIORITY))
         max_step_seconds = _seconds(settings.pop("maxStepSeconds", 0), "maxStepSeconds")
         stall_seconds = _seconds(settings.pop("stallSeconds", 0), "stallSeconds")
+        max_memory_mb = _not_negative(settings.pop("maxMemoryMB", 0), "maxMemoryMB (megabytes)")
         if settings:
             raise FarmError(f"unknown farm settings: {', '.join(sorted(map(str, settings)))}")
         return cls(
@@ -137,6 +139,7 @@ class JobSpec:
             priority=priority,
             max_step_seconds=max_step_seconds,
             stall_seconds=stall_seconds,
+            max_memory_mb=max_memory_mb,
             **identity,
         )
 
@@ -195,10 +198,14 @@ def _whole(value: Any, what: str) -> int:
 
 
 def _seconds(value: Any, name: str) -> int:
-    seconds = _whole(value or 0, f"{name} (seconds)")
-    if seconds < 0:
-        raise FarmError(f"{name} must not be negative, got {seconds}")
-    return seconds
+    return _not_negative(value, f"{name} (seconds)")
+
+
+def _not_negative(value: Any, what: str) -> int:
+    number = _whole(value or 0, what)
+    if number < 0:
+        raise FarmError(f"{what} must not be negative, got {number}")
+    return number
 
 
 def _priority(value: Any) -> int:

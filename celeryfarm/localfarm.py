@@ -123,7 +123,7 @@ def client_environment(environ: Mapping[str, str]) -> dict[str, str]:
     """``environ`` completed with the running local farm's variables, for commands run
     without ``CELERYFARM_BROKER_URL``: with it set, that farm is the one meant."""
     env = dict(environ)
-    if env.get(PREFIX + "BROKER_URL"):
+    if env.get(PREFIX + "BROKER_URL") or env.get(PREFIX + "BROKER_URL_FILE"):
         return env
     state = running_farm(Settings.from_env(env).data_dir)
     if state is not None:
@@ -367,6 +367,8 @@ class LocalFarm:
         env = {k: v for k, v in os.environ.items() if not k.startswith("FLOWER_")}
         env[PREFIX + "BROKER_URL"] = self.broker_url
         env[PREFIX + "SHARED_ROOT"] = str(self.settings.shared_root)
+        if self.settings.allow_root:
+            env[PREFIX + "ALLOW_ROOT"] = "1"
         return env
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen:

@@ -20,7 +20,7 @@ from billiard.exceptions import WorkerLostError
 from billiard.util import set_pdeathsig
 from celery import signals
 
-from . import leases, process
+from . import leases, process, renderenv
 from .celery import RENDER_STEP, app
 from .store import JobStore, connect
 
@@ -56,8 +56,21 @@ def stop_reaper(**_: Any) -> None:
         _reaper.stop()
 
 
+@signals.worker_init.connect
+def protect_node(**_: Any) -> None:
+    """Before any render runs: a node runs as root only when told to, and renders must not
+    read the node's environment or memory."""
+    problem = renderenv.root_problem(app.conf.celeryfarm_settings)
+    if problem:
+        raise SystemExit(problem)  # not an Exception: Celery would log it and carry on
+    if not renderenv.protect_node_process():
+        logger.warning("could not make the node non-dumpable: renders running as its user "
+                       "can read its environment, which holds the farm's credentials")
+
+
 @signals.worker_process_init.connect
 def prepare_pool_process(**_: Any) -> None:
+    renderenv.protect_node_process()  # inherited from the main process; made sure of here
     process.become_subreaper()
     signal.signal(PARENT_DIED, _exit_now)  # idle; a step handles it itself while it runs
     set_pdeathsig(PARENT_DIED)
@@ -86,6 +99,8 @@ def on_lost_pool_process(
 
 
 def _kill_orphaned_render(task_id: str) -> None:
-    survivors = process.kill_marked(task_id, app.conf.celeryfarm_settings.stop_grace_seconds)
+    settings = app.conf.celeryfarm_settings
+    survivors = process.kill_step(task_id, settings.stop_grace_seconds)
     if survivors:
         logger.error("processes of step %s survived SIGKILL: %s", task_id, survivors)
+    renderenv.remove_private_folders(task_id, renderenv.render_user(settings.render_user))

@@ -16,6 +16,7 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
 
+from . import sharing
 from .jobs import FarmError
 
 LOG_NAME = "render.log"
@@ -71,10 +72,11 @@ class SharedRoot:
         return f"{self.context_dir(context)}/{LOG_NAME}"
 
     def make_context_dir(self, context: str) -> Path:
-        """Create the render context's folder (idempotent) and check nodes can write there."""
+        """Create the render context's folder (idempotent) and check nodes can write there;
+        the farm's group may write in it, whatever this process's umask."""
         path = self.join(self.context_dir(context))
         try:
-            path.mkdir(parents=True, exist_ok=True)
+            sharing.make_folder(path)
             _check_writable(path)
         except OSError as error:
             raise FarmError(
@@ -103,6 +105,7 @@ class SharedRoot:
                 fd, partial = tempfile.mkstemp(dir=target_dir, prefix=f".{name}.")
                 os.close(fd)
                 shutil.copyfile(source, partial)
+                sharing.share(Path(partial))  # mkstemp made it 0600: nodes must read it
                 os.replace(partial, destination)
             except OSError as error:
                 raise FarmError(

@@ -1,12 +1,15 @@
 """Running one render command: its own session, output streamed as it comes, and a tree kill.
 
 A render is a tree of processes (renderboot, the renderer, its helpers), and Celery's revoke
-signals only the pool process. So every command starts in a new session, every process it
-starts carries a marker in its environment, and whenever the step ends (success, failure,
-stop, or the pool process exiting) every process of the tree is sent SIGTERM, then SIGKILL
-after a grace period, and waited for until it is gone. The pool process makes itself a child
-subreaper, so descendants that detach from the render (double forks, ``setsid``) are
-reparented to it and still found.
+signals only the pool process. So every command starts in a new session and in a cgroup of
+its own (:mod:`celeryfarm.cgroup`), and whenever the step ends (success, failure, stop, or
+the pool process exiting) every process of the group is sent SIGTERM, then after a grace
+period the group is frozen and SIGKILLed, and waited for until it is empty.
+
+Where no cgroup can be made, the node's log says so and the tree is found the older way:
+every process the command starts carries a marker in its environment, and the pool process
+makes itself a child subreaper, so descendants that detach from the render (double forks,
+``setsid``) are reparented to it and still found, unless they also clear their environment.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import functools
+import logging
 import os
 import select
 import selectors
@@ -23,10 +28,13 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator, Mapping
-from typing import BinaryIO, Callable
+from typing import Any, BinaryIO, Callable
 
 import psutil
 
+from . import cgroup
+
+logger = logging.getLogger(__name__)
 #: Environment variable set in every render process to find the whole tree.
 MARKER = "CELERYFARM_STEP_TOKEN"
 #: How long the command's leftover children may hold its output open after it exited.
@@ -82,30 +90,39 @@ def run(
     max_seconds: float = 0,
     stall_seconds: float = 0,
     token: str = "",
+    memory_mb: int = 0,
+    spawn_options: Mapping[str, Any] | None = None,
 ) -> Outcome:
     """Run ``argv`` with stdout and stderr streamed into ``output`` as bytes arrive.
 
     ``should_stop`` is called every ``poll_seconds`` and returns a reason to stop, or "".
     ``max_seconds`` and ``stall_seconds`` (no output for that long), when set, kill the
-    command and set ``Outcome.limit``. Every process of the command carries ``token`` (a
-    fresh one by default) in its environment, so :func:`kill_marked` can find them from
-    another process. Whatever happens, including an exception raised into this frame, the
-    command's whole process tree is gone when this returns.
+    command and set ``Outcome.limit``; so does going over ``memory_mb`` MiB of memory, where
+    the node can cap it. The command's cgroup is named ``token`` (a fresh one by default), and
+    every process of the command carries it in its environment, so :func:`kill_step` can find
+    them from another process. Whatever happens, including an exception raised into this
+    frame, the command's whole process tree is gone when this returns. ``spawn_options``
+    go to ``subprocess.Popen`` (the user and groups of a render user).
     """
     become_subreaper()
     token = token or uuid.uuid4().hex
     limits = _Limits(max_seconds, stall_seconds)
+    group = _step_group(token, memory_mb)
     try:
-        proc = subprocess.Popen(
-            argv,
-            env={**env, MARKER: token},
-            cwd=cwd,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        with group.joined() if group else contextlib.nullcontext():
+            proc = subprocess.Popen(
+                argv,
+                env={**env, MARKER: token},
+                cwd=cwd,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                **(spawn_options or {}),
+            )
     except OSError as error:
+        if group:
+            group.remove()
         return Outcome(start_error=_start_error(argv[0], error))
     outcome = Outcome()
     try:
@@ -116,13 +133,35 @@ def run(
         else:
             outcome.stop_reason = reason
     finally:
-        kill_tree(proc, token, grace_seconds)
+        kill_tree(proc, token, grace_seconds, group)
         proc.stdout.close()
+        if group:
+            if group.out_of_memory():
+                outcome.limit = f"went over its memory cap of {memory_mb} MB"
+            group.remove()
     if proc.returncode is not None and proc.returncode < 0:
         outcome.signal = -proc.returncode
     else:
         outcome.exit_code = proc.returncode
     return outcome
+
+
+def _step_group(token: str, memory_mb: int) -> cgroup.StepGroup | None:
+    """The step's cgroup, or None (and a warning in the node's log) where none can be made."""
+    try:
+        group = cgroup.create(token, memory_mb)
+    except cgroup.Unavailable as error:
+        _warn_once(f"{error}; stopped renders are found by their session and an environment "
+                   "marker instead, which a process that leaves both (env -i, setsid) escapes")
+        return None
+    if group.memory_problem:
+        _warn_once(group.memory_problem)
+    return group
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    logger.warning(message)
 
 
 class _Limits:
@@ -273,6 +312,16 @@ def _tree(root_pid: int, token: str) -> list[psutil.Process]:
     return [proc for proc in found.values() if _alive(proc)]
 
 
+def kill_step(token: str, grace_seconds: float) -> list[int]:
+    """Kill what is left of the step ``token`` when the process that ran it is gone: its
+    cgroup, and the processes carrying its marker; returns pids that outlived SIGKILL."""
+    group = cgroup.find(token)
+    survivors = _end_group(group, grace_seconds) if group else []
+    if group:
+        group.remove()
+    return survivors + kill_marked(token, grace_seconds)
+
+
 def kill_marked(token: str, grace_seconds: float) -> list[int]:
     """Kill every process carrying ``token``, wherever it is in the process table (used when
     the process that ran the command is gone); returns pids that outlived SIGKILL."""
@@ -371,19 +420,47 @@ def _wait(
         time.sleep(0.01)
 
 
-def kill_tree(root: subprocess.Popen, token: str, grace_seconds: float) -> list[int]:
-    """SIGTERM the render's session and every process of its tree, SIGKILL what is left
-    after the grace period, and wait until all are gone. Returns the pids that outlived
-    SIGKILL: normally none, only a process stuck in the kernel."""
+def kill_tree(
+    root: subprocess.Popen, token: str, grace_seconds: float,
+    group: cgroup.StepGroup | None = None,
+) -> list[int]:
+    """SIGTERM every process of the render (its cgroup's, or else its session and tree),
+    SIGKILL what is left after the grace period, and wait until all are gone. Returns the
+    pids that outlived SIGKILL: normally none, only a process stuck in the kernel."""
     if root.poll() is not None and not _has_children():
         return []  # as a subreaper, we would have inherited anything left of the tree
     try:
         born = psutil.Process(root.pid).create_time()
     except psutil.NoSuchProcess:
         born = 0.0
-    survivors = _kill(root, token, grace_seconds)
+    if group:
+        survivors = _end_group(group, grace_seconds, root)
+    else:
+        survivors = _kill(root, token, grace_seconds)
     _reap_orphan_zombies(born)
     return survivors
+
+
+def _end_group(
+    group: cgroup.StepGroup, grace_seconds: float, root: subprocess.Popen | None = None
+) -> list[int]:
+    """SIGTERM every process in ``group`` once; after the grace period, freeze and SIGKILL
+    what is left. Returns the pids still in the group."""
+
+    def gone() -> bool:
+        return not group.pids() and (root is None or root.poll() is not None)
+
+    if not gone():
+        group.signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace_seconds
+        while not gone() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if not gone():
+            group.kill()
+    if root is not None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            root.wait(cgroup.SETTLE_SECONDS)  # out of the group: a zombie, or stuck
+    return group.pids()
 
 
 def _kill(root: subprocess.Popen, token: str, grace_seconds: float) -> list[int]:

@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import BinaryIO, Callable
 
+from . import sharing
+
 _CHUNK = 64 * 1024
 
 
@@ -24,8 +26,9 @@ class RenderLog:
     """An open render log, appended to without buffering."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(path, "ab", buffering=0)  # noqa: SIM115 - closed by close()
+        sharing.make_folder(path.parent)
+        # Created group-writable: the submitter starts it, nodes (other users) append.
+        self._file = open(sharing.open_append(path), "ab", buffering=0)  # noqa: SIM115
         self._line_open = False
 
     def write(self, data: bytes) -> None:

@@ -23,9 +23,9 @@ import redis
 from celery import states
 from celery.exceptions import Ignore
 
-from . import leases, process
+from . import leases, process, renderenv
 from .celery import RENDER_STEP, app
-from .config import PREFIX, Settings
+from .config import Settings
 from .jobs import JobRecord
 from .node import PARENT_DIED, lease_owner
 from .paths import SharedRoot
@@ -55,13 +55,21 @@ def _scripts() -> leases.Scripts:
     return leases.Scripts(_store())
 
 
-def render_environment(record: JobRecord) -> dict[str, str]:
-    """The node's environment without celeryfarm's own settings (they hold the broker's
-    password), plus the job's environment and where the render runs."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(PREFIX)}
-    env.update(record.spec.environment)
-    env.update(CELERYFARM_JOB_ID=record.job_id, CELERYFARM_ATTEMPT=str(record.attempt))
-    return env
+@functools.lru_cache(maxsize=1)
+def _render_user() -> renderenv.RenderUser | None:
+    return renderenv.render_user(_settings().render_user)
+
+
+def render_environment(record: JobRecord, folders: dict[str, str]) -> dict[str, str]:
+    """The job's environment, the node's allowed variables, and the step's own ``folders``
+    and ids; nothing else of the node's (see :mod:`celeryfarm.renderenv`)."""
+    user = _render_user()
+    farm = {**folders, "CELERYFARM_JOB_ID": record.job_id,
+            "CELERYFARM_ATTEMPT": str(record.attempt)}
+    if user is not None:
+        farm.update(USER=user.name, LOGNAME=user.name)
+    return renderenv.environment(record.spec.environment, os.environ, _settings().render_env,
+                                 farm)
 
 
 class GatedLog:
@@ -151,12 +159,16 @@ def render_step(
     except OSError as error:
         _fail(lease, f"{label}: cannot write the render log {log_path}: {error.strerror}")
     started = time.monotonic()
-    with log, lease.keep(), stop_signals(lease.stop_reason) as should_stop:
+    user = _render_user()
+    with log, lease.keep(), stop_signals(lease.stop_reason) as should_stop, \
+            renderenv.private_folders(user, self.request.id) as folders:
         log.step_started(step, steps, command, node, attempt)
         try:
+            env = render_environment(record, folders)
             outcome = process.run(
-                command,
-                env=render_environment(record),
+                user.command(command, env) if user else command,
+                env=env,
+                spawn_options=renderenv.spawn_options(user),
                 cwd=str(log_path.parent),
                 output=GatedLog(log, lease),
                 should_stop=should_stop,
@@ -164,6 +176,7 @@ def render_step(
                 grace_seconds=settings.stop_grace_seconds,
                 max_seconds=record.spec.max_step_seconds or settings.max_render_seconds,
                 stall_seconds=record.spec.stall_seconds,
+                memory_mb=record.spec.max_memory_mb,
                 token=self.request.id,
             )
         except Exception as error:

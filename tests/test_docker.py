@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 import secrets
 import shutil
 import socket
+import stat
 import subprocess
 import time
 import urllib.error
@@ -48,6 +50,7 @@ from celeryfarm.farmapi import Job
 from celeryfarm.plugin import CeleryFarmPlugin
 
 from .helpers import FINISHED, wait_for_state, wait_until
+from .test_secrets import HUNT, report
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(900)]
 
@@ -578,3 +581,53 @@ def test_compose_worker_stopped_mid_render_hands_its_step_to_another_node(
         assert killed, "the warm shutdown ended before the render could have"
         assert f"node {first} lost while running step 1/1" in log, log
     assert_frames(farm.shared, context)
+
+
+def test_compose_studio_set_up_with_a_submitter_umask_of_022(tmp_path: Path):
+    """The README's studio set-up: the shared folder belongs to the farm's group and is
+    2775; this host (root, umask 022, as the issue found it failing) submits through the
+    plug-in. The worker runs as the image's `node` user and its renders as `render`: they
+    read the copied scene, write frames the farm's group shares, and find none of the
+    node's secrets."""
+    shared = tmp_path / "studio-shared"
+    shared.mkdir()
+    if os.getuid() == 0:
+        os.chown(shared, 0, RENDER_GID)
+    shared.chmod(0o2775)
+    farm = ComposeFarm(tmp_path, shared)
+    previous = os.umask(0o022)
+    try:
+        farm.compose("up", "-d", "--no-build", "--scale", "worker=1")
+        plugin = host_plugin(farm.broker_url, farm.broker_url, shared)
+        nodes_ready(farm, plugin, 1)
+        context = "studio"
+        plugin.createTempDirectory(context)
+        scene = tmp_path / "shot010.katana"
+        scene.write_text("scene shot010 v3\n")
+        (node_scene,) = plugin.copyRenderFiles([str(scene)], context).values()
+        environment = {**plugin.getEnvironmentForJob(context),
+                       "HUNT_ROOTS": "/shared:/home/node:/home/render:/tmp:/opt/celeryfarm"}
+        frames = ["python", "-m", "celeryfarm.testing.renderboot", "--frames", "1-3",
+                  "--output", f"/shared/{context}/img"]
+        who = ["python", "-c", f"import os; print('scene:', open({node_scene!r}).read().strip())"
+               "; print('ids', os.getuid(), os.stat(f'/proc/{os.getppid()}').st_uid)"]
+        hunt = ["python", "-c", HUNT, farm.redis_password[::-1]]
+        job_id = plugin.submitJob(FarmPluginManager.JobRequest(
+            name=context, renderContextName=context, commands=[frames, who, hunt],
+            environment=environment, frameRange=(1, 3), renderType="Disk", settings={}))
+        assert finished(plugin, job_id) == State.kCompleted, render_log(plugin, job_id)
+        log = render_log(plugin, job_id)
+        assert "scene: scene shot010 v3" in log
+        renders_as, worker_as = re.search(r"^ids (\d+) (\d+)$", log, re.M).groups()
+        assert int(renders_as) == RENDER_UID and int(worker_as) != RENDER_UID
+        found = report(log.encode())
+        assert found["found"] == [] and found["looked"] > 10
+        folder = shared / context
+        for path, mode in ((folder, 0o2775), (folder / "render.log", 0o664),
+                           (folder / "shot010.katana", 0o664), (folder / "img", 0o2775),
+                           (folder / "img" / "frame.0001.ppm", 0o664)):
+            info = path.stat()
+            assert (stat.S_IMODE(info.st_mode), info.st_gid) == (mode, RENDER_GID), path
+    finally:
+        os.umask(previous)
+        farm.compose("down", "-v", "--remove-orphans", "--timeout", "10", check=False)

@@ -15,6 +15,7 @@
 #   CELERYFARM_REDIS_IMAGE   Redis image tag      (default redis:7-bookworm)
 #   CELERYFARM_BASE_IMAGE    base image tag       (default: the Dockerfile's BASE_IMAGE)
 #   CELERYFARM_RENDER_UID / CELERYFARM_RENDER_GID  uid/gid of the image's render user (1000)
+#   CELERYFARM_NODE_UID      uid of the image's worker user, `node` (1001)
 #   PYTHON                   host Python whose pip configuration the build uses (python3)
 # pip's own configuration (files and PIP_* variables, constraints included) applies as on the
 # host: see pip-in-base.sh.
@@ -28,6 +29,7 @@ default_base=$(sed -n 's/^ARG BASE_IMAGE=\(.*\)$/\1/p' "$here/Dockerfile" | head
 base_image=${CELERYFARM_BASE_IMAGE:-$default_base}
 render_uid=${CELERYFARM_RENDER_UID:-1000}
 render_gid=${CELERYFARM_RENDER_GID:-1000}
+node_uid=${CELERYFARM_NODE_UID:-1001}
 wheels=$here/wheels
 
 say() { printf 'build: %s\n' "$*" >&2; }
@@ -110,6 +112,7 @@ step "worker image $worker_image"
 docker build --quiet --force-rm --network host \
     --build-arg BASE_IMAGE="$base_image" \
     --build-arg RENDER_UID="$render_uid" --build-arg RENDER_GID="$render_gid" \
+    --build-arg NODE_UID="$node_uid" \
     --tag "$worker_image" "$here" >/dev/null
 
 step "done: $worker_image, $redis_image (base $base_image)"

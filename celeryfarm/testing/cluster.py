@@ -23,10 +23,11 @@ __all__ = ["LocalCluster", "worker_command"]
 class LocalCluster:
     """A Redis and some render-node workers sharing one shared root under ``base``."""
 
-    def __init__(self, base: Path, extra_env: Mapping[str, str] | None = None) -> None:
+    def __init__(self, base: Path, extra_env: Mapping[str, str] | None = None,
+                 password: str = "") -> None:
         self.base = Path(base)
         self.shared_root = self.base / "shared"
-        self.redis = RedisServer(self.base / "redis")
+        self.redis = RedisServer(self.base / "redis", password=password)
         self.extra_env = dict(extra_env or {})
         self.workers: dict[str, subprocess.Popen] = {}
 
@@ -36,6 +37,8 @@ class LocalCluster:
         return {
             "CELERYFARM_BROKER_URL": self.redis.url,
             "CELERYFARM_SHARED_ROOT": str(self.shared_root),
+            # Tests and CI run as root; the nodes are told they may (--allow-root).
+            **({"CELERYFARM_ALLOW_ROOT": "1"} if os.geteuid() == 0 else {}),
             **self.extra_env,
         }
 

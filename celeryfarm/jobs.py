@@ -126,7 +126,7 @@ class JobSpec:
         priority = _priority(settings.pop("priority", DEFAULT_PRIORITY))
         max_step_seconds = _seconds(settings.pop("maxStepSeconds", 0), "maxStepSeconds")
         stall_seconds = _seconds(settings.pop("stallSeconds", 0), "stallSeconds")
-        max_memory_mb = _not_negative(settings.pop("maxMemoryMB", 0), "maxMemoryMB (megabytes)")
+        max_memory_mb = _not_negative(settings.pop("maxMemoryMB", 0), "maxMemoryMB", "megabytes")
         if settings:
             raise FarmError(f"unknown farm settings: {', '.join(sorted(map(str, settings)))}")
         return cls(
@@ -198,13 +198,13 @@ def _whole(value: Any, what: str) -> int:
 
 
 def _seconds(value: Any, name: str) -> int:
-    return _not_negative(value, f"{name} (seconds)")
+    return _not_negative(value, name, "seconds")
 
 
-def _not_negative(value: Any, what: str) -> int:
-    number = _whole(value or 0, what)
+def _not_negative(value: Any, name: str, unit: str) -> int:
+    number = _whole(value or 0, f"{name} ({unit})")
     if number < 0:
-        raise FarmError(f"{what} must not be negative, got {number}")
+        raise FarmError(f"{name} must not be negative, got {number}")
     return number
 
 

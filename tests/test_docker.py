@@ -49,7 +49,7 @@ from celeryfarm.farm import Farm
 from celeryfarm.farmapi import Job
 from celeryfarm.plugin import CeleryFarmPlugin
 
-from .helpers import FINISHED, wait_for_state, wait_until
+from .helpers import FINISHED, KatanaJobRequest, command_line, wait_for_state, wait_until
 from .test_secrets import HUNT, report
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(900)]
@@ -601,10 +601,11 @@ def test_compose_studio_set_up_with_a_submitter_umask_of_022(tmp_path: Path):
         plugin = host_plugin(farm.broker_url, farm.broker_url, shared)
         nodes_ready(farm, plugin, 1)
         context = "studio"
-        plugin.createTempDirectory(context)
+        temp_dir = plugin.createTemporaryDirectory(context)
         scene = tmp_path / "shot010.katana"
         scene.write_text("scene shot010 v3\n")
         (node_scene,) = plugin.copyRenderFiles([str(scene)], context).values()
+        plugin.getRemoteInstallationMetadata()
         environment = {**plugin.getEnvironmentForJob(context),
                        "HUNT_ROOTS": "/shared:/home/node:/home/render:/tmp:/opt/celeryfarm"}
         frames = ["python", "-m", "celeryfarm.testing.renderboot", "--frames", "1-3",
@@ -612,9 +613,9 @@ def test_compose_studio_set_up_with_a_submitter_umask_of_022(tmp_path: Path):
         who = ["python", "-c", f"import os; print('scene:', open({node_scene!r}).read().strip())"
                "; print('ids', os.getuid(), os.stat(f'/proc/{os.getppid()}').st_uid)"]
         hunt = ["python", "-c", HUNT, farm.redis_password[::-1]]
-        job_id = plugin.submitJob(FarmPluginManager.JobRequest(
-            name=context, renderContextName=context, commands=[frames, who, hunt],
-            environment=environment, frameRange=(1, 3), renderType="Disk", settings={}))
+        job_id = plugin.submitJob(KatanaJobRequest(
+            "Render", context, [1, 2, 3], [command_line(c) for c in (frames, who, hunt)],
+            environment, temp_dir))
         assert finished(plugin, job_id) == State.kCompleted, render_log(plugin, job_id)
         log = render_log(plugin, job_id)
         assert "scene: scene shot010 v3" in log

@@ -285,7 +285,8 @@ def test_loading_the_dropin_registers_the_farm_settings(katana_dropin: dict):
     assert katana_dropin["PluginRegistry"] == [
         ("FarmPlugin", 2.0, "Celery Farm", CeleryFarmPlugin)]
     added = {setting.getName(): setting for setting in FarmAPI.GetAddedFarmSettings()}
-    assert {"pool", "priority", "maxStepSeconds", "stallSeconds", "renderType"} <= set(added)
+    assert {"pool", "priority", "maxStepSeconds", "stallSeconds", "maxMemoryMB",
+            "renderType"} <= set(added)
     assert added["priority"].getValue() == 50 and added["renderType"].getValue() == "Disk"
     node = NodegraphAPI.GetNode(render_node())
     assert node.getParameter("farmSettings.priority").getValue(0) == 50.0  # Katana: floats
@@ -297,12 +298,13 @@ def test_farm_settings_on_the_render_node_reach_the_job(
     plugin: CeleryFarmPlugin, katana_dropin: dict
 ):
     pool = f"nobody-{uuid.uuid4().hex[:6]}"
-    node = render_node(pool=pool, priority=80, stallSeconds=30, renderType="Preview")
+    node = render_node(pool=pool, priority=80, stallSeconds=30, maxMemoryMB=512,
+                       renderType="Preview")
     job_id, _ = submit_like_katana(plugin, ["true"], node_name=node,
                                    frames=[*range(1, 11), 20])
     spec = plugin.farm.get(job_id).spec
-    assert (spec.name, spec.queue, spec.priority, spec.stall_seconds, spec.render_type) == (
-        node, pool, 80, 30, "Preview")
+    assert (spec.name, spec.queue, spec.priority, spec.stall_seconds, spec.max_memory_mb,
+            spec.render_type) == (node, pool, 80, 30, 512, "Preview")
     assert plugin.getJobState(job_id) == State.kWaiting  # no node serves that pool
     (job,) = plugin.getJobs([{"renderType": "Preview"}, {"name": node}])
     assert job.jobId == job_id and job.name == node
@@ -343,6 +345,7 @@ def test_a_node_without_farm_settings_gets_the_defaults(
         ({"priority": 50.5}, "priority must be a whole number"),
         ({"pool": "a b"}, "invalid pool name 'a b'"),
         ({"maxStepSeconds": -1}, "maxStepSeconds must not be negative"),
+        ({"maxMemoryMB": -5}, "maxMemoryMB must not be negative"),
         ({"renderType": "Batch"}, "unknown render type 'Batch'"),
     ],
 )

@@ -41,8 +41,9 @@ from celery import chain, states
 from celeryfarm.config import Settings
 from celeryfarm.farm import Farm
 from celeryfarm.farmapi import FarmPluginManager
-from celeryfarm.jobs import JobRecord, JobSpec, State
+from celeryfarm.jobs import JobRecord, JobSpec
 from celeryfarm.plugin import CeleryFarmPlugin
+from celeryfarm.records import FINISHED, JobState
 from celeryfarm.testing.cluster import LocalCluster
 
 from . import bare
@@ -181,9 +182,9 @@ class Bench:
         for index in range(HISTORY):
             job_id = uuid.uuid4().hex
             context = f"history-{index:05d}"
-            state = (State.WAITING if index >= HISTORY - 50 else
-                     State.FAILED if index % 40 == 0 else
-                     State.CANCELLED if index % 50 == 1 else State.COMPLETED)
+            state = (JobState.WAITING if index >= HISTORY - 50 else
+                     JobState.FAILED if index % 40 == 0 else
+                     JobState.CANCELLED if index % 50 == 1 else JobState.COMPLETED)
             spec = JobSpec.build(
                 name=f"sq{index // 100:03d}_sh{index % 100:03d}_lighting",
                 commands=[["renderboot", "--frames", "1-100", "--render-context", context,
@@ -196,7 +197,7 @@ class Bench:
                 session=f"{host}-session-{index // 500}",
             )
             submitted = first + index * 60_000
-            finished = state != State.WAITING
+            finished = state != JobState.WAITING
             records.append(JobRecord(
                 job_id=job_id, spec=spec, log_path=f"{context}/render.log", state=state,
                 task_ids=(f"{job_id}-1-0",), submitted_ms=submitted,
@@ -204,8 +205,8 @@ class Bench:
                 end_ms=submitted + 50_000 if finished else None,
                 step=0 if finished else None,
                 node=f"farm1@{host}" if finished else "",
-                reason="step 1 failed: exit status 1" if state == State.FAILED else
-                       "stopped by bench" if state == State.CANCELLED else "",
+                reason="step 1 failed: exit status 1" if state == JobState.FAILED else
+                       "stopped by bench" if state == JobState.CANCELLED else "",
             ))
         self.farm.store.create_many(records)
         self.history_ids = [record.job_id for record in records]
@@ -237,16 +238,16 @@ class Bench:
         # Jobs end about in order: wait for the last one alone, so polling a thousand
         # records does not take CPU from the nodes meanwhile.
         while (len(remaining) > 1 and time.monotonic() < deadline and self.redis.hget(
-                store.job_key(remaining[-1]), "state") not in State.FINISHED):
+                store.keys.job(remaining[-1]), "state") not in FINISHED):
             time.sleep(interval)
         while remaining:
             pipe = self.redis.pipeline(transaction=False)
             for job_id in remaining:
-                pipe.hmget(store.job_key(job_id), "state", "end", "reason")
+                pipe.hmget(store.keys.job(job_id), "state", "end", "reason")
             still = []
             for job_id, (state, end, reason) in zip(remaining, pipe.execute()):
-                if state in State.FINISHED:
-                    if state != State.COMPLETED:
+                if state in FINISHED:
+                    if state != JobState.COMPLETED:
                         raise RuntimeError(f"farm job {job_id} ended {state}: {reason}")
                     ends.append(int(end))
                 else:
@@ -447,10 +448,10 @@ def fig1_submit(b: Bench) -> list[Row]:
     store = b.farm.store
     pipe = b.redis.pipeline(transaction=False)
     for job_id in job_ids:
-        pipe.delete(store.job_key(job_id))
-        pipe.zrem(store.index_key(), job_id)
-        pipe.zrem(store.index_key("user", b.settings.user), job_id)
-        pipe.zrem(store.index_key("session", b.plugin.session), job_id)
+        pipe.delete(store.keys.job(job_id))
+        pipe.zrem(store.keys.index(), job_id)
+        pipe.zrem(store.keys.index("user", b.settings.user), job_id)
+        pipe.zrem(store.keys.index("session", b.plugin.session), job_id)
     pipe.execute()
     for client in (b.redis, b.bare_redis):
         keys = list(client.scan_iter(f"{IDLE_QUEUE}*"))
@@ -578,7 +579,7 @@ def fig4_stop(b: Bench) -> list[Row]:
         if index:  # the first one is a warm-up
             stops.append(ms(gone - started))
             calls.append(ms(returned - started))
-        while b.plugin.getJobState(job_id) != State.CANCELLED:
+        while b.plugin.getJobState(job_id) != JobState.CANCELLED:
             time.sleep(0.01)
 
     survivors = []
@@ -744,7 +745,7 @@ def fig7_node_loss(b: Bench) -> list[Row]:
         kill_all(doomed)
         b.cluster.start_worker(victim, concurrency=CONCURRENCY)
         b.cluster.wait_for_workers(b.farm.app, [victim])
-        while b.plugin.getJobState(job_id) != State.CANCELLED:
+        while b.plugin.getJobState(job_id) != JobState.CANCELLED:
             time.sleep(0.01)
     bare = f"{settings.visibility_timeout:,} s"
     return [

@@ -21,8 +21,9 @@ import redis
 from kombu.exceptions import OperationalError
 
 from .config import redact
+from .errors import FarmError, JobNotFound
 from .farm import Farm
-from .jobs import FarmError, JobNotFound, JobRecord, JobSpec
+from .jobs import JobRecord, JobSpec
 
 try:  # inside Katana
     from Katana import FarmAPI  # type: ignore[import-not-found]
@@ -125,7 +126,7 @@ class CeleryFarmPlugin(FarmAPI.BaseFarmPlugin):
     # -- information retrieval ---------------------------------------------------------------
     def getJobState(self, jobId: str) -> str:
         with self._errors():
-            return self.farm.state(jobId)
+            return self.farm.state(jobId).value
 
     def getRenderLogFilename(self, jobId: str) -> str | None:
         with self._errors():
@@ -158,7 +159,7 @@ class CeleryFarmPlugin(FarmAPI.BaseFarmPlugin):
             record.spec.name,
             record.start_ms,
             record.end_ms,
-            record.state,
+            record.state.value,
             local_path(self.farm.root.local, record.log_path) if record.log_path else None,
         )
 

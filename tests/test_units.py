@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 
 from celeryfarm import farmapi
-from celeryfarm.config import ConfigError, Settings, redact
+from celeryfarm.config import Settings, redact
 from celeryfarm.dispatch import celery_priority
-from celeryfarm.jobs import FarmError, JobSpec, parse_command
+from celeryfarm.errors import ConfigError, FarmError
+from celeryfarm.jobs import JobSpec, parse_command
 from celeryfarm.paths import SharedRoot
 from celeryfarm.plugin import read_request
 

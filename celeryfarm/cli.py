@@ -330,7 +330,7 @@ def _as_json(session: Session, record: JobRecord) -> dict[str, Any]:
 
 
 def _log_path(session: Session, record: JobRecord) -> str | None:
-    return str(session.farm.root.local / record.log_path) if record.log_path else None
+    return session.farm.root.local_path(record.log_path) if record.log_path else None
 
 
 @cli.command()

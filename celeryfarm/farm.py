@@ -130,7 +130,8 @@ class Farm:
             return None
         if not self.root.local.is_dir():
             return None
-        return self.root.join(relative)
+        self.root.join(relative)  # refuses a path that escapes the root, symlinks and all
+        return Path(self.root.local_path(relative))
 
     def jobs(self, filters: Sequence[Mapping[str, Any]] = ()) -> list[JobRecord]:
         """Jobs matching every filter, newest first. See ``FILTER_KEYS``."""

@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import socket
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import redis
@@ -57,29 +55,31 @@ def read_request(request: Any, field: str) -> Any:
     return None
 
 
-_PLAIN_RELATIVE = re.compile(r"[^/]+(/[^/]+)*")
-
-
-def local_path(root: Path, relative: str) -> str:
-    """``str(root / relative)``; for the usual ``context/render.log`` without pathlib's
-    parsing, which took most of the time of turning 10,000 records into jobs."""
-    text = str(root)
-    if (text not in ("/", ".") and _PLAIN_RELATIVE.fullmatch(relative)
-            and "/./" not in f"/{relative}/"):
-        return f"{text}/{relative}"
-    return str(root / relative)
-
-
 class CeleryFarmPlugin(FarmAPI.BaseFarmPlugin):
     """Sends Katana renders to a celeryfarm; configured by ``CELERYFARM_*`` variables."""
 
     def __init__(self, farm: Farm | None = None) -> None:
         super().__init__()
-        self.farm = farm or Farm()
-        settings = self.farm.settings
+        self._farm = farm
+        self._session = ""
         self.host = socket.gethostname()
-        #: Identifies this Katana session's jobs (``getJobs({'session': ...})``).
-        self.session = settings.session or f"{self.host}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+    @property
+    def farm(self) -> Farm:
+        """The farm core, made from the environment on first use: a bad ``CELERYFARM_*``
+        value then raises inside a plug-in method, which reports it as a
+        ``FarmPluginException``, and never while Katana loads or builds the plug-in."""
+        if self._farm is None:
+            self._farm = Farm()
+        return self._farm
+
+    @property
+    def session(self) -> str:
+        """Identifies this Katana session's jobs (``getJobs({'session': ...})``)."""
+        if not self._session:
+            self._session = (self.farm.settings.session
+                             or f"{self.host}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        return self._session
 
     # -- job submission, in the order Katana calls it ----------------------------------------
     def createTempDirectory(self, renderContextName: str) -> str:
@@ -91,7 +91,8 @@ class CeleryFarmPlugin(FarmAPI.BaseFarmPlugin):
             return self.farm.copy_files(filenames, renderContextName)
 
     def getRemoteInstallationMetadata(self) -> FarmAPI.BaseFarmPlugin.InstallationMetadata:
-        settings = self.farm.settings
+        with self._errors():
+            settings = self.farm.settings
         return FarmAPI.BaseFarmPlugin.InstallationMetadata(
             settings.katana_root,
             dict(settings.renderer_dso_paths),
@@ -100,10 +101,11 @@ class CeleryFarmPlugin(FarmAPI.BaseFarmPlugin):
 
     def getEnvironmentForJob(self, renderContextName: str) -> dict:
         with self._errors():
-            folder = self.farm.root.context_dir(renderContextName)
+            root = self.farm.root
+            folder = root.context_dir(renderContextName)
         return {
             "CELERYFARM_RENDER_CONTEXT": renderContextName,
-            "KATANA_TMPDIR": self.farm.root.to_remote(folder),
+            "KATANA_TMPDIR": root.to_remote(folder),
         }
 
     def submitJob(self, jobRequest: Any) -> str:
@@ -136,11 +138,11 @@ class CeleryFarmPlugin(FarmAPI.BaseFarmPlugin):
     def getJobs(self, filters: Any = None) -> list:
         """Jobs matching ``filters``: None (this user's jobs), a dict, or a list of dicts that
         are ANDed. Keys: user, session, host, state, name (substring), renderType."""
-        if filters is None:
-            filters = [{"user": self.farm.settings.user}]
-        elif isinstance(filters, Mapping):
-            filters = [filters]
         with self._errors():
+            if filters is None:
+                filters = [{"user": self.farm.settings.user}]
+            elif isinstance(filters, Mapping):
+                filters = [filters]
             return [self._job(record) for record in self.farm.jobs(list(filters))]
 
     # -- job control -------------------------------------------------------------------------
@@ -160,7 +162,7 @@ class CeleryFarmPlugin(FarmAPI.BaseFarmPlugin):
             record.start_ms,
             record.end_ms,
             record.state.value,
-            local_path(self.farm.root.local, record.log_path) if record.log_path else None,
+            self.farm.root.local_path(record.log_path) if record.log_path else None,
         )
 
     @contextlib.contextmanager

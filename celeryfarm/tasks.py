@@ -149,6 +149,9 @@ def render_step(
         except Exception as error:
             log.mark(f"{label} | internal error: {error!r}")
             _fail(lease, f"{label}: internal error: {error!r}")
+        if outcome.survivors:
+            logger.error("job %s %s: processes outlived SIGKILL: %s", job_id, label,
+                         outcome.survivors)
         if lease.valid():
             log.step_ended(step, steps, outcome.describe(), time.monotonic() - started)
         if outcome.stop_reason:

@@ -66,10 +66,8 @@ NODE_ENV = {
     "CELERYFARM_LEASE_SECONDS": "5",
     "CELERYFARM_REAP_SECONDS": "0.5",
 }
-NODE_COMMAND = [
-    "celery", "-A", "celeryfarm", "worker", "--loglevel=INFO", "--hostname=render@%h",
-    "--pool=prefork", "--task-events", "--queues=renders", "--concurrency=1",
-]
+#: The image's node command (``celeryfarm worker``, node name ``render@<container>``).
+NODE_COMMAND = ["celeryfarm", "worker", "--queues=renders", "--concurrency=1"]
 
 
 def unavailable(reason: str) -> None:

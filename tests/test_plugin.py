@@ -12,6 +12,7 @@ import pytest
 
 from celeryfarm.farmapi import FarmPluginManager, Job
 from celeryfarm.plugin import CeleryFarmPlugin
+from celeryfarm.testing.cluster import LocalCluster
 
 from .helpers import (
     read_log,
@@ -256,3 +257,21 @@ def test_the_render_gets_the_job_environment_but_not_the_farm_secrets(
     assert b"SHOT=sh010" in log and f"CWD={folder}".encode() in log
     assert b"CELERYFARM_BROKER_URL" not in log
     assert b"'CELERYFARM_JOB_ID'" in log and b"'CELERYFARM_RENDER_CONTEXT'" in log
+
+
+def test_a_shared_root_behind_a_symlink_gives_one_log_path_everywhere(
+    cluster: LocalCluster, farm_env: dict, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+):
+    """The workstation mounts the shared root through a symlink: every path the plug-in
+    hands Katana for a job's log is the same one, under the root as configured."""
+    link = tmp_path / "farm-link"
+    link.symlink_to(cluster.shared_root)
+    monkeypatch.setenv("CELERYFARM_SHARED_ROOT", str(link))
+    plugin = CeleryFarmPlugin()
+    job_id, folder = submit_like_katana(plugin, [renderboot("--seconds", 0.1)])
+    assert wait_for_state(plugin, job_id) == State.kCompleted
+    path = plugin.getRenderLogFilename(job_id)
+    (job,) = [job for job in plugin.getJobs(None) if job.jobId == job_id]
+    assert job.renderLogFilename == path == f"{folder}/render.log"
+    assert path.startswith(f"{link}/")
+    assert b"| exit status 0 |" in Path(path).read_bytes()

@@ -105,3 +105,30 @@ def test_shared_root_maps_node_paths_and_refuses_escapes(tmp_path: Path):
     for bad in ("../x", "/etc/passwd", "link/passwd", ""):
         with pytest.raises(FarmError):
             root.join(bad)
+
+
+def test_a_record_s_path_has_one_local_name_even_behind_a_symlink(tmp_path: Path):
+    real = tmp_path / "real"
+    (real / "ctx").mkdir(parents=True)
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    root = SharedRoot(link)
+    assert root.local_path("ctx/render.log") == f"{link}/ctx/render.log"
+    assert root.make_context_dir("ctx") == link / "ctx"
+    assert root.local_path("ctx/./render.log") == f"{link}/ctx/render.log"
+    for bad in ("../x", "ctx/../../x", "/etc/passwd", ""):
+        with pytest.raises(FarmError):
+            root.local_path(bad)
+
+
+def test_the_public_api_is_what_all_says():
+    import celeryfarm
+
+    for name in celeryfarm.__all__:
+        assert getattr(celeryfarm, name) is not None, name
+    assert issubclass(celeryfarm.ConfigError, celeryfarm.FarmError)
+    assert issubclass(celeryfarm.RedisServerError, celeryfarm.FarmError)
+    assert issubclass(celeryfarm.StepFailed, celeryfarm.FarmError)
+    assert issubclass(celeryfarm.JobNotFound, celeryfarm.FarmError)
+    with pytest.raises(AttributeError):
+        celeryfarm.app  # noqa: B018 - no Celery app is made by importing the package

@@ -80,6 +80,29 @@ PRINTER = (
 )
 
 
+def wait_all(ids: Sequence[str], last_done: Callable[[str], bool],
+             read: Callable[[list[str]], list], timeout: float, interval: float,
+             what: str) -> list:
+    """Wait until ``read`` (a batch read: a value per id, None while it is not done) has a
+    value for every id; return those values. Ids end about in order: the last one is
+    waited for alone first, so polling a thousand of them does not take CPU from the nodes
+    meanwhile."""
+    remaining = list(ids)
+    found: list = []
+    deadline = time.monotonic() + timeout
+    while len(remaining) > 1 and time.monotonic() < deadline and not last_done(remaining[-1]):
+        time.sleep(interval)
+    while remaining:
+        values = read(remaining)
+        found += [value for value in values if value is not None]
+        remaining = [item for item, value in zip(remaining, values) if value is None]
+        if remaining:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{len(remaining)} {what} not finished in {timeout} s")
+            time.sleep(interval)
+    return found
+
+
 @dataclasses.dataclass(frozen=True)
 class Sizes:
     submits: int  # figure 1, per side
@@ -231,62 +254,47 @@ class Bench:
                   interval: float = 0.005) -> list[int]:
         """Wait until every job has finished; return their end times (ms since the epoch).
         Raises if one ended otherwise than Completed."""
-        remaining = list(job_ids)
-        ends: list[int] = []
-        deadline = time.monotonic() + timeout
         store = self.farm.store
-        # Jobs end about in order: wait for the last one alone, so polling a thousand
-        # records does not take CPU from the nodes meanwhile.
-        while (len(remaining) > 1 and time.monotonic() < deadline and self.redis.hget(
-                store.keys.job(remaining[-1]), "state") not in FINISHED):
-            time.sleep(interval)
-        while remaining:
+
+        def last_done(job_id: str) -> bool:
+            return self.redis.hget(store.keys.job(job_id), "state") in FINISHED
+
+        def ends(job_ids: list[str]) -> list[int | None]:
             pipe = self.redis.pipeline(transaction=False)
-            for job_id in remaining:
+            for job_id in job_ids:
                 pipe.hmget(store.keys.job(job_id), "state", "end", "reason")
-            still = []
-            for job_id, (state, end, reason) in zip(remaining, pipe.execute()):
-                if state in FINISHED:
-                    if state != JobState.COMPLETED:
-                        raise RuntimeError(f"farm job {job_id} ended {state}: {reason}")
-                    ends.append(int(end))
-                else:
-                    still.append(job_id)
-            remaining = still
-            if remaining:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{len(remaining)} farm jobs not finished in {timeout} s")
-                time.sleep(interval)
-        return ends
+            found: list[int | None] = []
+            for job_id, (state, end, reason) in zip(job_ids, pipe.execute()):
+                if state in FINISHED and state != JobState.COMPLETED:
+                    raise RuntimeError(f"farm job {job_id} ended {state}: {reason}")
+                found.append(int(end) if state in FINISHED else None)
+            return found
+
+        return wait_all(job_ids, last_done, ends, timeout, interval, "farm jobs")
 
     def wait_bare(self, task_ids: Sequence[str], timeout: float = 300.0,
                   interval: float = 0.005) -> list[float]:
         """Wait until every bare task has succeeded; return their done times (s)."""
         backend = self.bare_app.backend
-        remaining = list(task_ids)
-        done: list[float] = []
-        deadline = time.monotonic() + timeout
-        while (len(remaining) > 1 and time.monotonic() < deadline and
-               self.bare_app.AsyncResult(remaining[-1]).state not in states.READY_STATES):
-            time.sleep(interval)
-        while remaining:
-            values = backend.mget([backend.get_key_for_task(t) for t in remaining])
-            still = []
-            for task_id, value in zip(remaining, values):
+
+        def last_done(task_id: str) -> bool:
+            return self.bare_app.AsyncResult(task_id).state in states.READY_STATES
+
+        def done_times(task_ids: list[str]) -> list[float | None]:
+            values = backend.mget([backend.get_key_for_task(t) for t in task_ids])
+            found: list[float | None] = []
+            for task_id, value in zip(task_ids, values):
                 meta = backend.decode_result(value) if value else None
-                if meta and meta["status"] in states.READY_STATES:
-                    if meta["status"] != states.SUCCESS or meta["result"] != 0:
-                        raise RuntimeError(f"bare task {task_id} ended {meta['status']}: "
-                                           f"{meta['result']}")
-                    done.append(datetime.datetime.fromisoformat(meta["date_done"]).timestamp())
-                else:
-                    still.append(task_id)
-            remaining = still
-            if remaining:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{len(remaining)} bare tasks not finished in {timeout} s")
-                time.sleep(interval)
-        return done
+                if not meta or meta["status"] not in states.READY_STATES:
+                    found.append(None)
+                    continue
+                if meta["status"] != states.SUCCESS or meta["result"] != 0:
+                    raise RuntimeError(f"bare task {task_id} ended {meta['status']}: "
+                                       f"{meta['result']}")
+                found.append(datetime.datetime.fromisoformat(meta["date_done"]).timestamp())
+            return found
+
+        return wait_all(task_ids, last_done, done_times, timeout, interval, "bare tasks")
 
     def bare_signature(self, argv: list[str], queue: str = bare.QUEUE):
         return self.bare_app.signature("bare.run", args=(argv,), immutable=True, queue=queue)

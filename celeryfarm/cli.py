@@ -424,24 +424,25 @@ def _quiet_interrupt() -> Iterator[None]:
         sys.exit(130)
 
 
-@cli.command()
-@click.argument("job_id")
-@pass_session
-def stop(session: Session, job_id: str) -> None:
-    """Stop a waiting or running job (its render processes are killed)."""
-    full_id = session.resolve(job_id)
-    session.plugin.stopJob(full_id)
-    _report(session.farm.get(full_id))
+def _job_control(name: str, method: str, help_text: str) -> click.Command:
+    """A command that calls the plug-in's ``method`` (stopJob, startJob) on one job, as
+    Katana's buttons do, then says the job's state."""
+
+    @cli.command(name=name, help=help_text)
+    @click.argument("job_id")
+    @pass_session
+    def command(session: Session, job_id: str) -> None:
+        full_id = session.resolve(job_id)
+        getattr(session.plugin, method)(full_id)
+        _report(session.farm.get(full_id))
+
+    return command
 
 
-@cli.command()
-@click.argument("job_id")
-@pass_session
-def start(session: Session, job_id: str) -> None:
-    """Start a finished, failed or stopped job again (a new attempt, same id)."""
-    full_id = session.resolve(job_id)
-    session.plugin.startJob(full_id)
-    _report(session.farm.get(full_id))
+stop = _job_control("stop", "stopJob",
+                    "Stop a waiting or running job (its render processes are killed).")
+start = _job_control("start", "startJob",
+                     "Start a finished, failed or stopped job again (a new attempt, same id).")
 
 
 def _report(record: JobRecord) -> None:

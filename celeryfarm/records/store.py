@@ -22,18 +22,10 @@ from redis.retry import Retry
 from ..errors import JobNotFound
 from ..jobs import JobRecord
 from . import fields as codec
+from . import states
 from .keys import Keys
 from .scripts import Scripts
-from .states import (
-    TRANSITIONS,
-    ClaimStatus,
-    Event,
-    FailureKind,
-    JobState,
-    LossOutcome,
-    StepOutcome,
-    sources_arg,
-)
+from .states import TRANSITIONS, Event, sources_arg
 
 #: Ids per pipeline round trip when reading many records.
 BATCH = 1000
@@ -69,7 +61,7 @@ class Loss:
     """A lost step, as ``reap.lua`` and ``rescue.lua`` report it."""
 
     job_id: str
-    outcome: LossOutcome
+    outcome: states.LossOutcome
     step: int = 0
     node: str = ""
     lost: int = 0
@@ -79,9 +71,9 @@ class Loss:
     def parse(cls, reply: list[str]) -> Loss:
         job_id, outcome, *rest = reply
         if not rest:
-            return cls(job_id, LossOutcome(outcome))
+            return cls(job_id, states.LossOutcome(outcome))
         step, node, lost, cause = rest
-        return cls(job_id, LossOutcome(outcome), int(step), node, int(lost), cause)
+        return cls(job_id, states.LossOutcome(outcome), int(step), node, int(lost), cause)
 
 
 def _now_ms() -> int:
@@ -150,7 +142,7 @@ class JobStore:
 
     def claim(
         self, token: Token, owner: str, node: str, lease_ms: int
-    ) -> tuple[ClaimStatus, str, JobRecord | None]:
+    ) -> tuple[states.ClaimStatus, str, JobRecord | None]:
         """Start an execution of a step: (OK, "", the job's record) or (why not, detail,
         None)."""
         claim = TRANSITIONS[Event.CLAIM]
@@ -158,20 +150,20 @@ class JobStore:
             keys=self._step_keys(token.job_id),
             args=[token.job_id, token.attempt, token.dispatch, token.step, owner, node,
                   lease_ms, sources_arg(Event.CLAIM), claim.target])
-        if status != ClaimStatus.OK:
-            return ClaimStatus(status), detail, None
-        return ClaimStatus.OK, detail, codec.decode_flat(token.job_id, record[0])
+        if status != states.ClaimStatus.OK:
+            return states.ClaimStatus(status), detail, None
+        return states.ClaimStatus.OK, detail, codec.decode_flat(token.job_id, record[0])
 
-    def renew(self, token: Token, owner: str, lease_ms: int) -> FailureKind | None:
+    def renew(self, token: Token, owner: str, lease_ms: int) -> states.FailureKind | None:
         """Renew a running step's lease: None, or why the step must stop."""
         status = self.scripts.renew(
             keys=self._step_keys(token.job_id)[:2],
             args=[token.job_id, token.attempt, token.dispatch, owner, lease_ms,
                   TRANSITIONS[Event.CLAIM].target])
-        return None if status == "ok" else FailureKind(status)
+        return None if status == "ok" else states.FailureKind(status)
 
     def finish(
-        self, token: Token, owner: str, outcome: StepOutcome, last: bool = False,
+        self, token: Token, owner: str, outcome: states.StepOutcome, last: bool = False,
         reason: str = "",
     ) -> bool:
         """Record how an execution ended; False if it was no longer current (ignored).
@@ -181,16 +173,16 @@ class JobStore:
         is Cancelled already); an abandoned step's lease expires now for a reaper.
         """
         event = {
-            StepOutcome.FAILED: Event.FAIL,
-            StepOutcome.REVOKED: Event.CANCEL,
-            StepOutcome.SUCCEEDED: Event.COMPLETE if last else None,
+            states.StepOutcome.FAILED: Event.FAIL,
+            states.StepOutcome.REVOKED: Event.CANCEL,
+            states.StepOutcome.SUCCEEDED: Event.COMPLETE if last else None,
         }.get(outcome)
         target = TRANSITIONS[event].target if event else ""
-        next_step = token.step + 1 if outcome == StepOutcome.SUCCEEDED else ""
+        next_step = token.step + 1 if outcome == states.StepOutcome.SUCCEEDED else ""
         return bool(self.scripts.finish(
             keys=self._step_keys(token.job_id),
             args=[token.job_id, token.attempt, token.dispatch, token.step, owner,
-                  outcome, int(outcome == StepOutcome.ABANDONED), next_step, target or "",
+                  outcome, int(outcome == states.StepOutcome.ABANDONED), next_step, target or "",
                   sources_arg(event) if event else "", reason]))
 
     def abandon(self, job_id: str, owner_prefix: str) -> bool:
@@ -265,10 +257,10 @@ class JobStore:
     def get_field(self, job_id: str, name: str) -> str | None:
         return self.redis.hget(self.keys.job(job_id), name)
 
-    def state(self, job_id: str) -> JobState | None:
+    def state(self, job_id: str) -> states.JobState | None:
         """The job's stored state, or None if there is no such job (one cheap read)."""
         value = self.get_field(job_id, "state")
-        return None if value is None else JobState(value)
+        return None if value is None else states.JobState(value)
 
     def events(self, job_id: str) -> list[dict]:
         """The job's step executions (starts, ends, losses), oldest first."""

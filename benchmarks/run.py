@@ -5,7 +5,7 @@
     python -m benchmarks.run --only 2 4 # some figures
 
 It starts its own Redis (a private ``redis-server``), two farm render nodes
-(``celery -A celeryfarm worker``) and two bare-Celery nodes (``celery -A benchmarks.bare
+(``celeryfarm worker``) and two bare-Celery nodes (``celery -A benchmarks.bare
 worker``) with the same pool and concurrency, and stops all of them (and every render it
 started) when it ends, is interrupted or fails. Each figure is one function below; each
 measures the farm through the Katana plug-in (:class:`CeleryFarmPlugin`) and its baseline in

@@ -325,12 +325,8 @@ def _as_json(session: Session, record: JobRecord) -> dict[str, Any]:
         "step": None if record.step is None else record.step + 1, "node": record.node,
         "submitted": record.submitted_ms, "started": record.start_ms,
         "finished": record.end_ms, "reason": record.reason,
-        "log": _log_path(session, record),
+        "log": session.farm.log_path(record),
     }
-
-
-def _log_path(session: Session, record: JobRecord) -> str | None:
-    return session.farm.root.local_path(record.log_path) if record.log_path else None
 
 
 @cli.command()
@@ -357,7 +353,7 @@ def jobs(session: Session, states: tuple[str, ...], user: str | None, mine: bool
         return
     rows = [
         [r.job_id[:8], r.spec.name, r.state, when(r.submitted_ms, True),
-         when(r.end_ms, True), r.node or "-", _log_path(session, r) or "-"]
+         when(r.end_ms, True), r.node or "-", session.farm.log_path(r) or "-"]
         for r in records
     ]
     table(["ID", "NAME", "STATE", "SUBMITTED", "FINISHED", "NODE", "LOG"], rows, state_col=2)

@@ -133,6 +133,18 @@ class Farm:
         self.root.join(relative)  # refuses a path that escapes the root, symlinks and all
         return Path(self.root.local_path(relative))
 
+    def log_path(self, record: JobRecord) -> str | None:
+        """This host's path of a record's render log (see ``SharedRoot.local_path``)."""
+        return self.root.local_path(record.log_path) if record.log_path else None
+
+    def events(self, job_id: str) -> list[dict]:
+        """The job's step executions (starts, ends, losses), oldest first."""
+        return self.store.events(job_id)
+
+    def job_ids(self) -> list[str]:
+        """Every job's id, newest first."""
+        return self.store.ids()
+
     def jobs(self, filters: Sequence[Mapping[str, Any]] = ()) -> list[JobRecord]:
         """Jobs matching every filter, newest first. See ``FILTER_KEYS``."""
         merged = _merge_filters(filters)
@@ -170,7 +182,7 @@ class Farm:
         the farm recording it (a crash before the step could claim its lease), or revoked
         outside the farm (from Flower), ends the job, and the record keeps that for when
         Celery's results have expired. A lost worker is not an end: the step's lease
-        expires and it is re-dispatched (see ``leases``)."""
+        expires and it is re-dispatched (see :mod:`celeryfarm.reaper`)."""
         active = [record for record in records if record.state in ACTIVE]
         if not active:
             return

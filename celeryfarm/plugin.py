@@ -162,7 +162,7 @@ class CeleryFarmPlugin(FarmAPI.BaseFarmPlugin):
             record.start_ms,
             record.end_ms,
             record.state.value,
-            self.farm.root.local_path(record.log_path) if record.log_path else None,
+            self.farm.log_path(record),
         )
 
     @contextlib.contextmanager

@@ -80,7 +80,7 @@ class Session:
             raise JobNotFound(text)
         if len(wanted) == 32:
             return wanted
-        matches = [job_id for job_id in self.farm.store.ids() if job_id.startswith(wanted)]
+        matches = [job_id for job_id in self.farm.job_ids() if job_id.startswith(wanted)]
         if len(matches) == 1:
             return matches[0]
         if not matches:

@@ -104,9 +104,12 @@ class Settings:
     def client_environment(self) -> dict[str, str]:
         """The ``CELERYFARM_*`` variables that join another process on this host (a Katana
         session, a shell, a node) to this farm: its Redis, the shared root as this host
-        sees it, and the farm-wide values that differ from the defaults."""
+        sees it (and as the nodes do, when set apart), and the farm-wide values that differ
+        from the defaults."""
         env = {PREFIX + "BROKER_URL": self.broker_url,
                PREFIX + "SHARED_ROOT": str(self.shared_root)}
+        if self.remote_shared_root is not None:
+            env[PREFIX + "REMOTE_SHARED_ROOT"] = str(self.remote_shared_root)
         defaults = Settings()
         for name, value, default in (
             ("RESULT_BACKEND", self.result_backend, defaults.result_backend),

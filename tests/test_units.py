@@ -132,3 +132,23 @@ def test_the_public_api_is_what_all_says():
     assert issubclass(celeryfarm.JobNotFound, celeryfarm.FarmError)
     with pytest.raises(AttributeError):
         celeryfarm.app  # noqa: B018 - no Celery app is made by importing the package
+
+
+def test_the_environment_that_joins_a_farm():
+    settings = Settings.from_env({
+        "CELERYFARM_BROKER_URL": "redis://:pw@farm:6379/1",
+        "CELERYFARM_SHARED_ROOT": "/mnt/farm",
+        "CELERYFARM_REMOTE_SHARED_ROOT": "/shared",
+        "CELERYFARM_KEY_PREFIX": "farm2",
+        "CELERYFARM_POLL_SECONDS": "1",  # a node's own timing: not needed to join
+    })
+    env = settings.client_environment()
+    assert env == {
+        "CELERYFARM_BROKER_URL": "redis://:pw@farm:6379/1",
+        "CELERYFARM_SHARED_ROOT": "/mnt/farm",
+        "CELERYFARM_REMOTE_SHARED_ROOT": "/shared",
+        "CELERYFARM_KEY_PREFIX": "farm2",
+    }
+    joined = Settings.from_env(env)
+    assert (joined.broker_url, joined.node_shared_root, joined.key_prefix) == (
+        settings.broker_url, settings.node_shared_root, settings.key_prefix)

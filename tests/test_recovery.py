@@ -257,3 +257,51 @@ def test_a_step_taken_by_a_worker_that_died_before_starting_it_runs(pool: Pool):
     assert [e["event"] for e in events] == ["lost", "start", "end", "start", "end"]
     assert "never started it" in read_log(pool.plugin, job_id).decode()
     assert broker.hget("unacked", tag) is None  # the stranded message was dropped
+
+
+def test_a_step_whose_pool_process_died_just_after_it_ended_is_followed_by_the_next(
+    pool: Pool,
+):
+    """The pool process dies after its step recorded its success and before Celery sent the
+    chain's next step (Celery sends it only once the task has returned): the node's hook
+    for lost pool processes must send the rest, or the job stays Running for ever. The
+    step's part is played through the store, as the pool process would have; the hook is
+    the node's own, called as Celery calls it in the worker's main process."""
+    from types import SimpleNamespace
+
+    from billiard.exceptions import WorkerLostError
+    from celery import signals
+
+    from celeryfarm.celery import RENDER_STEP
+    from celeryfarm.lease import lease_owner
+    from celeryfarm.node import RenderNode
+    from celeryfarm.records import StepOutcome
+    from celeryfarm.records.store import Token
+
+    job_id = pool.submit([renderboot("--seconds", 0.1), renderboot("--seconds", 0.1)])
+    farm = pool.plugin.farm
+    first = farm.get(job_id)
+    token = Token(job_id, first.attempt, first.dispatch, 0)
+    owner = lease_owner(first.task_ids[0], "gone@host", 1)
+    assert farm.store.claim(token, owner, "gone@host", 60_000)[0] == "ok"
+    assert farm.store.finish(token, owner, StepOutcome.SUCCEEDED)
+
+    node = RenderNode(SimpleNamespace(app=farm.app, hostname="gone@host"))
+    try:
+        node.on_task_failure(
+            sender=SimpleNamespace(name=RENDER_STEP), task_id=first.task_ids[0],
+            exception=WorkerLostError("Worker exited prematurely: signal 9 (SIGKILL)"),
+            kwargs={"job_id": job_id, "attempt": token.attempt, "dispatch": token.dispatch,
+                    "step": 0, "steps": 2})
+    finally:
+        signals.task_failure.disconnect(node.on_task_failure)
+        signals.worker_process_init.disconnect(node.prepare_pool_process)
+    resent = wait_until(lambda: (record := farm.get(job_id)).task_ids != first.task_ids
+                        and record, 15, "the job's next step to be sent again")
+    assert resent.dispatch == first.dispatch + 1 and len(resent.task_ids) == 1
+
+    pool.start(1)  # the first node of this pool: it finds both dispatches' messages
+    assert wait_for_state(pool.plugin, job_id, timeout=60) == State.kCompleted
+    events = farm.events(job_id)
+    assert [(e["event"], e["step"]) for e in events] == [
+        ("start", 0), ("end", 0), ("start", 1), ("end", 1)]

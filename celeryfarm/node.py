@@ -83,8 +83,8 @@ class RenderNode(bootsteps.StartStopStep):
             if not self.store.abandon(token.job_id, owner_prefix(task_id, self.hostname)):
                 resumed = self.store.resume(token, int(kwargs["steps"]))
                 if not resumed:
-                    logger.info("step %s of job %s was lost after its lease had lapsed",
-                                task_id, token.job_id)
+                    logger.info("step %s of job %s: nothing to give up (its lease had "
+                                "lapsed, or the job has moved on)", task_id, token.job_id)
         threading.Thread(target=self._after_lost_pool_process,
                          args=(task_id, kwargs.get("job_id", ""), resumed), daemon=True).start()
 

@@ -5,7 +5,7 @@
     python -m benchmarks.run --only 2 4 # some figures
 
 It starts its own Redis (a private ``redis-server``), two farm render nodes
-(``celery -A celeryfarm worker``) and two bare-Celery nodes (``celery -A benchmarks.bare
+(``celeryfarm worker``) and two bare-Celery nodes (``celery -A benchmarks.bare
 worker``) with the same pool and concurrency, and stops all of them (and every render it
 started) when it ends, is interrupted or fails. Each figure is one function below; each
 measures the farm through the Katana plug-in (:class:`CeleryFarmPlugin`) and its baseline in
@@ -43,8 +43,9 @@ from celeryfarm import nodegraphapi
 from celeryfarm.config import Settings
 from celeryfarm.farm import Farm
 from celeryfarm.farmapi import FarmPluginManager
-from celeryfarm.jobs import JobRecord, JobSpec, State
+from celeryfarm.jobs import JobRecord, JobSpec
 from celeryfarm.plugin import CeleryFarmPlugin, register_farm_settings
+from celeryfarm.records import FINISHED, JobState
 from celeryfarm.testing.cluster import LocalCluster
 
 from . import bare
@@ -79,6 +80,29 @@ PRINTER = (
     "    print(f'tick {time.time():.6f}', flush=True)\n"
     "    time.sleep(interval)\n"
 )
+
+
+def wait_all(ids: Sequence[str], last_done: Callable[[str], bool],
+             read: Callable[[list[str]], list], timeout: float, interval: float,
+             what: str) -> list:
+    """Wait until ``read`` (a batch read: a value per id, None while it is not done) has a
+    value for every id; return those values. Ids end about in order: the last one is
+    waited for alone first, so polling a thousand of them does not take CPU from the nodes
+    meanwhile."""
+    remaining = list(ids)
+    found: list = []
+    deadline = time.monotonic() + timeout
+    while len(remaining) > 1 and time.monotonic() < deadline and not last_done(remaining[-1]):
+        time.sleep(interval)
+    while remaining:
+        values = read(remaining)
+        found += [value for value in values if value is not None]
+        remaining = [item for item, value in zip(remaining, values) if value is None]
+        if remaining:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{len(remaining)} {what} not finished in {timeout} s")
+            time.sleep(interval)
+    return found
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,9 +207,9 @@ class Bench:
         for index in range(HISTORY):
             job_id = uuid.uuid4().hex
             context = f"history-{index:05d}"
-            state = (State.WAITING if index >= HISTORY - 50 else
-                     State.FAILED if index % 40 == 0 else
-                     State.CANCELLED if index % 50 == 1 else State.COMPLETED)
+            state = (JobState.WAITING if index >= HISTORY - 50 else
+                     JobState.FAILED if index % 40 == 0 else
+                     JobState.CANCELLED if index % 50 == 1 else JobState.COMPLETED)
             spec = JobSpec.build(
                 name=f"sq{index // 100:03d}_sh{index % 100:03d}_lighting",
                 commands=[["renderboot", "--frames", "1-100", "--render-context", context,
@@ -198,7 +222,7 @@ class Bench:
                 session=f"{host}-session-{index // 500}",
             )
             submitted = first + index * 60_000
-            finished = state != State.WAITING
+            finished = state != JobState.WAITING
             records.append(JobRecord(
                 job_id=job_id, spec=spec, log_path=f"{context}/render.log", state=state,
                 task_ids=(f"{job_id}-1-0",), submitted_ms=submitted,
@@ -206,8 +230,8 @@ class Bench:
                 end_ms=submitted + 50_000 if finished else None,
                 step=0 if finished else None,
                 node=f"farm1@{host}" if finished else "",
-                reason="step 1 failed: exit status 1" if state == State.FAILED else
-                       "stopped by bench" if state == State.CANCELLED else "",
+                reason="step 1 failed: exit status 1" if state == JobState.FAILED else
+                       "stopped by bench" if state == JobState.CANCELLED else "",
             ))
         self.farm.store.create_many(records)
         self.history_ids = [record.job_id for record in records]
@@ -233,62 +257,47 @@ class Bench:
                   interval: float = 0.005) -> list[int]:
         """Wait until every job has finished; return their end times (ms since the epoch).
         Raises if one ended otherwise than Completed."""
-        remaining = list(job_ids)
-        ends: list[int] = []
-        deadline = time.monotonic() + timeout
         store = self.farm.store
-        # Jobs end about in order: wait for the last one alone, so polling a thousand
-        # records does not take CPU from the nodes meanwhile.
-        while (len(remaining) > 1 and time.monotonic() < deadline and self.redis.hget(
-                store.job_key(remaining[-1]), "state") not in State.FINISHED):
-            time.sleep(interval)
-        while remaining:
+
+        def last_done(job_id: str) -> bool:
+            return self.redis.hget(store.keys.job(job_id), "state") in FINISHED
+
+        def ends(job_ids: list[str]) -> list[int | None]:
             pipe = self.redis.pipeline(transaction=False)
-            for job_id in remaining:
-                pipe.hmget(store.job_key(job_id), "state", "end", "reason")
-            still = []
-            for job_id, (state, end, reason) in zip(remaining, pipe.execute()):
-                if state in State.FINISHED:
-                    if state != State.COMPLETED:
-                        raise RuntimeError(f"farm job {job_id} ended {state}: {reason}")
-                    ends.append(int(end))
-                else:
-                    still.append(job_id)
-            remaining = still
-            if remaining:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{len(remaining)} farm jobs not finished in {timeout} s")
-                time.sleep(interval)
-        return ends
+            for job_id in job_ids:
+                pipe.hmget(store.keys.job(job_id), "state", "end", "reason")
+            found: list[int | None] = []
+            for job_id, (state, end, reason) in zip(job_ids, pipe.execute()):
+                if state in FINISHED and state != JobState.COMPLETED:
+                    raise RuntimeError(f"farm job {job_id} ended {state}: {reason}")
+                found.append(int(end) if state in FINISHED else None)
+            return found
+
+        return wait_all(job_ids, last_done, ends, timeout, interval, "farm jobs")
 
     def wait_bare(self, task_ids: Sequence[str], timeout: float = 300.0,
                   interval: float = 0.005) -> list[float]:
         """Wait until every bare task has succeeded; return their done times (s)."""
         backend = self.bare_app.backend
-        remaining = list(task_ids)
-        done: list[float] = []
-        deadline = time.monotonic() + timeout
-        while (len(remaining) > 1 and time.monotonic() < deadline and
-               self.bare_app.AsyncResult(remaining[-1]).state not in states.READY_STATES):
-            time.sleep(interval)
-        while remaining:
-            values = backend.mget([backend.get_key_for_task(t) for t in remaining])
-            still = []
-            for task_id, value in zip(remaining, values):
+
+        def last_done(task_id: str) -> bool:
+            return self.bare_app.AsyncResult(task_id).state in states.READY_STATES
+
+        def done_times(task_ids: list[str]) -> list[float | None]:
+            values = backend.mget([backend.get_key_for_task(t) for t in task_ids])
+            found: list[float | None] = []
+            for task_id, value in zip(task_ids, values):
                 meta = backend.decode_result(value) if value else None
-                if meta and meta["status"] in states.READY_STATES:
-                    if meta["status"] != states.SUCCESS or meta["result"] != 0:
-                        raise RuntimeError(f"bare task {task_id} ended {meta['status']}: "
-                                           f"{meta['result']}")
-                    done.append(datetime.datetime.fromisoformat(meta["date_done"]).timestamp())
-                else:
-                    still.append(task_id)
-            remaining = still
-            if remaining:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{len(remaining)} bare tasks not finished in {timeout} s")
-                time.sleep(interval)
-        return done
+                if not meta or meta["status"] not in states.READY_STATES:
+                    found.append(None)
+                    continue
+                if meta["status"] != states.SUCCESS or meta["result"] != 0:
+                    raise RuntimeError(f"bare task {task_id} ended {meta['status']}: "
+                                       f"{meta['result']}")
+                found.append(datetime.datetime.fromisoformat(meta["date_done"]).timestamp())
+            return found
+
+        return wait_all(task_ids, last_done, done_times, timeout, interval, "bare tasks")
 
     def bare_signature(self, argv: list[str], queue: str = bare.QUEUE):
         return self.bare_app.signature("bare.run", args=(argv,), immutable=True, queue=queue)
@@ -453,10 +462,10 @@ def fig1_submit(b: Bench) -> list[Row]:
     store = b.farm.store
     pipe = b.redis.pipeline(transaction=False)
     for job_id in job_ids:
-        pipe.delete(store.job_key(job_id))
-        pipe.zrem(store.index_key(), job_id)
-        pipe.zrem(store.index_key("user", b.settings.user), job_id)
-        pipe.zrem(store.index_key("session", b.plugin.session), job_id)
+        pipe.delete(store.keys.job(job_id))
+        pipe.zrem(store.keys.index(), job_id)
+        pipe.zrem(store.keys.index("user", b.settings.user), job_id)
+        pipe.zrem(store.keys.index("session", b.plugin.session), job_id)
     pipe.execute()
     for client in (b.redis, b.bare_redis):
         keys = list(client.scan_iter(f"{IDLE_QUEUE}*"))
@@ -584,7 +593,7 @@ def fig4_stop(b: Bench) -> list[Row]:
         if index:  # the first one is a warm-up
             stops.append(ms(gone - started))
             calls.append(ms(returned - started))
-        while b.plugin.getJobState(job_id) != State.CANCELLED:
+        while b.plugin.getJobState(job_id) != JobState.CANCELLED:
             time.sleep(0.01)
 
     survivors = []
@@ -750,7 +759,7 @@ def fig7_node_loss(b: Bench) -> list[Row]:
         kill_all(doomed)
         b.cluster.start_worker(victim, concurrency=CONCURRENCY)
         b.cluster.wait_for_workers(b.farm.app, [victim])
-        while b.plugin.getJobState(job_id) != State.CANCELLED:
+        while b.plugin.getJobState(job_id) != JobState.CANCELLED:
             time.sleep(0.01)
     bare = f"{settings.visibility_timeout:,} s"
     return [

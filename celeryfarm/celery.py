@@ -1,8 +1,11 @@
-"""The Celery application: ``celery -A celeryfarm worker`` starts a render node.
+"""The Celery application, made by :func:`create_app`: never at import time.
 
-Every process that talks to the broker (workers, Flower, the plug-in, the command line) builds
-its app here from the same ``CELERYFARM_*`` settings, so they agree on the settings that must
-match: the serializer, the visibility timeout and the priority steps.
+Every process that talks to the broker (render nodes, Flower, the plug-in, the command line)
+builds its app here from the same ``CELERYFARM_*`` settings, so they agree on the settings
+that must match: the serializer, the visibility timeout and the priority steps. An app run
+as a worker is a render node: :class:`celeryfarm.node.RenderNode` is one of its worker's
+bootsteps. ``celeryfarm worker`` starts one; ``celery -A celeryfarm ...`` (Flower,
+``inspect``) finds an app here through :func:`__getattr__`, made when Celery asks for it.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ PRIORITY_STEPS = list(range(10))
 
 
 def celery_config(settings: Settings) -> dict:
-    """Celery settings that keep hours-long renders safe (see CELERY-NOTES.md)."""
+    """Celery settings that keep hours-long renders safe: late acknowledgement, one step
+    at a time, a visibility timeout above the longest render, JSON only."""
     transport = {
         # Above the longest render, or the broker hands a running step to a second node.
         "visibility_timeout": settings.visibility_timeout,
@@ -72,12 +76,28 @@ class FarmAMQP(AMQP):
         return message
 
 
-def create_app(settings: Settings | None = None) -> Celery:
+class FarmApp(Celery):
+    """A Celery app that knows the farm's settings and, in a worker, its render node."""
+
+    settings: Settings
+    #: The worker's :class:`~celeryfarm.node.RenderNode` (None outside a worker).
+    node: Any = None
+
+
+def create_app(settings: Settings | None = None) -> FarmApp:
+    """The farm's app, from ``settings`` (default: this process's environment)."""
     settings = settings or Settings.from_env()
-    app = Celery("celeryfarm", include=["celeryfarm.tasks", "celeryfarm.node"], amqp=FarmAMQP)
+    app = FarmApp("celeryfarm", amqp=FarmAMQP)
     app.conf.update(celery_config(settings))
-    app.conf.celeryfarm_settings = settings
+    app.settings = settings
+    # By name: clients never import the node's code; a worker loads it as it starts.
+    app.steps["worker"].add("celeryfarm.node:RenderNode")
     return app
 
 
-app = create_app()
+def __getattr__(name: str) -> Any:
+    """``celery -A celeryfarm`` looks for ``celeryfarm.celery.app``: an app made from the
+    environment then, so importing this module never reads the environment."""
+    if name == "app":
+        return create_app()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

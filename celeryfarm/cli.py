@@ -10,7 +10,6 @@ non-zero exit status; heavy modules are imported only by the commands that need 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -20,22 +19,17 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
 
-from .config import PREFIX, ConfigError, Settings, redact
-from .jobs import (
-    RENDER_TYPES,
-    FarmError,
-    JobNotFound,
-    JobRecord,
-    State,
-    describe_frames,
-    parse_command,
-)
+from .config import PREFIX, redact
+from .errors import FarmError
+from .jobs import RENDER_TYPES, JobRecord, describe_frames, parse_command
+from .records.states import JobState
+from .session import Session, make_local_farm
+from .terminal import styled_state, table, when
 
 if TYPE_CHECKING:
     from .farm import Farm
@@ -43,9 +37,6 @@ if TYPE_CHECKING:
 
 #: Exit status of ``submit --wait`` and ``demo`` when a job did not end as it should.
 EXIT_JOB_FAILED = 1
-_HEX = re.compile(r"^[0-9a-f]{1,32}$")
-STATE_COLOURS = {State.WAITING: "yellow", State.RUNNING: "cyan", State.COMPLETED: "green",
-                 State.CANCELLED: "magenta", State.FAILED: "red"}
 
 
 class FarmGroup(click.Group):
@@ -59,11 +50,9 @@ class FarmGroup(click.Group):
         import redis
         from kombu.exceptions import OperationalError
 
-        from .redisserver import RedisServerError
-
         try:
             return super().invoke(ctx)
-        except (FarmError, ConfigError, RedisServerError) as error:
+        except FarmError as error:
             raise click.ClickException(_one_line(error)) from None
         except (redis.RedisError, OperationalError) as error:
             raise click.ClickException(f"cannot reach the farm: {_one_line(error)}") from None
@@ -71,68 +60,6 @@ class FarmGroup(click.Group):
 
 def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split())
-
-
-class Session:
-    """What the commands share: the environment, the settings and the farm, each made when
-    first needed."""
-
-    def __init__(self, data_dir: str | None) -> None:
-        self.environ = dict(os.environ)
-        if data_dir:
-            self.environ[PREFIX + "DATA_DIR"] = data_dir
-
-    @cached_property
-    def local_settings(self) -> Settings:
-        """Settings from this environment alone (for ``up``, which makes the farm)."""
-        return Settings.from_env(self.environ)
-
-    @cached_property
-    def client_environ(self) -> dict[str, str]:
-        from .localfarm import client_environment
-
-        return client_environment(self.environ)
-
-    @cached_property
-    def settings(self) -> Settings:
-        """Settings for using a farm: the running local one unless the environment names
-        one."""
-        return Settings.from_env(self.client_environ)
-
-    @cached_property
-    def farm(self) -> Farm:
-        from .farm import Farm
-        from .localfarm import check_redis
-
-        settings = self.settings
-        check_redis(settings.broker_url)  # one quick, clear error rather than long retries
-        if settings.records_url != settings.broker_url:
-            check_redis(settings.records_url)
-        return Farm(settings)
-
-    def point_at(self, env: dict[str, str]) -> None:
-        """Use the farm these variables name from now on (the farm the demo started)."""
-        self.environ.update(env)
-        for name in ("client_environ", "settings", "farm"):
-            self.__dict__.pop(name, None)
-
-    def resolve(self, text: str) -> str:
-        """The full id of a job given by its id or a unique prefix of it (as git does)."""
-        wanted = text.strip().lower()
-        if not _HEX.match(wanted):
-            raise JobNotFound(text)
-        if len(wanted) == 32:
-            return wanted
-        matches = [job_id for job_id in self.farm.store.ids() if job_id.startswith(wanted)]
-        if len(matches) == 1:
-            return matches[0]
-        if not matches:
-            raise JobNotFound(text)
-        raise FarmError(f"job id {text!r} is ambiguous: {len(matches)} jobs start with it "
-                        f"({', '.join(m[:12] for m in matches[:3])}...)")
-
-    def record(self, text: str) -> JobRecord:
-        return self.farm.get(self.resolve(text))
 
 
 pass_session = click.make_pass_decorator(Session)
@@ -166,24 +93,6 @@ def cli(ctx: click.Context, data_dir: str | None) -> None:
 
 
 # -- running a farm ---------------------------------------------------------------------------
-def make_local_farm(session: Session, *, workers: int, concurrency: int = 1, queues: str = "",
-                    flower: bool = True, flower_port: int | None = None,
-                    echo: Any = click.echo) -> LocalFarm:
-    """The LocalFarm that ``up`` (and the demo) run, from the session's environment."""
-    from .localfarm import LocalFarm, wants_embedded_redis
-    from .renderenv import root_problem
-
-    settings = session.local_settings
-    if root_problem(settings):
-        raise FarmError(root_problem(settings))
-    if flower_port:
-        settings = dataclasses.replace(settings, flower_port=flower_port)
-    return LocalFarm(
-        settings, workers=workers, concurrency=concurrency, queues=queues, flower=flower,
-        embedded_redis=wants_embedded_redis(settings, session.environ), echo=echo,
-    )
-
-
 @cli.command()
 @click.option("--workers", "-w", default=2, show_default=True, type=click.IntRange(1, 64),
               help="Render-node workers to run.")
@@ -254,9 +163,7 @@ def env(session: Session) -> None:
     from .localfarm import running_farm
 
     if session.environ.get(PREFIX + "BROKER_URL"):
-        settings = session.local_settings
-        values = {PREFIX + "BROKER_URL": settings.broker_url,
-                  PREFIX + "SHARED_ROOT": str(settings.shared_root)}
+        values = session.local_settings.client_environment()
     else:
         state = running_farm(session.local_settings.data_dir)
         if state is None:
@@ -281,28 +188,35 @@ def env(session: Session) -> None:
 @click.option("--name", "-n", default="render", show_default=True,
               help="Node name (the host name is added); unique per machine.")
 @allow_root_option
+@click.option("--check", is_flag=True,
+              help="Do not run a node: exit 0 if this host's node of this name answers a "
+                   "ping, else 1 (a container's health check).")
 @pass_session
-def worker(session: Session, queues: str, concurrency: int, name: str) -> None:
-    """Join this machine to the farm as a render node (runs in the foreground).
+def worker(session: Session, queues: str, concurrency: int, name: str, check: bool) -> None:
+    """Run this machine as a render node of the farm, in the foreground.
 
-    Runs the same `celery worker` command as `celeryfarm up`'s nodes. The farm is the one
-    CELERYFARM_BROKER_URL names (with CELERYFARM_SHARED_ROOT: where this machine mounts
-    the shared folder), or the one `celeryfarm up` runs here.
+    The one node command: `celeryfarm up`'s nodes, the worker image, docker-compose.yml
+    and the tests all run it. The farm is the one CELERYFARM_BROKER_URL names (with
+    CELERYFARM_SHARED_ROOT: where this machine mounts the shared folder), or the one
+    `celeryfarm up` runs here.
     """
     from .localfarm import check_redis
     from .renderenv import root_problem
-    from .worker import node_name, worker_command
+    from .worker import node_answers, node_name, run_node
 
     settings = session.settings
+    check_redis(settings.broker_url)
+    if check:
+        from .celery import create_app
+
+        if not node_answers(create_app(settings), name):
+            raise FarmError(f"render node {node_name(name)} does not answer")
+        return
     if root_problem(settings):
         raise FarmError(root_problem(settings))
-    check_redis(settings.broker_url)
-    argv = worker_command(name, concurrency, queues or settings.default_queue)
     click.echo(f"joining the farm at {redact(settings.broker_url)} as {node_name(name)}, "
                f"shared root {settings.shared_root}", err=True)
-    sys.stdout.flush()
-    env = {**session.client_environ, PREFIX + "SHARED_ROOT": str(settings.shared_root)}
-    os.execve(argv[0], argv, env)
+    sys.exit(run_node(settings, name, concurrency, queues or settings.default_queue))
 
 
 @cli.command()
@@ -413,9 +327,9 @@ def submit(session: Session, command: tuple[str, ...], commands: tuple[str, ...]
         click.echo(f"copied {local} -> {remote}", err=True)
     if wait:
         record = _wait_for(session.farm, job_id)
-        click.echo(f"job {job_id[:8]} {_state(record.state)}"
+        click.echo(f"job {job_id[:8]} {styled_state(record.state)}"
                    + (f": {record.reason}" if record.reason else ""), err=True)
-        if record.state != State.COMPLETED:
+        if record.state != JobState.COMPLETED:
             sys.exit(EXIT_JOB_FAILED)
 
 
@@ -425,17 +339,6 @@ def _wait_for(farm: Farm, job_id: str, poll_seconds: float = 0.5) -> JobRecord:
         if record.finished:
             return record
         time.sleep(poll_seconds)
-
-
-def _state(state: str) -> str:
-    return click.style(state, fg=STATE_COLOURS.get(state))
-
-
-def _time(ms: int | None, short: bool = False) -> str:
-    if not ms:
-        return "-"
-    return time.strftime("%m-%d %H:%M:%S" if short else "%Y-%m-%d %H:%M:%S",
-                         time.localtime(ms / 1000))
 
 
 def _as_json(session: Session, record: JobRecord) -> dict[str, Any]:
@@ -450,16 +353,13 @@ def _as_json(session: Session, record: JobRecord) -> dict[str, Any]:
         "step": None if record.step is None else record.step + 1, "node": record.node,
         "submitted": record.submitted_ms, "started": record.start_ms,
         "finished": record.end_ms, "reason": record.reason,
-        "log": _log_path(session, record),
+        "log": session.farm.log_path(record),
     }
 
 
-def _log_path(session: Session, record: JobRecord) -> str | None:
-    return str(session.farm.root.local / record.log_path) if record.log_path else None
-
-
 @cli.command()
-@click.option("--state", "states", multiple=True, type=click.Choice(State.ALL),
+@click.option("--state", "states", multiple=True,
+              type=click.Choice([state.value for state in JobState]),
               help="Only jobs in this state (repeatable).")
 @click.option("--user", help="Only this user's jobs.")
 @click.option("--mine", is_flag=True, help="Only your jobs ($CELERYFARM_USER or login).")
@@ -481,24 +381,12 @@ def jobs(session: Session, states: tuple[str, ...], user: str | None, mine: bool
         return
     rows = [
         [r.job_id[:8], r.spec.name, r.state, describe_frames(r.spec.frames),
-         _time(r.submitted_ms, True), _time(r.end_ms, True), r.node or "-",
-         _log_path(session, r) or "-"]
+         when(r.submitted_ms, True), when(r.end_ms, True), r.node or "-",
+         session.farm.log_path(r) or "-"]
         for r in records
     ]
-    _table(["ID", "NAME", "STATE", "FRAMES", "SUBMITTED", "FINISHED", "NODE", "LOG"], rows,
-           state_col=2)
-
-
-def _table(header: list[str], rows: list[list[str]], state_col: int) -> None:
-    """A plain aligned table (no extra dependency), the state column coloured on a tty."""
-    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
-    click.echo("  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip())
-    for row in rows:
-        cells = [str(cell).ljust(width) for cell, width in zip(row, widths)]
-        cells[state_col] = click.style(cells[state_col], fg=STATE_COLOURS.get(row[state_col]))
-        click.echo("  ".join(cells).rstrip())
-    if not rows:
-        click.echo("(no jobs)")
+    table(["ID", "NAME", "STATE", "FRAMES", "SUBMITTED", "FINISHED", "NODE", "LOG"], rows,
+          state_col=2)
 
 
 @cli.command()
@@ -514,12 +402,12 @@ def status(session: Session, job_id: str, as_json: bool) -> None:
         return
     step = f"{info['step'] or '-'}/{info['steps']}"
     lines = [
-        ("id", record.job_id), ("name", record.spec.name), ("state", _state(record.state)),
+        ("id", record.job_id), ("name", record.spec.name), ("state", styled_state(record.state)),
         ("frames", describe_frames(record.spec.frames)),
         ("step", step), ("node", record.node or "-"),
         ("attempt", str(record.attempt)),
-        ("submitted", f"{_time(record.submitted_ms)} by {record.spec.user}@{record.spec.host}"),
-        ("started", _time(record.start_ms)), ("finished", _time(record.end_ms)),
+        ("submitted", f"{when(record.submitted_ms)} by {record.spec.user}@{record.spec.host}"),
+        ("started", when(record.start_ms)), ("finished", when(record.end_ms)),
         ("pool", f"{record.spec.queue}, priority {record.spec.priority}"),
         ("render type", record.spec.render_type), ("log", info["log"] or "-"),
     ]
@@ -563,24 +451,27 @@ def _quiet_interrupt() -> Iterator[None]:
         sys.exit(130)
 
 
-@cli.command()
-@click.argument("job_id")
-@pass_session
-def stop(session: Session, job_id: str) -> None:
-    """Stop a waiting or running job (its render processes are killed)."""
-    _report(session.farm.stop(session.resolve(job_id)))
+def _job_control(name: str, method: str, help_text: str) -> click.Command:
+    """A command that calls the farm's ``method`` (stop, start) on one job, as Katana's
+    buttons do through the plug-in, then says the job's state."""
+
+    @cli.command(name=name, help=help_text)
+    @click.argument("job_id")
+    @pass_session
+    def command(session: Session, job_id: str) -> None:
+        _report(getattr(session.farm, method)(session.resolve(job_id)))
+
+    return command
 
 
-@cli.command()
-@click.argument("job_id")
-@pass_session
-def start(session: Session, job_id: str) -> None:
-    """Start a finished, failed or stopped job again (a new attempt, same id)."""
-    _report(session.farm.start(session.resolve(job_id)))
+stop = _job_control("stop", "stop",
+                    "Stop a waiting or running job (its render processes are killed).")
+start = _job_control("start", "start",
+                     "Start a finished, failed or stopped job again (a new attempt, same id).")
 
 
 def _report(record: JobRecord) -> None:
-    click.echo(f"job {record.job_id[:8]} '{record.spec.name}': {_state(record.state)}"
+    click.echo(f"job {record.job_id[:8]} '{record.spec.name}': {styled_state(record.state)}"
                + (f" (attempt {record.attempt})" if record.attempt > 1 else ""))
 
 

@@ -14,13 +14,11 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+from .errors import ConfigError
+
 PREFIX = "CELERYFARM_"
 #: Settings that hold credentials; each may instead come from a file named by ``NAME_FILE``.
 SECRETS = ("BROKER_URL", "RESULT_BACKEND", "STORE_URL", "FLOWER_PASSWORD")
-
-
-class ConfigError(ValueError):
-    """A ``CELERYFARM_*`` variable holds a value that cannot be used."""
 
 
 def _parse_dso_paths(text: str) -> dict[str, str]:
@@ -110,6 +108,26 @@ class Settings:
         """Broker visibility timeout: above the longest render, so no step is redelivered
         while it still runs. Every process derives it from the same variable."""
         return self.max_render_seconds + 3600
+
+    def client_environment(self) -> dict[str, str]:
+        """The ``CELERYFARM_*`` variables that join another process on this host (a Katana
+        session, a shell, a node) to this farm: its Redis, the shared root as this host
+        sees it (and as the nodes do, when set apart), and the farm-wide values that differ
+        from the defaults."""
+        env = {PREFIX + "BROKER_URL": self.broker_url,
+               PREFIX + "SHARED_ROOT": str(self.shared_root)}
+        if self.remote_shared_root is not None:
+            env[PREFIX + "REMOTE_SHARED_ROOT"] = str(self.remote_shared_root)
+        defaults = Settings()
+        for name, value, default in (
+            ("RESULT_BACKEND", self.result_backend, defaults.result_backend),
+            ("STORE_URL", self.store_url, defaults.store_url),
+            ("KEY_PREFIX", self.key_prefix, defaults.key_prefix),
+            ("MAX_RENDER_SECONDS", self.max_render_seconds, defaults.max_render_seconds),
+        ):
+            if value != default:
+                env[PREFIX + name] = str(value)
+        return env
 
     def __post_init__(self) -> None:
         margin = self.stop_grace_seconds + self.poll_seconds + 1.0

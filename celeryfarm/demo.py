@@ -19,11 +19,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .config import PREFIX, redact
-from .jobs import FarmError, State
+from .errors import FarmError
+from .records.states import FINISHED, JobState
+from .terminal import rich_state
 
 if TYPE_CHECKING:
-    from .cli import Session
     from .farm import Farm
+    from .session import Session
 
 RENDERBOOT = [sys.executable, "-m", "celeryfarm.testing.renderboot"]
 _STEP = re.compile(rb"==== celeryfarm \| step (\d+)/(\d+) \|")
@@ -37,13 +39,13 @@ class DemoJob:
     name: str
     render_type: str
     steps: list[list[str]]  # renderboot arguments of each step; {out} is the frames folder
-    expected: str
+    expected: JobState
     frames: range = range(0)
     writes_frames: bool = True
     job_id: str = ""
     local_dir: Path = Path()
     log_path: Path = Path()
-    state: str = State.WAITING
+    state: JobState = JobState.WAITING
     reason: str = ""
     fraction: float = 0.0
     log_offset: int = 0
@@ -74,19 +76,20 @@ def demo_jobs() -> list[DemoJob]:
     """A disk render in three chunks of frames, a preview, and one that fails in step 2."""
     return [
         DemoJob(
-            "shot010 beauty (disk render)", "Disk", frames=range(1, 13), expected=State.COMPLETED,
+            "shot010 beauty (disk render)", "Disk", frames=range(1, 13),
+            expected=JobState.COMPLETED,
             steps=[["--frames", f"{a}-{a + 3}", "--seconds", "3", "--output", "{out}"]
                    for a in (1, 5, 9)],
         ),
         DemoJob(
             "shot010 preview (preview render)", "Preview", frames=range(1, 2),
-            expected=State.COMPLETED, writes_frames=False,
+            expected=JobState.COMPLETED, writes_frames=False,
             steps=[["--frames", "1-1", "--seconds", "1"],
                    ["--frames", "1-1", "--seconds", "3", "--children", "1"]],
         ),
         DemoJob(
             "shot020 lighting (fails on purpose)", "Disk", frames=range(1, 13),
-            expected=State.FAILED,
+            expected=JobState.FAILED,
             steps=[["--frames", "1-4", "--seconds", "2", "--output", "{out}"],
                    ["--frames", "5-8", "--seconds", "2", "--output", "{out}",
                     "--fail-at-frame", "7"],
@@ -118,8 +121,8 @@ def run(session: Session, workers: int = 2, timeout: float = 300.0) -> bool:
         from rich.console import Console
     except ImportError:
         raise FarmError("the demo needs rich: pip install 'celeryfarm[cli]'") from None
-    from .cli import make_local_farm
     from .localfarm import running_farm, supervised
+    from .session import make_local_farm
 
     console = Console(highlight=False)
     settings = session.local_settings
@@ -160,7 +163,7 @@ def _show(session: Session, console: Any, timeout: float) -> bool:
     with Progress(*columns, console=console) as progress:
         bars = {job.job_id: progress.add_task(job.name, total=1.0, id=job.job_id[:8],
                                               status="") for job in jobs}
-        while not all(job.state in State.FINISHED for job in jobs):
+        while not all(job.state in FINISHED for job in jobs):
             if time.monotonic() > deadline:
                 console.print(f"[red]the jobs did not finish within {timeout:g} s[/]")
                 break
@@ -181,32 +184,26 @@ def _show(session: Session, console: Any, timeout: float) -> bool:
 
 def _update(session: Session, job: DemoJob) -> str:
     """Refresh ``job`` from its record and log; return its new status if it changed."""
-    from .cli import STATE_COLOURS
-
     record = session.farm.get(job.job_id)
     job.state, job.reason = record.state, record.reason
     job.read_progress()
-    if job.state == State.COMPLETED:
+    if job.state == JobState.COMPLETED:
         job.fraction = 1.0
     step = "" if record.step is None else f" step {record.step + 1}/{len(job.steps)}"
     node = f" on {record.node.split('@')[0]}" if record.node and not record.finished else ""
-    colour = STATE_COLOURS.get(job.state, "white")
-    status = f"[{colour}]{job.state}[/]{step}{node}"
+    status = f"{rich_state(job.state)}{step}{node}"
     changed, job.status = status != job.status, status
     return status if changed else ""
 
 
 def _report(console: Any, job: DemoJob) -> None:
     """A job's outcome, its log and its frames, one path per line (paths are long)."""
-    from .cli import STATE_COLOURS
-
     ok = job.state == job.expected
     mark = "[green]ok[/]" if ok else "[red]NOT AS INTENDED[/]"
     intent = "as intended" if ok else f"expected {job.expected}"
     reason = f": {job.reason}" if job.reason else ""
-    colour = STATE_COLOURS.get(job.state, "white")
     console.print(f"{mark} [bold]{job.job_id[:8]}[/] {job.name}: "
-                  f"[{colour}]{job.state}[/] ({intent}){reason}", soft_wrap=True)
+                  f"{rich_state(job.state)} ({intent}){reason}", soft_wrap=True)
     console.print(f"     render log  {job.log_path}", soft_wrap=True)
     if job.writes_frames:
         frames_dir = job.local_dir / "frames"

@@ -2,20 +2,18 @@
 
 A dispatch is recorded first (the record's dispatch number, and the job in the outbox set, in
 one atomic write), then the Celery chain is sent, then the job leaves the outbox. If the
-sender dies in between, a node's reaper sends it again (see :mod:`celeryfarm.leases`). A
+sender dies in between, a node's reaper sends it again (see :mod:`celeryfarm.reaper`). A
 message sent twice is harmless: a step runs only if its fencing token is current and no live
 execution holds its lease.
 """
 
 from __future__ import annotations
 
-import json
-
 from celery import Celery, chain
 
 from .celery import RENDER_STEP
 from .jobs import MAX_PRIORITY, JobRecord
-from .store import JobStore
+from .records.store import JobStore
 
 
 def celery_priority(priority: int) -> int:
@@ -67,9 +65,5 @@ def send(app: Celery, store: JobStore, record: JobRecord, resumed: bool = False)
         for step, task_id in zip(range(record.next_step, steps), task_ids(record))
     ]
     chain(*signatures).apply_async()
-    # One round trip: the ids now in flight (what stopJob revokes), and out of the outbox.
     record.task_ids = task_ids(record)
-    pipe = store.redis.pipeline(transaction=False)
-    pipe.hset(store.job_key(record.job_id), "task_ids", json.dumps(record.task_ids))
-    pipe.zrem(store.outbox_key, record.job_id)
-    pipe.execute()
+    store.sent(record.job_id, record.task_ids)

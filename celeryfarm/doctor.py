@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from .config import PREFIX, ConfigError, Settings, redact
-from .jobs import FarmError
+from .errors import FarmError
 from .renderenv import RenderUser, root_problem
 
 #: Linux capability numbers a non-root node needs to run renders as another user.

@@ -24,10 +24,12 @@ from kombu.exceptions import OperationalError
 from . import dispatch
 from .celery import create_app
 from .config import Settings
-from .jobs import Command, FarmError, JobRecord, JobSpec, State, describe_frames
+from .errors import FarmError
+from .jobs import Command, JobRecord, JobSpec, describe_frames
 from .paths import SharedRoot
+from .records.states import ACTIVE, JobState
+from .records.store import JobStore, connect
 from .renderlog import append
-from .store import JobStore, connect
 
 #: Filter keys ``Farm.jobs`` understands (the names Katana's getJobs filters use).
 FILTER_KEYS = ("user", "session", "host", "state", "name", "renderType")
@@ -158,11 +160,7 @@ class Farm:
         record = self.get(job_id)
         if record.finished:
             return record
-        reason = f"stopped by {self.who}"
-        cancelled = {"state": State.CANCELLED, "end": now_ms(), "reason": reason}
-        if not self.store.transition(
-            job_id, cancelled, attempt=record.attempt, from_states=State.ACTIVE
-        ):
+        if not self.store.cancel(job_id, record.attempt, f"stopped by {self.who}"):
             return self.get(job_id)  # it finished, or was restarted, meanwhile
         self.app.control.revoke(list(record.task_ids), terminate=True, signal="SIGTERM")
         self._note(record, f"stop requested by {self.who}")
@@ -176,15 +174,8 @@ class Farm:
             return record
         previous = record.attempt
         record.attempt, record.dispatch, record.next_step = previous + 1, record.dispatch + 1, 0
-        record.task_ids = dispatch.task_ids(record)
-        fresh = {
-            "attempt": record.attempt, "dispatch": record.dispatch, "next_step": 0, "lost": 0,
-            "state": State.WAITING, "task_ids": record.task_ids, "submitted": now_ms(),
-            "start": None, "end": None, "step": None, "node": None, "reason": None,
-        }
-        if not self.store.transition(
-            job_id, fresh, attempt=previous, from_states=State.FINISHED, dispatching=True
-        ):
+        record.task_ids, record.submitted_ms = dispatch.task_ids(record), now_ms()
+        if not self.store.restart(record, previous):
             return self.get(job_id)  # someone else restarted it first
         self._note(record, f"restart by {self.who}: attempt {record.attempt}, "
                            f"after attempt {previous} ended {record.state}")
@@ -198,7 +189,7 @@ class Farm:
         self._settle([record])
         return record
 
-    def state(self, job_id: str) -> str:
+    def state(self, job_id: str) -> JobState:
         return self.get(job_id).state
 
     def log_file(self, job_id: str) -> Path | None:
@@ -210,7 +201,20 @@ class Farm:
             return None
         if not self.root.local.is_dir():
             return None
-        return self.root.join(relative)
+        self.root.join(relative)  # refuses a path that escapes the root, symlinks and all
+        return Path(self.root.local_path(relative))
+
+    def log_path(self, record: JobRecord) -> str | None:
+        """This host's path of a record's render log (see ``SharedRoot.local_path``)."""
+        return self.root.local_path(record.log_path) if record.log_path else None
+
+    def events(self, job_id: str) -> list[dict]:
+        """The job's step executions (starts, ends, losses), oldest first."""
+        return self.store.events(job_id)
+
+    def job_ids(self) -> list[str]:
+        """Every job's id, newest first."""
+        return self.store.ids()
 
     def jobs(self, filters: Sequence[Mapping[str, Any]] = ()) -> list[JobRecord]:
         """Jobs matching every filter, newest first. See ``FILTER_KEYS``."""
@@ -249,8 +253,8 @@ class Farm:
         the farm recording it (a crash before the step could claim its lease), or revoked
         outside the farm (from Flower), ends the job, and the record keeps that for when
         Celery's results have expired. A lost worker is not an end: the step's lease
-        expires and it is re-dispatched (see ``leases``)."""
-        active = [record for record in records if record.state in State.ACTIVE]
+        expires and it is re-dispatched (see :mod:`celeryfarm.reaper`)."""
+        active = [record for record in records if record.state in ACTIVE]
         if not active:
             return
         task_ids = [task_id for record in active for task_id in record.task_ids]
@@ -262,18 +266,12 @@ class Farm:
             if failures:
                 task_id, error = failures[0]
                 step = dispatch.step_of(task_id) + 1
-                outcome = State.FAILED, f"step {step} failed in the worker: {error}"
+                end, reason = self.store.fail, f"step {step} failed in the worker: {error}"
             elif any(state == states.REVOKED for state, _ in seen):
-                outcome = State.CANCELLED, "a step was revoked outside celeryfarm (Flower?)"
+                end, reason = self.store.cancel, "a step was revoked outside celeryfarm (Flower?)"
             else:
                 continue
-            state, reason = outcome
-            if self.store.transition(
-                record.job_id,
-                {"state": state, "end": now_ms(), "reason": reason},
-                attempt=record.attempt,
-                from_states=State.ACTIVE,
-            ):
+            if end(record.job_id, record.attempt, reason):
                 self._note(record, reason)
             fresh = self.store.get(record.job_id)
             record.state, record.end_ms, record.reason = fresh.state, fresh.end_ms, fresh.reason

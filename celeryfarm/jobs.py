@@ -1,7 +1,8 @@
-"""The farm's own vocabulary: job states, what a submission asks for, what a job record holds.
+"""The farm's own vocabulary: what a submission asks for, what a job record holds.
 
 These types know nothing of Katana (the plug-in maps them to ``FarmAPI`` types) nor of Redis
-(``store`` persists them), so workers, the command line and the plug-in share them.
+(:mod:`celeryfarm.records` persists them, and owns the job states), so workers, the
+command line and the plug-in share them.
 """
 
 from __future__ import annotations
@@ -12,31 +13,8 @@ import shlex
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Union
 
-
-class FarmError(Exception):
-    """Something the farm cannot do, with a message a person can act on."""
-
-
-class JobNotFound(FarmError):
-    """No job with this id exists on the farm."""
-
-    def __init__(self, job_id: str) -> None:
-        self.job_id = job_id
-        super().__init__(f"no job with id {job_id!r}")
-
-
-class State:
-    """Job states; the values are Katana's ``Job.State`` strings."""
-
-    WAITING = "Waiting"
-    RUNNING = "Running"
-    COMPLETED = "Completed"
-    CANCELLED = "Cancelled"
-    FAILED = "Failed"
-    ALL = (WAITING, RUNNING, COMPLETED, CANCELLED, FAILED)
-    ACTIVE = (WAITING, RUNNING)
-    FINISHED = (COMPLETED, CANCELLED, FAILED)
-
+from .errors import FarmError
+from .records.states import FINISHED, JobState
 
 RENDER_TYPES = ("Disk", "Preview", "Live")
 _QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -222,7 +200,7 @@ class JobRecord:
     job_id: str
     spec: JobSpec
     log_path: str  # relative to the shared root, so every host can resolve it
-    state: str = State.WAITING
+    state: JobState = JobState.WAITING
     attempt: int = 1  # bumped by each restart
     dispatch: int = 1  # bumped by each (re)dispatch: with attempt and step, the fencing token
     next_step: int = 0  # index of the step to run next
@@ -237,4 +215,4 @@ class JobRecord:
 
     @property
     def finished(self) -> bool:
-        return self.state in State.FINISHED
+        return self.state in FINISHED

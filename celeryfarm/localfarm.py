@@ -38,10 +38,10 @@ import redis
 
 from .celery import create_app
 from .config import PREFIX, Settings, redact
-from .jobs import FarmError
+from .errors import FarmError, LocalFarmError
 from .process import become_subreaper
 from .redisserver import RedisServer, free_port
-from .worker import node_name, wait_for_workers, worker_command
+from .worker import node_command, node_name, wait_for_workers
 
 STATE_FILE = "farm.json"
 KEEP_FILE = "embedded.json"
@@ -53,10 +53,6 @@ BACKOFF_FIRST, BACKOFF_MAX = 1.0, 30.0
 STABLE_SECONDS = 60.0
 #: Seconds a worker gets to stop cold (its render trees get their own stop grace first).
 COLD_STOP_SECONDS = 20.0
-
-
-class LocalFarmError(FarmError):
-    """The local farm cannot start; the message says what to do."""
 
 
 def write_private(path: Path, data: Mapping[str, object]) -> None:
@@ -91,8 +87,8 @@ class FarmState:
     @property
     def env(self) -> dict[str, str]:
         """The variables a Katana session or another process needs to use this farm."""
-        return {PREFIX + "BROKER_URL": self.broker_url,
-                PREFIX + "SHARED_ROOT": self.shared_root}
+        return Settings(broker_url=self.broker_url,
+                        shared_root=Path(self.shared_root)).client_environment()
 
 
 def _locked(path: Path) -> bool:
@@ -365,8 +361,7 @@ class LocalFarm:
     def _environment(self) -> dict[str, str]:
         """The children's environment: this one, pointed at this farm."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("FLOWER_")}
-        env[PREFIX + "BROKER_URL"] = self.broker_url
-        env[PREFIX + "SHARED_ROOT"] = str(self.settings.shared_root)
+        env = {**env, **self.client_settings.client_environment()}
         if self.settings.allow_root:
             env[PREFIX + "ALLOW_ROOT"] = "1"
         return env
@@ -381,7 +376,7 @@ class LocalFarm:
             )
 
     def _start_worker(self, name: str) -> subprocess.Popen:
-        return self._spawn(name, worker_command(name, self.concurrency, self.queues),
+        return self._spawn(name, node_command(name, self.concurrency, self.queues),
                            self._environment())
 
     def _spawn_flower(self) -> subprocess.Popen:

@@ -11,17 +11,16 @@ touches FarmAPI types: each method converts Katana's arguments, calls
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Iterator, Mapping
-from pathlib import Path
 from typing import Any
 
 import redis
 from kombu.exceptions import OperationalError
 
 from .config import redact
+from .errors import FarmError, JobNotFound
 from .farm import Farm
-from .jobs import DEFAULT_PRIORITY, RENDER_TYPES, FarmError, JobNotFound, JobRecord
+from .jobs import DEFAULT_PRIORITY, RENDER_TYPES, JobRecord
 
 try:  # inside Katana
     from Katana import FarmAPI, NodegraphAPI  # type: ignore[import-not-found]
@@ -66,28 +65,27 @@ def register_farm_settings() -> None:
             getattr(FarmAPI, add)(name, default, hints)
 
 
-_PLAIN_RELATIVE = re.compile(r"[^/]+(/[^/]+)*")
-
-
-def local_path(root: Path, relative: str) -> str:
-    """``str(root / relative)``; for the usual ``context/render.log`` without pathlib's
-    parsing, which took most of the time of turning 10,000 records into jobs."""
-    text = str(root)
-    if (text not in ("/", ".") and _PLAIN_RELATIVE.fullmatch(relative)
-            and "/./" not in f"/{relative}/"):
-        return f"{text}/{relative}"
-    return str(root / relative)
-
-
 class CeleryFarmPlugin(FarmAPI.BaseFarmPlugin):
     """Sends Katana renders to a celeryfarm; configured by ``CELERYFARM_*`` variables and,
     per render, by the farm settings on the Render node (``FARM_SETTINGS``)."""
 
     def __init__(self, farm: Farm | None = None) -> None:
         super().__init__()
-        self.farm = farm or Farm()
-        #: Identifies this Katana session's jobs (``getJobs({'session': ...})``).
-        self.session = self.farm.session
+        self._farm = farm
+
+    @property
+    def farm(self) -> Farm:
+        """The farm core, made from the environment on first use: a bad ``CELERYFARM_*``
+        value then raises inside a plug-in method, which reports it as a
+        ``FarmPluginException``, and never while Katana loads or builds the plug-in."""
+        if self._farm is None:
+            self._farm = Farm()
+        return self._farm
+
+    @property
+    def session(self) -> str:
+        """Identifies this Katana session's jobs (``getJobs({'session': ...})``)."""
+        return self.farm.session
 
     # -- job submission, in the order Katana calls it ----------------------------------------
     def createTemporaryDirectory(self, renderContextName: str) -> str:
@@ -105,7 +103,8 @@ class CeleryFarmPlugin(FarmAPI.BaseFarmPlugin):
             return self.farm.copy_files(filenames, renderContextName)
 
     def getRemoteInstallationMetadata(self) -> FarmAPI.BaseFarmPlugin.InstallationMetadata:
-        settings = self.farm.settings
+        with self._errors():
+            settings = self.farm.settings
         return FarmAPI.BaseFarmPlugin.InstallationMetadata(
             settings.katana_root,
             dict(settings.renderer_dso_paths),
@@ -150,7 +149,7 @@ class CeleryFarmPlugin(FarmAPI.BaseFarmPlugin):
     # -- information retrieval ---------------------------------------------------------------
     def getJobState(self, jobId: str) -> str:
         with self._errors():
-            return self.farm.state(jobId)
+            return self.farm.state(jobId).value
 
     def getRenderLogFilename(self, jobId: str) -> str | None:
         with self._errors():
@@ -161,14 +160,13 @@ class CeleryFarmPlugin(FarmAPI.BaseFarmPlugin):
         """Jobs matching ``filters``: None or ``[]`` (this user's jobs), a dict, or a list of
         dicts that are ANDed. Keys: user, session, host, state, name (substring),
         renderType."""
-        if not filters:
-            filters = [{"user": self.farm.settings.user}]
-        elif isinstance(filters, Mapping):
-            filters = [filters]
-        elif not isinstance(filters, (list, tuple)):
-            raise FarmAPI.FarmPluginException(
-                f"getJobs filters must be a list of dicts, got {filters!r}")
         with self._errors():
+            if not filters:
+                filters = [{"user": self.farm.settings.user}]
+            elif isinstance(filters, Mapping):
+                filters = [filters]
+            elif not isinstance(filters, (list, tuple)):
+                raise FarmError(f"getJobs filters must be a list of dicts, got {filters!r}")
             records = self.farm.jobs(list(filters))
             reachable = self.farm.root.local.is_dir()
             return [self._job(record, reachable) for record in records]
@@ -208,10 +206,9 @@ class CeleryFarmPlugin(FarmAPI.BaseFarmPlugin):
         ms once the job has ended, else 0: Katana 5's stubs declare it ``int``, not
         ``int | None``, and 0 (the epoch, falsy) is the one int no real end can be. The log
         is this host's path, or None when this host cannot reach the shared mount."""
-        log = (local_path(self.farm.root.local, record.log_path)
-               if record.log_path and log_reachable else None)
+        log = self.farm.log_path(record) if log_reachable else None
         return FarmAPI.Job(record.job_id, record.spec.name, record.submitted_ms,
-                           record.end_ms or 0, record.state, log)
+                           record.end_ms or 0, record.state.value, log)
 
     @contextlib.contextmanager
     def _errors(self) -> Iterator[None]:

@@ -52,6 +52,7 @@ class Outcome:
     stop_reason: str = ""  # set when the farm stopped it
     start_error: str = ""  # set when it could not be started
     limit: str = ""  # set when it broke the run-time or stall limit
+    survivors: list[int] = dataclasses.field(default_factory=list)  # pids that outlived SIGKILL
 
     @property
     def succeeded(self) -> bool:
@@ -101,8 +102,9 @@ def run(
     the node can cap it. The command's cgroup is named ``token`` (a fresh one by default), and
     every process of the command carries it in its environment, so :func:`kill_step` can find
     them from another process. Whatever happens, including an exception raised into this
-    frame, the command's whole process tree is gone when this returns. ``spawn_options``
-    go to ``subprocess.Popen`` (the user and groups of a render user).
+    frame, the command's whole process tree has been killed when this returns; the pids of
+    any that outlived SIGKILL (stuck in the kernel) are in ``Outcome.survivors``.
+    ``spawn_options`` go to ``subprocess.Popen`` (the user and groups of a render user).
     """
     become_subreaper()
     token = token or uuid.uuid4().hex
@@ -126,14 +128,16 @@ def run(
         return Outcome(start_error=_start_error(argv[0], error))
     outcome = Outcome()
     try:
-        reason = _pump(proc, output, lambda: limits.broken() or should_stop(), poll_seconds,
+        reason = _pump(proc, output, lambda: limits.check() or should_stop(), poll_seconds,
                        limits)
-        if reason in (limits.broken(), ""):
-            outcome.limit = reason
+        # The limit that ended it, as it was seen then: asking again could find another one
+        # broken by now and take the limit for a stop.
+        if limits.broken:
+            outcome.limit = limits.broken
         else:
             outcome.stop_reason = reason
     finally:
-        kill_tree(proc, token, grace_seconds, group)
+        outcome.survivors = kill_tree(proc, token, grace_seconds, group)
         proc.stdout.close()
         if group:
             if group.out_of_memory():
@@ -167,17 +171,22 @@ def _warn_once(message: str) -> None:
 class _Limits:
     """Run-time and stall limits of one command (0: none)."""
 
+    clock = staticmethod(time.monotonic)
+
     def __init__(self, max_seconds: float, stall_seconds: float) -> None:
         self.max_seconds, self.stall_seconds = max_seconds, stall_seconds
-        self.started = self.last_output = time.monotonic()
+        self.started = self.last_output = self.clock()
+        self.broken = ""  # the first limit found broken
 
-    def broken(self) -> str:
-        now = time.monotonic()
-        if self.max_seconds and now - self.started > self.max_seconds:
-            return f"ran longer than its limit of {self.max_seconds:g} s"
-        if self.stall_seconds and now - self.last_output > self.stall_seconds:
-            return f"stalled: no output for {self.stall_seconds:g} s"
-        return ""
+    def check(self) -> str:
+        """The limit the command has broken, or ""; once one is, always that one."""
+        if not self.broken:
+            now = self.clock()
+            if self.max_seconds and now - self.started > self.max_seconds:
+                self.broken = f"ran longer than its limit of {self.max_seconds:g} s"
+            elif self.stall_seconds and now - self.last_output > self.stall_seconds:
+                self.broken = f"stalled: no output for {self.stall_seconds:g} s"
+        return self.broken
 
 
 def _pump(
@@ -210,7 +219,7 @@ def _pump(
                         data = os.read(proc.stdout.fileno(), _READ_SIZE)
                         if data:
                             output.write(data)
-                            limits.last_output = time.monotonic()
+                            limits.last_output = limits.clock()
                         else:
                             open_output = False
                             selector.unregister(proc.stdout)

@@ -13,11 +13,9 @@ from pathlib import Path
 
 import redis
 
+from .errors import RedisServerError
+
 INSTALL_HINT = "install it with: sudo apt-get install redis-server (Debian/Ubuntu)"
-
-
-class RedisServerError(RuntimeError):
-    """redis-server is missing or did not start; the message says how to fix it."""
 
 
 def free_port() -> int:

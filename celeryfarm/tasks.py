@@ -1,17 +1,17 @@
 """The render node's side: one Celery task that runs one step of a job.
 
-A job is a chain of these tasks, one per command. A step first claims its lease (see
-:mod:`celeryfarm.leases`): a stopped or restarted job's leftover messages, a re-dispatched
-step's old message and a duplicate delivery all stop there. It then runs its command through
-:mod:`celeryfarm.process`, frames its output in the render log, and records the outcome, which
-counts only if its fencing token is still current. The record, not Celery's result, is the
-job's truth.
+A job is a chain of these tasks, one per command; the worker's
+:class:`~celeryfarm.node.RenderNode` registers the task and gives it the node's store. A
+step first claims its lease (see :mod:`celeryfarm.lease`): a stopped or restarted job's
+leftover messages, a re-dispatched step's old message and a duplicate delivery all stop
+there. It then runs its command through :mod:`celeryfarm.process`, frames its output in the
+render log, and records the outcome, which counts only if its fencing token is still
+current. The record, not Celery's result, is the job's truth.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import os
 import signal
@@ -23,52 +23,31 @@ import redis
 from celery import states
 from celery.exceptions import Ignore
 
-from . import leases, process, renderenv
-from .celery import RENDER_STEP, app
+from . import process, renderenv
 from .config import Settings
+from .errors import StepFailed
 from .jobs import JobRecord
-from .node import PARENT_DIED, lease_owner
+from .lease import StepLease, lease_owner
 from .paths import SharedRoot
+from .records.states import ClaimStatus, FailureKind, StepOutcome
+from .records.store import Token
 from .renderlog import RenderLog
-from .store import JobStore, connect
 
 logger = logging.getLogger(__name__)
+#: Sent to a pool process when its worker's main process dies. Not SIGTERM: billiard's
+#: handler for that leaves an idle pool process blocked on a pipe no one reads, for ever.
+PARENT_DIED = signal.SIGRTMIN + 2
 
 
-class StepFailed(Exception):
-    """A render step did not succeed; the message says why (also in the log and record)."""
-
-
-@functools.lru_cache(maxsize=1)
-def _settings() -> Settings:
-    return app.conf.celeryfarm_settings
-
-
-@functools.lru_cache(maxsize=1)
-def _store() -> JobStore:
-    settings = _settings()
-    return JobStore(connect(settings.records_url), settings.key_prefix)
-
-
-@functools.lru_cache(maxsize=1)
-def _scripts() -> leases.Scripts:
-    return leases.Scripts(_store())
-
-
-@functools.lru_cache(maxsize=1)
-def _render_user() -> renderenv.RenderUser | None:
-    return renderenv.render_user(_settings().render_user)
-
-
-def render_environment(record: JobRecord, folders: dict[str, str]) -> dict[str, str]:
+def render_environment(record: JobRecord, folders: dict[str, str], settings: Settings,
+                       user: renderenv.RenderUser | None) -> dict[str, str]:
     """The job's environment, the node's allowed variables, and the step's own ``folders``
     and ids; nothing else of the node's (see :mod:`celeryfarm.renderenv`)."""
-    user = _render_user()
     farm = {**folders, "CELERYFARM_JOB_ID": record.job_id,
             "CELERYFARM_ATTEMPT": str(record.attempt)}
     if user is not None:
         farm.update(USER=user.name, LOGNAME=user.name)
-    return renderenv.environment(record.spec.environment, os.environ, _settings().render_env,
+    return renderenv.environment(record.spec.environment, os.environ, settings.render_env,
                                  farm)
 
 
@@ -76,14 +55,12 @@ class GatedLog:
     """The render log as the command's output sees it: writes stop once the step is no
     longer sure to be current, so a superseded node never adds to the log."""
 
-    def __init__(self, log: RenderLog, lease: leases.StepLease) -> None:
-        self.log, self.lease, self.dropped = log, lease, 0
+    def __init__(self, log: RenderLog, lease: StepLease) -> None:
+        self.log, self.lease = log, lease
 
     def write(self, data: bytes) -> None:
         if self.lease.valid():
             self.log.write(data)
-        else:
-            self.dropped += len(data)
 
 
 @contextlib.contextmanager
@@ -95,7 +72,7 @@ def stop_signals(check: Callable[[], str]) -> Iterator[Callable[[], str]]:
     the middle of killing the render's tree. Instead the step notices it at its next poll,
     kills the tree and records its outcome as for any stop, and only then exits the pool
     process as Celery expects of a terminated task. When the worker's main process has died
-    (``node.PARENT_DIED``), the same happens, and the pool process then exits at once: no
+    (:data:`PARENT_DIED`), the same happens, and the pool process then exits at once: no
     one is left to report to.
     """
     received: list[int] = []
@@ -128,43 +105,40 @@ ORPHANED = "the worker's main process died"
 MAX_CLAIM_RETRIES = 20
 
 
-@app.task(bind=True, name=RENDER_STEP)
 def render_step(
-    self, job_id: str, attempt: int, dispatch: int, step: int, steps: int, name: str,
+    self: Any, job_id: str, attempt: int, dispatch: int, step: int, steps: int, name: str,
     command: list[str],
 ) -> dict[str, Any]:
     """Run step ``step`` (0-based) of ``steps`` of dispatch ``dispatch`` of job ``job_id``'s
     ``attempt``. ``name`` and ``command`` are in the message so Flower shows what a task
-    renders."""
-    settings, store = _settings(), _store()
+    renders. Registered as the bound task ``RENDER_STEP`` by the worker's render node."""
+    settings, store, user = self.app.node.settings, self.app.node.store, self.app.node.render_user
     node = self.request.hostname or "unknown node"
     label = f"step {step + 1}/{steps}"
-    token = leases.Token(job_id, attempt, dispatch, step)
-    lease = leases.StepLease(store, _scripts(), settings, token,
-                             lease_owner(self.request.id, node, os.getpid()))
+    token = Token(job_id, attempt, dispatch, step)
+    lease = StepLease(store, settings, token, lease_owner(self.request.id, node, os.getpid()))
     try:
         status, detail, record = lease.claim(node)
     except (redis.ConnectionError, redis.TimeoutError) as error:
         # Nothing has started: try again once Redis is back, rather than fail the job.
         raise self.retry(exc=error, countdown=min(2 ** self.request.retries, 10),
                          max_retries=MAX_CLAIM_RETRIES) from None
-    if status != "ok":
+    if status != ClaimStatus.OK:
         # A duplicate or already-done delivery shares its id with the real execution,
         # whose Celery state must not be overwritten.
         _skip(self, f"job {job_id} {label} not run ({status}): {detail}",
-              revoked=status in ("superseded", "finished"))
+              revoked=status in (ClaimStatus.SUPERSEDED, ClaimStatus.FINISHED))
     log_path = SharedRoot(settings.shared_root).join(record.log_path)
     try:
         log = RenderLog(log_path)
     except OSError as error:
         _fail(lease, f"{label}: cannot write the render log {log_path}: {error.strerror}")
     started = time.monotonic()
-    user = _render_user()
     with log, lease.keep(), stop_signals(lease.stop_reason) as should_stop, \
             renderenv.private_folders(user, self.request.id) as folders:
         log.step_started(step, steps, command, node, attempt)
         try:
-            env = render_environment(record, folders)
+            env = render_environment(record, folders, settings, user)
             outcome = process.run(
                 user.command(command, env) if user else command,
                 env=env,
@@ -182,43 +156,46 @@ def render_step(
         except Exception as error:
             log.mark(f"{label} | internal error: {error!r}")
             _fail(lease, f"{label}: internal error: {error!r}")
+        if outcome.survivors:
+            logger.error("job %s %s: processes outlived SIGKILL: %s", job_id, label,
+                         outcome.survivors)
         if lease.valid():
             log.step_ended(step, steps, outcome.describe(), time.monotonic() - started)
         if outcome.stop_reason:
             _after_stop(self, lease, outcome.stop_reason, f"job {job_id} {label}")
     if not outcome.succeeded:
         _fail(lease, f"{label} failed: {outcome.describe()}")
-    if not lease.finish("succeeded", last=step == steps - 1):
+    if not lease.finish(StepOutcome.SUCCEEDED, last=step == steps - 1):
         _skip(self, f"job {job_id} {label} finished, but was given to another node meanwhile",
               revoked=True)
     return {"job": job_id, "step": step, "exit_code": outcome.exit_code, "node": node}
 
 
-def _after_stop(task: Any, lease: leases.StepLease, reason: str, what: str) -> NoReturn:
+def _after_stop(task: Any, lease: StepLease, reason: str, what: str) -> NoReturn:
     """Record why a render was stopped, then end the task without continuing the chain.
 
     A stop request cancels the job; a revoke from outside (Flower) does too. A lost lease,
     a dying main process or a cold shutdown give the step up for another node at once.
     """
     kind = lease.problem_kind
-    if kind == "stopped":
-        lease.finish("stopped")
-    elif reason == TERMINATED and _revoked(task.request.id):
-        lease.finish("revoked", reason="a step was revoked outside celeryfarm (Flower?)")
-    elif kind != "superseded":
-        lease.finish("abandoned")  # re-dispatched: its Celery state must not say REVOKED
+    if kind == FailureKind.STOPPED:
+        lease.finish(StepOutcome.STOPPED)
+    elif reason == TERMINATED and _revoked(task):
+        lease.finish(StepOutcome.REVOKED, reason="a step was revoked outside celeryfarm (Flower?)")
+    elif kind != FailureKind.SUPERSEDED:
+        lease.finish(StepOutcome.ABANDONED)  # re-dispatched: its Celery state must not say REVOKED
         _skip(task, f"{what}: {reason}; given up for another node")
     _skip(task, f"{what}: {reason}", revoked=True)
 
 
-def _revoked(task_id: str) -> bool:
-    return app.AsyncResult(task_id).state == states.REVOKED
+def _revoked(task: Any) -> bool:
+    return task.app.AsyncResult(task.request.id).state == states.REVOKED
 
 
-def _fail(lease: leases.StepLease, reason: str) -> NoReturn:
+def _fail(lease: StepLease, reason: str) -> NoReturn:
     """Record the job Failed (if the step is still current) and fail the task, which ends
     the chain: the later steps never run."""
-    lease.finish("failed", reason=reason)
+    lease.finish(StepOutcome.FAILED, reason=reason)
     raise StepFailed(reason)
 
 

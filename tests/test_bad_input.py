@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -164,3 +165,29 @@ def test_a_killed_step_on_a_stopped_job_is_never_rerun_by_a_restart_race(
     assert wait_for_state(plugin, job_id) == Job.State.kCompleted
     assert plugin.farm.get(job_id).attempt == 1
     assert read_log(plugin, job_id).count(b"step 1/1 | attempt") == 1
+
+
+def test_a_bad_setting_is_a_farm_plugin_exception_not_an_import_error(farm_env: dict):
+    """Katana imports the plug-in and builds it before any call: a bad ``CELERYFARM_*``
+    value must not break either, and each call then says what is wrong."""
+    code = (
+        "import sys\n"
+        "sys.path.insert(0, 'Plugins')\n"
+        "import CeleryFarmPlugin as registration\n"
+        "import celeryfarm, celeryfarm.celery\n"
+        "from celeryfarm.farmapi import FarmPluginException\n"
+        "plugin = registration.PluginRegistry[0][3]()\n"
+        "for call in (lambda: plugin.getJobState('x'), lambda: plugin.getJobs(None),\n"
+        "             plugin.getRemoteInstallationMetadata):\n"
+        "    try:\n"
+        "        call()\n"
+        "    except FarmPluginException as e:\n"
+        "        print(e)\n"
+    )
+    repo = Path(__file__).resolve().parents[1]
+    env = {**farm_env, "CELERYFARM_POLL_SECONDS": "soon", "PATH": os.environ["PATH"]}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, cwd=repo, env=env)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert len(lines) == 3 and all("CELERYFARM_POLL_SECONDS" in line for line in lines), lines

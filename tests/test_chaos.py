@@ -109,7 +109,7 @@ def test_chaos(tmp_path, monkeypatch, capsys):
         wait_until(lambda: not tagged_processes(tag), 30, "every render process to be gone")
 
         records = [plugin.farm.get(job_id) for job_id in jobs]
-        histories = [plugin.farm.store.events(job_id) for job_id in jobs]
+        histories = [plugin.farm.events(job_id) for job_id in jobs]
         lost_on_nodes = 0
         for index, (record, events) in enumerate(zip(records, histories)):
             assert_never_two_current(events)

@@ -266,7 +266,7 @@ def test_worker_joins_this_machine_to_the_farm(farm):
 
 def test_a_dead_worker_is_started_again(farm):
     children = psutil.Process(farm.process.pid).children()  # not the pool processes
-    (node,) = [p for p in children if "node1@%h" in p.cmdline()]
+    (node,) = [p for p in children if "--name node1 " in " ".join(p.cmdline()) + " "]
     node.kill()
     farm.output.wait_for(r"node1 exited with status -9: starting it again in 1 s", 30)
     farm.output.wait_for(r"node1 started again", 30)

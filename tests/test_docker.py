@@ -69,10 +69,8 @@ NODE_ENV = {
     "CELERYFARM_LEASE_SECONDS": "5",
     "CELERYFARM_REAP_SECONDS": "0.5",
 }
-NODE_COMMAND = [
-    "celery", "-A", "celeryfarm", "worker", "--loglevel=INFO", "--hostname=render@%h",
-    "--pool=prefork", "--task-events", "--queues=renders", "--concurrency=1",
-]
+#: The image's node command (``celeryfarm worker``, node name ``render@<container>``).
+NODE_COMMAND = ["celeryfarm", "worker", "--queues=renders", "--concurrency=1"]
 
 
 def unavailable(reason: str) -> None:
@@ -155,14 +153,10 @@ def shared_dir(tmp_path: Path) -> Iterator[Path]:
 def host_plugin(broker_url: str, backend_url: str, shared: Path) -> CeleryFarmPlugin:
     """The plug-in as a Katana host builds it: the farm's URLs as this host reaches them,
     and the shared folder as this host and as the nodes see it."""
-    env = {
-        "CELERYFARM_BROKER_URL": broker_url,
-        "CELERYFARM_RESULT_BACKEND": backend_url,
-        "CELERYFARM_SHARED_ROOT": str(shared),
-        "CELERYFARM_REMOTE_SHARED_ROOT": "/shared",
-        "CELERYFARM_USER": f"artist-{uuid.uuid4().hex[:8]}",
-        **NODE_ENV,
-    }
+    farm = Settings(broker_url=broker_url, result_backend=backend_url, shared_root=shared,
+                    remote_shared_root=Path("/shared"))
+    env = {**farm.client_environment(), "CELERYFARM_USER": f"artist-{uuid.uuid4().hex[:8]}",
+           **NODE_ENV}
     return CeleryFarmPlugin(Farm(Settings.from_env(env)))
 
 

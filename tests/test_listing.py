@@ -9,7 +9,7 @@ from redis.client import Pipeline
 
 from celeryfarm.farmapi import FarmPluginException, Job
 from celeryfarm.plugin import CeleryFarmPlugin
-from celeryfarm.store import BATCH
+from celeryfarm.records.store import BATCH
 
 from .helpers import renderboot, submit, wait_for_state
 

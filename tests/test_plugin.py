@@ -17,6 +17,7 @@ from celeryfarm import farmapi as FarmAPI
 from celeryfarm import nodegraphapi as NodegraphAPI
 from celeryfarm.farmapi import Job
 from celeryfarm.plugin import CeleryFarmPlugin, register_farm_settings
+from celeryfarm.testing.cluster import LocalCluster
 
 from .cli_fixtures import ok
 from .helpers import (
@@ -442,3 +443,21 @@ def test_temp_dir_is_the_nodes_path_when_they_mount_the_share_elsewhere(
     with pytest.raises(FarmAPI.FarmPluginException, match="is not the folder"):
         plugin.submitJob(KatanaJobRequest("Render", context, [1], ["true"], {},
                                           f"/nodes/share/{uuid.uuid4()}"))
+
+
+def test_a_shared_root_behind_a_symlink_gives_one_log_path_everywhere(
+    cluster: LocalCluster, farm_env: dict, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+):
+    """The workstation mounts the shared root through a symlink: every path the plug-in
+    hands Katana for a job's log is the same one, under the root as configured."""
+    link = tmp_path / "farm-link"
+    link.symlink_to(cluster.shared_root)
+    monkeypatch.setenv("CELERYFARM_SHARED_ROOT", str(link))
+    plugin = CeleryFarmPlugin()
+    job_id, folder = submit_like_katana(plugin, [command_line(renderboot("--seconds", 0.1))])
+    assert wait_for_state(plugin, job_id) == State.kCompleted
+    path = plugin.getRenderLogFilename(job_id)
+    (job,) = [job for job in plugin.getJobs(None) if job.jobId == job_id]
+    assert job.renderLogFilename == path == f"{folder}/render.log"
+    assert path.startswith(f"{link}/")
+    assert b"| exit status 0 |" in Path(path).read_bytes()

@@ -108,3 +108,18 @@ def test_waiting_reaps_a_helper_that_becomes_our_zombie_mid_wait():
     parent.wait()
     assert not waiter.is_alive(), "the wait did not reap the helper that became our zombie"
     assert result == [[]]
+
+
+def test_a_stall_and_the_time_limit_caught_together_fail_the_step(monkeypatch):
+    """A silent command breaks its stall limit and, an instant later, its time limit. The
+    step must end as a broken limit (the job fails), never as a stop (which hands the step
+    to another node): the limit is judged once, when it is caught. The limits' clock is a
+    fake that moves 1 s a reading, so the stall (10 s) is caught at the reading where the
+    time limit (11 s) is not yet broken, and the next reading breaks that too."""
+    ticks = iter(range(1_000_000))
+    monkeypatch.setattr(process._Limits, "clock", staticmethod(lambda: float(next(ticks))))
+    outcome, _ = run([sys.executable, "-c", "import time; time.sleep(60)"],
+                     max_seconds=11, stall_seconds=10)
+    assert outcome.stop_reason == ""
+    assert outcome.limit == "stalled: no output for 10 s"
+    assert not outcome.succeeded and outcome.describe() == "killed: stalled: no output for 10 s"

@@ -106,7 +106,7 @@ def test_a_killed_worker_s_step_completes_on_another_node(pool: Pool, capsys):
     wait_until(lambda: all_gone(pids_of(first)), 15, "the killed node's render to be gone")
     wait_until(lambda: all_gone(pool_processes), 15, "the killed node's pool processes to go")
     assert wait_for_state(pool.plugin, job_id, timeout=60) == State.kCompleted
-    events = pool.plugin.farm.store.events(job_id)
+    events = pool.plugin.farm.events(job_id)
     assert_never_two_current(events)
     restarted = [e for e in events if e["event"] == "start" and e["step"] == 0][1]
     assert victim not in restarted["node"]
@@ -131,7 +131,7 @@ def test_a_lost_pool_process_is_replaced_and_its_render_killed(pool: Pool, capsy
     pool_process.send_signal(signal.SIGKILL)
     wait_until(lambda: all_gone(pids_of(first)), 15, "the orphaned render to be gone")
     assert wait_for_state(pool.plugin, job_id, timeout=60) == State.kCompleted
-    events = pool.plugin.farm.store.events(job_id)
+    events = pool.plugin.farm.events(job_id)
     assert_never_two_current(events)
     assert [e["event"] for e in events] == ["start", "lost", "start", "end"]
     with capsys.disabled():
@@ -146,7 +146,7 @@ def test_a_frozen_node_is_fenced_off_when_it_wakes(pool: Pool):
     tag = uuid.uuid4().hex
     # The render outlives the lease, so it still runs when the step is given away.
     job_id = pool.submit([renderboot("--seconds", 12, "--tag", tag)])
-    store = pool.plugin.farm.store
+    farm = pool.plugin.farm
     (first,) = wait_until(lambda: tagged_processes(tag), 30, "the render to start")
     victim = node_of_render(pool, first)
     frozen = [pool.node_process(victim), *pool.node_process(victim).children(recursive=True)]
@@ -154,7 +154,7 @@ def test_a_frozen_node_is_fenced_off_when_it_wakes(pool: Pool):
     for proc in frozen:
         proc.suspend()
     try:
-        wait_until(lambda: [e["event"] for e in store.events(job_id)].count("start") == 2,
+        wait_until(lambda: [e["event"] for e in farm.events(job_id)].count("start") == 2,
                    60, "the step to run elsewhere")
         assert first.is_running()
     finally:
@@ -163,7 +163,7 @@ def test_a_frozen_node_is_fenced_off_when_it_wakes(pool: Pool):
     wait_until(lambda: not first.is_running() or first.status() == psutil.STATUS_ZOMBIE, 15,
                "the superseded render to be killed")
     assert wait_for_state(pool.plugin, job_id, timeout=60) == State.kCompleted
-    events = pool.plugin.farm.store.events(job_id)
+    events = pool.plugin.farm.events(job_id)
     assert_never_two_current(events)
     finished = [e for e in events if e["event"] == "end"]
     assert len(finished) == 1 and finished[0]["outcome"] == "succeeded"
@@ -185,7 +185,7 @@ def test_a_step_lost_on_three_nodes_in_a_row_fails_the_job(pool: Pool):
     log = read_log(pool.plugin, job_id)
     assert log.count(b"lost while running step 1/1") == 3
     assert b"job failed: step 1 was lost on 3 nodes in a row" in log
-    assert_never_two_current(pool.plugin.farm.store.events(job_id))
+    assert_never_two_current(pool.plugin.farm.events(job_id))
 
 
 @pytest.mark.parametrize(
@@ -231,7 +231,7 @@ def test_every_job_survives_a_redis_restart(tmp_path, monkeypatch):
         farm.redis.start()
         for job_id in jobs:
             assert wait_for_state(plugin, job_id, timeout=90) == State.kCompleted
-            assert_never_two_current(plugin.farm.store.events(job_id))
+            assert_never_two_current(plugin.farm.events(job_id))
         assert all(node.poll() is None for node in farm.workers.values())
     finally:
         farm.stop()
@@ -253,7 +253,55 @@ def test_a_step_taken_by_a_worker_that_died_before_starting_it_runs(pool: Pool):
 
     pool.start(1)
     assert wait_for_state(pool.plugin, job_id, timeout=60) == State.kCompleted
-    events = pool.plugin.farm.store.events(job_id)
+    events = pool.plugin.farm.events(job_id)
     assert [e["event"] for e in events] == ["lost", "start", "end", "start", "end"]
     assert "never started it" in read_log(pool.plugin, job_id).decode()
     assert broker.hget("unacked", tag) is None  # the stranded message was dropped
+
+
+def test_a_step_whose_pool_process_died_just_after_it_ended_is_followed_by_the_next(
+    pool: Pool,
+):
+    """The pool process dies after its step recorded its success and before Celery sent the
+    chain's next step (Celery sends it only once the task has returned): the node's hook
+    for lost pool processes must send the rest, or the job stays Running for ever. The
+    step's part is played through the store, as the pool process would have; the hook is
+    the node's own, called as Celery calls it in the worker's main process."""
+    from types import SimpleNamespace
+
+    from billiard.exceptions import WorkerLostError
+    from celery import signals
+
+    from celeryfarm.celery import RENDER_STEP
+    from celeryfarm.lease import lease_owner
+    from celeryfarm.node import RenderNode
+    from celeryfarm.records import StepOutcome
+    from celeryfarm.records.store import Token
+
+    job_id = pool.submit([renderboot("--seconds", 0.1), renderboot("--seconds", 0.1)])
+    farm = pool.plugin.farm
+    first = farm.get(job_id)
+    token = Token(job_id, first.attempt, first.dispatch, 0)
+    owner = lease_owner(first.task_ids[0], "gone@host", 1)
+    assert farm.store.claim(token, owner, "gone@host", 60_000)[0] == "ok"
+    assert farm.store.finish(token, owner, StepOutcome.SUCCEEDED)
+
+    node = RenderNode(SimpleNamespace(app=farm.app, hostname="gone@host"))
+    try:
+        node.on_task_failure(
+            sender=SimpleNamespace(name=RENDER_STEP), task_id=first.task_ids[0],
+            exception=WorkerLostError("Worker exited prematurely: signal 9 (SIGKILL)"),
+            kwargs={"job_id": job_id, "attempt": token.attempt, "dispatch": token.dispatch,
+                    "step": 0, "steps": 2})
+    finally:
+        signals.task_failure.disconnect(node.on_task_failure)
+        signals.worker_process_init.disconnect(node.prepare_pool_process)
+    resent = wait_until(lambda: (record := farm.get(job_id)).task_ids != first.task_ids
+                        and record, 15, "the job's next step to be sent again")
+    assert resent.dispatch == first.dispatch + 1 and len(resent.task_ids) == 1
+
+    pool.start(1)  # the first node of this pool: it finds both dispatches' messages
+    assert wait_for_state(pool.plugin, job_id, timeout=60) == State.kCompleted
+    events = farm.events(job_id)
+    assert [(e["event"], e["step"]) for e in events] == [
+        ("start", 0), ("end", 0), ("start", 1), ("end", 1)]

@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 
 from celeryfarm import farmapi
-from celeryfarm.config import ConfigError, Settings, redact
+from celeryfarm.config import Settings, redact
 from celeryfarm.dispatch import celery_priority
-from celeryfarm.jobs import FarmError, JobSpec, describe_frames, frame_ranges, parse_command
+from celeryfarm.errors import ConfigError, FarmError
+from celeryfarm.jobs import JobSpec, describe_frames, frame_ranges, parse_command
 from celeryfarm.paths import SharedRoot
 
 
@@ -133,3 +134,50 @@ def test_shared_root_maps_node_paths_and_refuses_escapes(tmp_path: Path):
     for bad in ("../x", "/etc/passwd", "link/passwd", ""):
         with pytest.raises(FarmError):
             root.join(bad)
+
+
+def test_a_record_s_path_has_one_local_name_even_behind_a_symlink(tmp_path: Path):
+    real = tmp_path / "real"
+    (real / "ctx").mkdir(parents=True)
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    root = SharedRoot(link)
+    assert root.local_path("ctx/render.log") == f"{link}/ctx/render.log"
+    assert root.make_context_dir("ctx") == link / "ctx"
+    assert root.local_path("ctx/./render.log") == f"{link}/ctx/render.log"
+    for bad in ("../x", "ctx/../../x", "/etc/passwd", ""):
+        with pytest.raises(FarmError):
+            root.local_path(bad)
+
+
+def test_the_public_api_is_what_all_says():
+    import celeryfarm
+
+    for name in celeryfarm.__all__:
+        assert getattr(celeryfarm, name) is not None, name
+    assert issubclass(celeryfarm.ConfigError, celeryfarm.FarmError)
+    assert issubclass(celeryfarm.RedisServerError, celeryfarm.FarmError)
+    assert issubclass(celeryfarm.StepFailed, celeryfarm.FarmError)
+    assert issubclass(celeryfarm.JobNotFound, celeryfarm.FarmError)
+    with pytest.raises(AttributeError):
+        celeryfarm.app  # noqa: B018 - no Celery app is made by importing the package
+
+
+def test_the_environment_that_joins_a_farm():
+    settings = Settings.from_env({
+        "CELERYFARM_BROKER_URL": "redis://:pw@farm:6379/1",
+        "CELERYFARM_SHARED_ROOT": "/mnt/farm",
+        "CELERYFARM_REMOTE_SHARED_ROOT": "/shared",
+        "CELERYFARM_KEY_PREFIX": "farm2",
+        "CELERYFARM_POLL_SECONDS": "1",  # a node's own timing: not needed to join
+    })
+    env = settings.client_environment()
+    assert env == {
+        "CELERYFARM_BROKER_URL": "redis://:pw@farm:6379/1",
+        "CELERYFARM_SHARED_ROOT": "/mnt/farm",
+        "CELERYFARM_REMOTE_SHARED_ROOT": "/shared",
+        "CELERYFARM_KEY_PREFIX": "farm2",
+    }
+    joined = Settings.from_env(env)
+    assert (joined.broker_url, joined.node_shared_root, joined.key_prefix) == (
+        settings.broker_url, settings.node_shared_root, settings.key_prefix)

@@ -24,7 +24,7 @@ import pytest
 from celeryfarm.config import Settings
 from celeryfarm.farm import Farm
 from celeryfarm.testing.cluster import LocalCluster
-from celeryfarm.worker import worker_command
+from celeryfarm.worker import celery_command, node_command
 
 from .cli_fixtures import CELERYFARM, base_env
 from .conftest import WORKER_ENV
@@ -66,7 +66,7 @@ class Studio:
         return {k: v for k, v in self.cluster.env.items() if k != "CELERYFARM_ALLOW_ROOT"}
 
     def start_node(self) -> None:
-        argv = worker_command("studio", concurrency=1, queues=POOL)
+        argv = node_command("studio", concurrency=1, queues=POOL)
         argv[0] = self.python
         with open(self.base / "worker-studio.log", "ab") as log:
             self.cluster.workers["studio"] = subprocess.Popen(
@@ -174,8 +174,8 @@ def test_a_node_refuses_to_run_as_root_unless_told(tmp_path):
     allowed = subprocess.run([*CELERYFARM, "worker", "--allow-root"], env=env,
                              capture_output=True, text=True, timeout=60)
     assert "cannot reach the farm's Redis" in allowed.stderr  # past the check
-    # The Celery command line itself (the image's, compose's) refuses too.
-    node = subprocess.run(worker_command("root-node"), env=env, capture_output=True,
+    # Celery's own command line, with the farm's app, refuses too (the render node bootstep).
+    node = subprocess.run(celery_command("celeryfarm", "root-node"), env=env, capture_output=True,
                           text=True, timeout=120, cwd=tmp_path)
     assert node.returncode != 0
     assert "refusing to run a render node as root" in node.stderr + node.stdout

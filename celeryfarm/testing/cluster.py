@@ -1,7 +1,7 @@
-"""A farm on this machine for tests and benchmarks: a private Redis and real workers.
+"""A farm on this machine for tests and benchmarks: a private Redis and real render nodes.
 
-Workers are real ``celery -A celeryfarm worker`` processes (prefork pool), started with the
-same ``CELERYFARM_*`` environment a render node would have.
+Nodes are real ``celeryfarm worker`` processes (prefork pool), started with the same
+``CELERYFARM_*`` environment a render node would have.
 """
 
 from __future__ import annotations
@@ -14,10 +14,9 @@ from pathlib import Path
 
 from celery import Celery
 
+from ..config import Settings
 from ..redisserver import RedisServer
-from ..worker import wait_for_workers, worker_command
-
-__all__ = ["LocalCluster", "worker_command"]
+from ..worker import celery_command, node_command, wait_for_workers
 
 
 class LocalCluster:
@@ -34,13 +33,10 @@ class LocalCluster:
     @property
     def env(self) -> dict[str, str]:
         """The ``CELERYFARM_*`` variables every client and worker of this farm uses."""
-        return {
-            "CELERYFARM_BROKER_URL": self.redis.url,
-            "CELERYFARM_SHARED_ROOT": str(self.shared_root),
-            # Tests and CI run as root; the nodes are told they may (--allow-root).
-            **({"CELERYFARM_ALLOW_ROOT": "1"} if os.geteuid() == 0 else {}),
-            **self.extra_env,
-        }
+        settings = Settings(broker_url=self.redis.url, shared_root=self.shared_root)
+        # Tests and CI run as root; the nodes are told they may (--allow-root).
+        allow_root = {"CELERYFARM_ALLOW_ROOT": "1"} if os.geteuid() == 0 else {}
+        return {**settings.client_environment(), **allow_root, **self.extra_env}
 
     def start(self) -> LocalCluster:
         self.shared_root.mkdir(parents=True, exist_ok=True)
@@ -49,15 +45,16 @@ class LocalCluster:
 
     def start_worker(
         self, name: str, concurrency: int = 2, queues: str = "renders",
-        env: Mapping[str, str] | None = None, app: str = "celeryfarm", events: bool = True,
+        env: Mapping[str, str] | None = None, app: str = "", events: bool = True,
     ) -> subprocess.Popen:
-        """Start a worker of ``app``; :meth:`wait_for_workers` tells when it is ready."""
+        """Start a render node, or with ``app`` a bare ``celery -A app worker`` (the
+        benchmarks' baselines); :meth:`wait_for_workers` tells when it is ready."""
+        argv = (celery_command(app, name, concurrency, queues, events) if app
+                else node_command(name, concurrency, queues))
         log = open(self.base / f"worker-{name}.log", "ab")  # noqa: SIM115 - the child keeps it
         process = subprocess.Popen(
-            worker_command(name, concurrency, queues, app, events),
-            env={**os.environ, **self.env, **(env or {})},
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            cwd=self.base,
+            argv, env={**os.environ, **self.env, **(env or {})},
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=self.base,
         )
         log.close()
         self.workers[name] = process

@@ -1,0 +1,125 @@
+"""The reaper: every node's main process re-dispatches the steps of lost nodes.
+
+Every node runs one, so the farm keeps recovering whichever node dies. Each pass:
+
+* loses the steps whose lease expired (``reap.lua`` gives each expired lease to exactly one
+  reaper): re-dispatched at the front of the queue, or the job fails after too many losses
+  in a row;
+* rescues steps whose message a dead worker took and never started (:mod:`.rescue`);
+* sends again the dispatches recorded in the outbox whose sender died before sending them.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import redis
+from celery import Celery
+
+from . import dispatch, rescue
+from .config import Settings
+from .errors import JobNotFound
+from .paths import SharedRoot
+from .records.states import ACTIVE, LossOutcome
+from .records.store import JobStore, Loss, connect
+from .renderlog import append
+
+logger = logging.getLogger(__name__)
+
+#: Stale outbox entries are re-sent after this long (the sender must have died).
+OUTBOX_SECONDS = 10.0
+#: Leases and outbox entries handled per pass.
+BATCH = 100
+EXPIRED = "its lease expired"
+NEVER_STARTED = "it took the step from the queue but never started it"
+
+
+class Reaper(threading.Thread):
+    """Re-dispatches lost steps, every ``reap_seconds``, in a worker's main process."""
+
+    def __init__(self, app: Celery, store: JobStore, settings: Settings) -> None:
+        super().__init__(name="celeryfarm-reaper", daemon=True)
+        self.app, self.store, self.settings = app, store, settings
+        self.broker = connect(settings.broker_url)
+        self.root = SharedRoot(settings.shared_root)
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        while not self._done.wait(self.settings.reap_seconds):
+            try:
+                self.reap_once()
+            except redis.RedisError as error:
+                logger.warning("reaper: cannot reach Redis: %s", error)
+            except Exception:
+                logger.exception("reaper: unexpected error")
+
+    def stop(self) -> None:
+        self._done.set()
+
+    def reap_once(self) -> list[tuple[str, str]]:
+        """One pass: expired leases, stranded messages, stale outbox entries. Returns the
+        (job, what was done) of each step it acted on."""
+        max_losses = self.settings.max_node_losses
+        lost = [loss for loss in (self.store.lose(job_id, max_losses, EXPIRED)
+                                  for job_id in self.store.expired(BATCH)) if loss]
+        lost += self._rescue_stranded()
+        for loss in lost:
+            self._after_loss(loss)
+        stale = self.store.stale_outbox(int(OUTBOX_SECONDS * 1000), BATCH)
+        for job_id in stale:
+            self._resend(job_id)
+        return [(loss.job_id, loss.outcome.value) for loss in lost] + [
+            (job_id, "resent") for job_id in stale]
+
+    def _rescue_stranded(self) -> list[Loss]:
+        """Steps whose message was set aside for a lease period (a margin for clock skew:
+        the broker timestamps it with the taker's clock) and whose step is current but
+        unleased are lost; a message whose token is no longer current is dropped."""
+        cutoff = time.time() - self.settings.lease_seconds
+        lost = []
+        for tag, token in rescue.stranded(self.broker, cutoff):
+            loss = self.store.rescue(token, self.settings.max_node_losses, NEVER_STARTED)
+            if loss.outcome == LossOutcome.STALE:
+                rescue.drop(self.broker, tag)
+            elif loss.outcome != LossOutcome.LEASED:
+                lost.append(loss)
+        return lost
+
+    def _after_loss(self, loss: Loss) -> None:
+        try:
+            record = self.store.get(loss.job_id)
+        except JobNotFound:
+            return
+        label = f"step {loss.step + 1}/{len(record.spec.commands)}"
+        lines = [f"node {loss.node or '(unknown)'} lost while running {label}: {loss.cause} "
+                 f"(loss {loss.lost} of {self.settings.max_node_losses} allowed in a row)"]
+        if loss.outcome == LossOutcome.REDISPATCHED:
+            lines.append(f"{label} re-dispatched (attempt {record.attempt}, "
+                         f"dispatch {record.dispatch})")
+        else:
+            lines.append(f"job failed: {record.reason}")
+        self._note(record.log_path, lines)
+        if loss.outcome == LossOutcome.REDISPATCHED:
+            dispatch.send(self.app, self.store, record, resumed=True)
+
+    def _resend(self, job_id: str) -> None:
+        try:
+            record = self.store.get(job_id)
+        except JobNotFound:
+            record = None
+        if record is None or record.state not in ACTIVE:
+            self.store.unsendable(job_id)
+            return
+        logger.warning("reaper: re-sending job %s dispatch %s from the outbox",
+                       job_id, record.dispatch)
+        dispatch.send(self.app, self.store, record)
+
+    def _note(self, log_path: str, lines: list[str]) -> None:
+        try:
+            path = self.root.join(log_path)
+            for line in lines:
+                append(path, line)
+        except Exception as error:  # the log is for people; recovery must go on without it
+            logger.warning("reaper: cannot write to the render log %s: %s", log_path, error)

@@ -1,0 +1,122 @@
+"""The job hash: the one encoder and decoder between a :class:`~celeryfarm.jobs.JobRecord`
+and the fields Redis stores.
+
+Besides these fields the scripts keep ``lease_owner`` (the execution that holds the running
+step's lease), which no Python object carries.
+"""
+
+from __future__ import annotations
+
+import json
+
+from ..jobs import JobRecord, JobSpec
+from .states import JobState
+
+#: The fields a job listing needs; reading only these keeps getJobs cheap.
+SUMMARY_FIELDS = (
+    "name", "user", "host", "session", "render_type", "state", "attempt", "task_ids",
+    "submitted", "start", "end", "log", "step", "node", "reason", "queue", "priority",
+    "frames",  # listings show them
+)
+#: Where the state is in a ``SUMMARY_FIELDS`` read (no state: the record is gone).
+STATE_AT = SUMMARY_FIELDS.index("state")
+
+
+def encode(record: JobRecord) -> dict[str, str]:
+    """The hash of a record; empty fields are left out."""
+    spec = record.spec
+    fields = {
+        "name": spec.name,
+        "user": spec.user,
+        "host": spec.host,
+        "session": spec.session,
+        "context": spec.context,
+        "render_type": spec.render_type,
+        "frames": json.dumps(spec.frames) if spec.frames else "",  # [[first, last], ...]
+        "queue": spec.queue,
+        "priority": str(spec.priority),
+        "max_step_seconds": str(spec.max_step_seconds),
+        "stall_seconds": str(spec.stall_seconds),
+        "max_memory_mb": str(spec.max_memory_mb),
+        "commands": json.dumps(spec.commands),
+        "environment": json.dumps(dict(spec.environment)),
+        "log": record.log_path,
+        "state": JobState(record.state).value,
+        **attempt_fields(record),
+        "lost": str(record.lost),
+        "submitted": str(record.submitted_ms),
+        "start": text(record.start_ms),
+        "end": text(record.end_ms),
+        "step": text(record.step),
+        "node": record.node,
+        "reason": record.reason,
+    }
+    return {name: value for name, value in fields.items() if value != ""}
+
+
+def attempt_fields(record: JobRecord) -> dict[str, str]:
+    """The fields that say which attempt and dispatch run and what they have sent."""
+    return {
+        "attempt": str(record.attempt),
+        "dispatch": str(record.dispatch),
+        "next_step": str(record.next_step),
+        "task_ids": json.dumps(record.task_ids),
+    }
+
+
+def text(value: object) -> str:
+    """A field's text: "" for None (the field is then absent), JSON for lists and dicts."""
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple, dict)):
+        return json.dumps(value)
+    return str(value)
+
+
+def _int_or_none(text: str | None) -> int | None:
+    return int(text) if text else None
+
+
+def decode(job_id: str, fields: dict[str, str]) -> JobRecord:
+    """Build a record from stored fields; listing reads (``SUMMARY_FIELDS``) leave the
+    commands and environment empty."""
+    frames = fields.get("frames")
+    commands, environment = fields.get("commands"), fields.get("environment")
+    spec = JobSpec(
+        name=fields.get("name", ""),
+        commands=tuple(tuple(argv) for argv in json.loads(commands)) if commands else (),
+        environment=json.loads(environment) if environment else {},
+        render_type=fields.get("render_type") or "Disk",
+        frames=tuple((first, last) for first, last in json.loads(frames)) if frames else (),
+        context=fields.get("context", ""),
+        queue=fields.get("queue", ""),
+        priority=int(fields.get("priority") or 0),
+        max_step_seconds=int(fields.get("max_step_seconds") or 0),
+        stall_seconds=int(fields.get("stall_seconds") or 0),
+        max_memory_mb=int(fields.get("max_memory_mb") or 0),
+        user=fields.get("user", ""),
+        host=fields.get("host", ""),
+        session=fields.get("session", ""),
+    )
+    return JobRecord(
+        job_id=job_id,
+        spec=spec,
+        log_path=fields.get("log", ""),
+        state=JobState(fields["state"]),
+        attempt=int(fields.get("attempt") or 1),
+        dispatch=int(fields.get("dispatch") or 1),
+        next_step=int(fields.get("next_step") or 0),
+        lost=int(fields.get("lost") or 0),
+        task_ids=tuple(json.loads(fields.get("task_ids") or "[]")),
+        submitted_ms=int(fields.get("submitted") or 0),
+        start_ms=_int_or_none(fields.get("start")),
+        end_ms=_int_or_none(fields.get("end")),
+        step=_int_or_none(fields.get("step")),
+        node=fields.get("node", ""),
+        reason=fields.get("reason", ""),
+    )
+
+
+def decode_flat(job_id: str, flat: list[str]) -> JobRecord:
+    """Decode an ``HGETALL`` as a script returns it: name, value, name, value..."""
+    return decode(job_id, dict(zip(flat[::2], flat[1::2])))

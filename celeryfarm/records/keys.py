@@ -1,0 +1,39 @@
+"""Where the farm's records live in Redis: the one place that names celeryfarm's keys.
+
+Every key starts with the farm's ``CELERYFARM_KEY_PREFIX``, so farms can share a Redis.
+Scripts get their keys as ``KEYS`` from here; none builds a key name itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class Keys:
+    """The key layout of one farm."""
+
+    prefix: str = "celeryfarm"
+
+    def job(self, job_id: str) -> str:
+        """Hash: the job's record (fields in :mod:`celeryfarm.records.fields`)."""
+        return f"{self.prefix}:job:{job_id}"
+
+    def events(self, job_id: str) -> str:
+        """List of the job's step executions: starts, ends and losses, as JSON."""
+        return f"{self.prefix}:events:{job_id}"
+
+    def index(self, kind: str = "all", value: str = "") -> str:
+        """Sorted set: job id -> submission time (ms), of all jobs or of a user's or
+        session's."""
+        return f"{self.prefix}:index:{kind}:{value}" if value else f"{self.prefix}:index:{kind}"
+
+    @property
+    def leases(self) -> str:
+        """Sorted set: job id -> deadline (ms) of its running step's lease."""
+        return f"{self.prefix}:leases"
+
+    @property
+    def outbox(self) -> str:
+        """Sorted set: job id -> when a dispatch of it was recorded but not yet sent."""
+        return f"{self.prefix}:dispatching"

@@ -1,0 +1,29 @@
+-- Claim one execution of a step: it starts only if its fencing token (attempt, dispatch,
+-- step) is current, the job may still run, and no other execution holds a live lease.
+-- KEYS[1] job hash          KEYS[2] leases (zset)      KEYS[3] the job's events (list)
+-- ARGV[1] job id            ARGV[2] attempt            ARGV[3] dispatch
+-- ARGV[4] step              ARGV[5] lease owner        ARGV[6] node
+-- ARGV[7] lease (ms)        ARGV[8] states a claim may leave (comma-separated)
+-- ARGV[9] the state of a job whose step runs
+-- Returns {status, detail} with a ClaimStatus, and for 'ok' the record (HGETALL) third,
+-- so the step needs no second read.
+local f = redis.call('HMGET', KEYS[1], 'state', 'attempt', 'dispatch', 'next_step',
+                     'lease_owner')
+if not f[1] then return {'gone', ''} end
+if f[2] ~= ARGV[2] or f[3] ~= ARGV[3] then
+  return {'superseded', 'the job is on attempt ' .. f[2] .. ', dispatch ' .. f[3]}
+end
+if not is_one_of(ARGV[8], f[1]) then return {'finished', 'the job is ' .. f[1]} end
+if f[4] ~= ARGV[4] then return {'done', 'the next step is ' .. f[4]} end
+local deadline = redis.call('ZSCORE', KEYS[2], ARGV[1])
+if f[5] and deadline and tonumber(deadline) > now then
+  return {'duplicate', 'the step is running as ' .. f[5]}
+end
+redis.call('HSET', KEYS[1], 'state', ARGV[9], 'step', ARGV[4], 'node', ARGV[6],
+           'lease_owner', ARGV[5])
+redis.call('HSETNX', KEYS[1], 'start', now)
+redis.call('ZADD', KEYS[2], now + tonumber(ARGV[7]), ARGV[1])
+redis.call('RPUSH', KEYS[3], cjson.encode({event = 'start', step = tonumber(ARGV[4]),
+  dispatch = tonumber(ARGV[3]), attempt = tonumber(ARGV[2]), owner = ARGV[5],
+  node = ARGV[6], at = now}))
+return {'ok', '', redis.call('HGETALL', KEYS[1])}

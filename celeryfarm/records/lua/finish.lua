@@ -1,0 +1,29 @@
+-- Record how an execution of a step ended, if it is still the current one.
+-- KEYS[1] job hash          KEYS[2] leases (zset)      KEYS[3] the job's events (list)
+-- ARGV[1] job id            ARGV[2] attempt            ARGV[3] dispatch
+-- ARGV[4] step              ARGV[5] lease owner        ARGV[6] outcome (a StepOutcome)
+-- ARGV[7] '1': expire the lease now and keep its owner, so a reaper re-dispatches the
+--         step at once; '0': release the lease
+-- ARGV[8] the next step to run ('' leaves it)
+-- ARGV[9] the state to go to ('' leaves it)  ARGV[10] states it may leave (comma-separated)
+-- ARGV[11] why the job ends ('' none)
+-- Returns 1 if recorded, 0 if the execution was no longer current (a superseded node).
+local f = redis.call('HMGET', KEYS[1], 'state', 'attempt', 'dispatch', 'lease_owner')
+if f[4] ~= ARGV[5] or f[2] ~= ARGV[2] or f[3] ~= ARGV[3] then return 0 end
+redis.call('RPUSH', KEYS[3], cjson.encode({event = 'end', outcome = ARGV[6],
+  step = tonumber(ARGV[4]), dispatch = tonumber(ARGV[3]), attempt = tonumber(ARGV[2]),
+  owner = ARGV[5], at = now}))
+if ARGV[7] == '1' then
+  redis.call('ZADD', KEYS[2], 0, ARGV[1])
+  return 1
+end
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('HDEL', KEYS[1], 'lease_owner')
+if ARGV[8] ~= '' then
+  redis.call('HSET', KEYS[1], 'next_step', ARGV[8], 'lost', 0)
+end
+if ARGV[9] ~= '' and is_one_of(ARGV[10], f[1]) then
+  redis.call('HSET', KEYS[1], 'state', ARGV[9], 'end', now)
+  if ARGV[11] ~= '' then redis.call('HSET', KEYS[1], 'reason', ARGV[11]) end
+end
+return 1

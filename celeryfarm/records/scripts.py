@@ -1,0 +1,48 @@
+"""The Lua scripts that change job records, loaded from the ``lua/`` folder beside this file.
+
+Each ``.lua`` file starts with its KEYS and ARGV layout. ``common.lua`` (Redis's clock, state
+lists) is put in front of every script; a first line ``-- uses: other.lua`` puts that file
+in front too. Scripts are registered once per Redis client and run by ``EVALSHA``.
+"""
+
+from __future__ import annotations
+
+import functools
+from importlib import resources
+
+import redis
+from redis.commands.core import Script
+
+COMMON = "common.lua"
+#: Scripts by name: each is ``lua/<name>.lua``.
+NAMES = ("claim", "renew", "finish", "abandon", "resume", "expired", "reap", "rescue",
+         "stale_outbox", "transition")
+
+
+@functools.cache
+def source(name: str) -> str:
+    """The full source of script ``name``: common.lua, what it uses, then its own text."""
+    folder = resources.files(__package__) / "lua"
+    text = (folder / f"{name}.lua").read_text()
+    used = []
+    first = text.splitlines()[0] if text else ""
+    if first.startswith("-- uses:"):
+        used = [part.strip() for part in first.split(":", 1)[1].split(",") if part.strip()]
+    parts = [(folder / COMMON).read_text(), *((folder / u).read_text() for u in used), text]
+    return "\n".join(parts)
+
+
+class Scripts:
+    """Every script, registered on one Redis client (the names of ``NAMES``)."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        load = functools.partial(_register, client)
+        self.claim, self.renew, self.finish = load("claim"), load("renew"), load("finish")
+        self.abandon, self.resume = load("abandon"), load("resume")
+        self.expired, self.reap = load("expired"), load("reap")
+        self.rescue, self.stale_outbox = load("rescue"), load("stale_outbox")
+        self.transition = load("transition")
+
+
+def _register(client: redis.Redis, name: str) -> Script:
+    return client.register_script(source(name))

@@ -1,0 +1,294 @@
+"""Job records in Redis, apart from Celery's results: the only writer of a job hash.
+
+Celery's results expire and say PENDING for ids they never saw, so the farm keeps its own
+record of every job: a hash per job plus sorted-set indexes by submission time. Every change
+of a record is a method here named for what it means (create, claim, renew, finish, lose,
+cancel, fail, restart...), and every change of state goes through a Lua script that checks
+the job's attempt and state against :data:`~celeryfarm.records.states.TRANSITIONS`
+atomically, so a node finishing a step and an artist stopping the job can never both win.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Iterable, Iterator
+
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from ..errors import JobNotFound
+from ..jobs import JobRecord
+from . import fields as codec
+from . import states
+from .keys import Keys
+from .scripts import Scripts
+from .states import TRANSITIONS, Event, sources_arg
+
+#: Ids per pipeline round trip when reading many records.
+BATCH = 1000
+
+
+def connect(url: str) -> redis.Redis:
+    """A Redis client that survives broker restarts: keepalive, health checks and retries,
+    and timeouts so an unreachable Redis is an error, not a hang."""
+    return redis.Redis.from_url(
+        url,
+        decode_responses=True,
+        socket_connect_timeout=5,
+        socket_timeout=10,
+        socket_keepalive=True,
+        health_check_interval=15,
+        retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=8),
+        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Token:
+    """What makes one execution of a step current (its fencing token)."""
+
+    job_id: str
+    attempt: int
+    dispatch: int
+    step: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Loss:
+    """A lost step, as ``reap.lua`` and ``rescue.lua`` report it."""
+
+    job_id: str
+    outcome: states.LossOutcome
+    step: int = 0
+    node: str = ""
+    lost: int = 0
+    cause: str = ""
+
+    @classmethod
+    def parse(cls, reply: list[str]) -> Loss:
+        job_id, outcome, *rest = reply
+        if not rest:
+            return cls(job_id, states.LossOutcome(outcome))
+        step, node, lost, cause = rest
+        return cls(job_id, states.LossOutcome(outcome), int(step), node, int(lost), cause)
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class JobStore:
+    """Reads and writes job records. Safe to share between threads."""
+
+    def __init__(self, client: redis.Redis, prefix: str = "celeryfarm") -> None:
+        self.redis = client
+        self.keys = Keys(prefix)
+        self.scripts = Scripts(client)
+
+    # -- creating ----------------------------------------------------------------------------
+    def create(self, record: JobRecord, dispatching: bool = True) -> None:
+        """Store a new record, index it and (unless told not to) put it in the outbox, in
+        one round trip."""
+        pipe = self.redis.pipeline(transaction=True)
+        self._add(pipe, record)
+        if dispatching:
+            pipe.zadd(self.keys.outbox, {record.job_id: record.submitted_ms})
+        pipe.execute()
+
+    def create_many(self, records: Iterable[JobRecord]) -> None:
+        """Store and index many records as they are, ``BATCH`` per round trip, and nothing
+        else: for importing a history (the benchmarks write 10,000 jobs this way)."""
+        records = list(records)
+        for start in range(0, len(records), BATCH):
+            pipe = self.redis.pipeline(transaction=False)
+            for record in records[start:start + BATCH]:
+                self._add(pipe, record)
+            pipe.execute()
+
+    def _add(self, pipe: redis.client.Pipeline, record: JobRecord) -> None:
+        score = {record.job_id: record.submitted_ms}
+        pipe.hset(self.keys.job(record.job_id), mapping=codec.encode(record))
+        pipe.zadd(self.keys.index(), score)
+        if record.spec.user:
+            pipe.zadd(self.keys.index("user", record.spec.user), score)
+        if record.spec.session:
+            pipe.zadd(self.keys.index("session", record.spec.session), score)
+
+    # -- dispatching -------------------------------------------------------------------------
+    def sent(self, job_id: str, task_ids: Iterable[str]) -> None:
+        """Record the Celery ids a dispatch sent (what a stop revokes) and take the job out
+        of the outbox, in one round trip."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hset(self.keys.job(job_id), "task_ids", json.dumps(list(task_ids)))
+        pipe.zrem(self.keys.outbox, job_id)
+        pipe.execute()
+
+    def unsendable(self, job_id: str) -> None:
+        """Take a job whose dispatch must not be sent (it ended meanwhile) out of the
+        outbox."""
+        self.redis.zrem(self.keys.outbox, job_id)
+
+    def stale_outbox(self, age_ms: int, limit: int = 100) -> list[str]:
+        """Jobs whose dispatch was recorded ``age_ms`` ago or more and never sent; each is
+        claimed for the caller to send again."""
+        return self.scripts.stale_outbox(keys=[self.keys.outbox], args=[age_ms, limit])
+
+    # -- a step's execution (render nodes) ---------------------------------------------------
+    def _step_keys(self, job_id: str) -> list[str]:
+        return [self.keys.job(job_id), self.keys.leases, self.keys.events(job_id)]
+
+    def claim(
+        self, token: Token, owner: str, node: str, lease_ms: int
+    ) -> tuple[states.ClaimStatus, str, JobRecord | None]:
+        """Start an execution of a step: (OK, "", the job's record) or (why not, detail,
+        None)."""
+        claim = TRANSITIONS[Event.CLAIM]
+        status, detail, *record = self.scripts.claim(
+            keys=self._step_keys(token.job_id),
+            args=[token.job_id, token.attempt, token.dispatch, token.step, owner, node,
+                  lease_ms, sources_arg(Event.CLAIM), claim.target])
+        if status != states.ClaimStatus.OK:
+            return states.ClaimStatus(status), detail, None
+        return states.ClaimStatus.OK, detail, codec.decode_flat(token.job_id, record[0])
+
+    def renew(self, token: Token, owner: str, lease_ms: int) -> states.FailureKind | None:
+        """Renew a running step's lease: None, or why the step must stop."""
+        status = self.scripts.renew(
+            keys=self._step_keys(token.job_id)[:2],
+            args=[token.job_id, token.attempt, token.dispatch, owner, lease_ms,
+                  TRANSITIONS[Event.CLAIM].target])
+        return None if status == "ok" else states.FailureKind(status)
+
+    def finish(
+        self, token: Token, owner: str, outcome: states.StepOutcome, last: bool = False,
+        reason: str = "",
+    ) -> bool:
+        """Record how an execution ended; False if it was no longer current (ignored).
+
+        A success moves the job to its next step, and the last one completes it; a failure
+        fails it; a revoke from outside cancels it; a stop only releases the lease (the job
+        is Cancelled already); an abandoned step's lease expires now for a reaper.
+        """
+        event = {
+            states.StepOutcome.FAILED: Event.FAIL,
+            states.StepOutcome.REVOKED: Event.CANCEL,
+            states.StepOutcome.SUCCEEDED: Event.COMPLETE if last else None,
+        }.get(outcome)
+        target = TRANSITIONS[event].target if event else ""
+        next_step = token.step + 1 if outcome == states.StepOutcome.SUCCEEDED else ""
+        return bool(self.scripts.finish(
+            keys=self._step_keys(token.job_id),
+            args=[token.job_id, token.attempt, token.dispatch, token.step, owner,
+                  outcome, int(outcome == states.StepOutcome.ABANDONED), next_step, target or "",
+                  sources_arg(event) if event else "", reason]))
+
+    def abandon(self, job_id: str, owner_prefix: str) -> bool:
+        """Expire now the lease held by an execution whose owner starts with
+        ``owner_prefix`` (its pool process was lost), so a reaper re-dispatches the step."""
+        return bool(self.scripts.abandon(keys=self._step_keys(job_id)[:2],
+                                         args=[job_id, owner_prefix]))
+
+    def resume(self, token: Token, steps: int) -> bool:
+        """Dispatch the steps after ``token``'s again, if that step finished but the next
+        was never sent (its pool process died in between: Celery sends a chain's next step
+        only after the task returns). True if the caller must send the new dispatch."""
+        return bool(self.scripts.resume(
+            keys=[self.keys.job(token.job_id), self.keys.outbox],
+            args=[token.job_id, token.attempt, token.dispatch, token.step, steps,
+                  sources_arg(Event.RESUME)]))
+
+    # -- lost steps (reapers) ----------------------------------------------------------------
+    def expired(self, limit: int = 100) -> list[str]:
+        """Jobs whose running step's lease has expired, by Redis's clock."""
+        return self.scripts.expired(keys=[self.keys.leases], args=[limit])
+
+    def lose(self, job_id: str, max_losses: int, cause: str) -> Loss | None:
+        """Lose the step of a job whose lease expired: re-dispatch it, or fail the job after
+        ``max_losses`` in a row. None if its lease was renewed or another reaper took it."""
+        reply = self.scripts.reap(
+            keys=[self.keys.leases, self.keys.job(job_id), self.keys.events(job_id),
+                  self.keys.outbox],
+            args=[job_id, max_losses, sources_arg(Event.LOSE), TRANSITIONS[Event.FAIL].target,
+                  cause])
+        return Loss.parse(reply) if reply else None
+
+    def rescue(self, token: Token, max_losses: int, cause: str) -> Loss:
+        """Lose a step whose message a worker took and never started, unless the token is
+        no longer current (STALE) or the step runs after all (LEASED)."""
+        job_id = token.job_id
+        return Loss.parse(self.scripts.rescue(
+            keys=[self.keys.job(job_id), self.keys.events(job_id), self.keys.outbox],
+            args=[job_id, token.attempt, token.dispatch, token.step, max_losses,
+                  sources_arg(Event.LOSE), TRANSITIONS[Event.FAIL].target, cause]))
+
+    # -- client-side changes -----------------------------------------------------------------
+    def cancel(self, job_id: str, attempt: int, reason: str) -> bool:
+        """Cancel attempt ``attempt`` of an active job; False if it is not (any more)."""
+        return self._transition(Event.CANCEL, job_id, attempt,
+                                {"end": _now_ms(), "reason": reason})
+
+    def fail(self, job_id: str, attempt: int, reason: str) -> bool:
+        """Fail attempt ``attempt`` of an active job; False if it is not (any more)."""
+        return self._transition(Event.FAIL, job_id, attempt,
+                                {"end": _now_ms(), "reason": reason})
+
+    def restart(self, record: JobRecord, previous_attempt: int) -> bool:
+        """Start a finished job again as ``record``'s (new) attempt and dispatch, and put it
+        in the outbox; False if it was not finished or someone restarted it first."""
+        fresh = {**codec.attempt_fields(record), "lost": 0, "submitted": record.submitted_ms,
+                 "start": None, "end": None, "step": None, "node": None, "reason": None}
+        return self._transition(Event.RESTART, record.job_id, previous_attempt, fresh,
+                                dispatching=True)
+
+    def _transition(
+        self, event: Event, job_id: str, attempt: int, changes: dict[str, object],
+        dispatching: bool = False,
+    ) -> bool:
+        keys = [self.keys.job(job_id)] + ([self.keys.outbox] if dispatching else [])
+        args: list[object] = [job_id, attempt, sources_arg(event), TRANSITIONS[event].target]
+        for name, value in changes.items():
+            args += [name, codec.text(value)]
+        applied = self.scripts.transition(keys=keys, args=args)
+        if applied == -1:
+            raise JobNotFound(job_id)
+        return applied == 1
+
+    # -- reads -------------------------------------------------------------------------------
+    def get(self, job_id: str) -> JobRecord:
+        fields = self.redis.hgetall(self.keys.job(job_id))
+        if not fields:
+            raise JobNotFound(job_id)
+        return codec.decode(job_id, fields)
+
+    def get_field(self, job_id: str, name: str) -> str | None:
+        return self.redis.hget(self.keys.job(job_id), name)
+
+    def state(self, job_id: str) -> states.JobState | None:
+        """The job's stored state, or None if there is no such job (one cheap read)."""
+        value = self.get_field(job_id, "state")
+        return None if value is None else states.JobState(value)
+
+    def events(self, job_id: str) -> list[dict]:
+        """The job's step executions (starts, ends, losses), oldest first."""
+        return [json.loads(e) for e in self.redis.lrange(self.keys.events(job_id), 0, -1)]
+
+    def ids(self, kind: str = "all", value: str = "") -> list[str]:
+        """Job ids of an index, newest first."""
+        return self.redis.zrevrange(self.keys.index(kind, value), 0, -1)
+
+    def summaries(self, job_ids: Iterable[str]) -> Iterator[JobRecord]:
+        """Listing records for many jobs, ``BATCH`` ids per round trip; ids whose record is
+        gone are skipped."""
+        ids = list(job_ids)
+        for start in range(0, len(ids), BATCH):
+            batch = ids[start:start + BATCH]
+            pipe = self.redis.pipeline(transaction=False)
+            for job_id in batch:
+                pipe.hmget(self.keys.job(job_id), codec.SUMMARY_FIELDS)
+            for job_id, values in zip(batch, pipe.execute()):
+                if values[codec.STATE_AT] is not None:  # no state: the record is gone
+                    found = {k: v for k, v in zip(codec.SUMMARY_FIELDS, values) if v is not None}
+                    yield codec.decode(job_id, found)

@@ -1,0 +1,174 @@
+"""The job state machine against a real redis-server, without workers.
+
+Every event of the transition table is tried from every state through the store's own
+methods (the scripts the nodes and clients run): the allowed ones change the record as the
+table says, the others are refused and change nothing.
+"""
+
+from __future__ import annotations
+
+import itertools
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from celeryfarm.jobs import JobRecord, JobSpec
+from celeryfarm.records import TRANSITIONS, Event, JobState, StepOutcome
+from celeryfarm.records.scripts import NAMES, source
+from celeryfarm.records.states import ClaimStatus, FailureKind, LossOutcome, allowed
+from celeryfarm.records.store import JobStore, Token, connect
+from celeryfarm.redisserver import RedisServer
+
+OWNER = "task/node@host/1"
+LEASE_MS = 60_000
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[JobStore]:
+    server = RedisServer(tmp_path_factory.mktemp("records") / "redis", appendonly=False)
+    with server:
+        yield JobStore(connect(server.url), f"test-{uuid.uuid4().hex[:6]}")
+
+
+def new_job(store: JobStore, state: JobState, leased: bool = False) -> Token:
+    """A one-step job on attempt 1, dispatch 1, in ``state``; ``leased``: its step runs
+    under ``OWNER``'s lease (set up by hand: only a claim writes a lease, and a claim
+    needs an active job)."""
+    spec = JobSpec.build(name="t", commands=["true"])
+    job_id = uuid.uuid4().hex
+    store.create(JobRecord(job_id=job_id, spec=spec, log_path=f"{job_id}/render.log",
+                           state=state, submitted_ms=1), dispatching=False)
+    if leased:
+        store.redis.hset(store.keys.job(job_id), "lease_owner", OWNER)
+        store.redis.zadd(store.keys.leases, {job_id: 0})  # expired, for the reaper
+    return Token(job_id, 1, 1, 0)
+
+
+def claim(store: JobStore, token: Token) -> bool:
+    status, _, record = store.claim(token, OWNER, "node@host", LEASE_MS)
+    assert (status == ClaimStatus.OK) == (record is not None)
+    return status == ClaimStatus.OK
+
+
+def finish(outcome: StepOutcome) -> Callable[[JobStore, Token], bool]:
+    def act(store: JobStore, token: Token) -> bool:
+        assert store.finish(token, OWNER, outcome, last=True, reason="why")  # it is current
+        return True
+    return act
+
+
+def restart(store: JobStore, token: Token) -> bool:
+    record = store.get(token.job_id)
+    record.attempt, record.dispatch, record.next_step = 2, 2, 0
+    return store.restart(record, previous_attempt=1)
+
+
+def lose(store: JobStore, token: Token) -> bool:
+    loss = store.lose(token.job_id, max_losses=3, cause="test")
+    assert loss is None or loss.outcome == LossOutcome.REDISPATCHED
+    return loss is not None
+
+
+def resume(store: JobStore, token: Token) -> bool:
+    """Step 1 of 2 finished and released its lease; its next step was never sent."""
+    store.redis.hset(store.keys.job(token.job_id), "next_step", 1)
+    return store.resume(token, steps=2)
+
+
+#: Each event, through each method that causes it: (event, name, action, needs a lease).
+ACTIONS = [
+    (Event.CLAIM, "claim", claim, False),
+    (Event.COMPLETE, "finish succeeded (last step)", finish(StepOutcome.SUCCEEDED), True),
+    (Event.FAIL, "finish failed", finish(StepOutcome.FAILED), True),
+    (Event.FAIL, "fail", lambda store, t: store.fail(t.job_id, 1, "why"), False),
+    (Event.CANCEL, "finish revoked", finish(StepOutcome.REVOKED), True),
+    (Event.CANCEL, "cancel", lambda store, t: store.cancel(t.job_id, 1, "why"), False),
+    (Event.LOSE, "lose", lose, True),
+    (Event.RESUME, "resume", resume, False),
+    (Event.RESTART, "restart", restart, False),
+]
+# finish's own success is "the execution was current", so its refusals show in the state only.
+REPORTS_REFUSAL = {"claim", "fail", "cancel", "lose", "resume", "restart"}
+
+
+def test_every_event_of_the_table_is_tried():
+    assert {event for event, *_ in ACTIONS} == set(Event) == set(TRANSITIONS)
+
+
+@pytest.mark.parametrize(("action", "state"),
+                         list(itertools.product(ACTIONS, JobState)),
+                         ids=lambda value: value[1] if isinstance(value, tuple) else str(value))
+def test_each_transition_is_applied_if_allowed_and_refused_otherwise(
+    store: JobStore, action: tuple, state: JobState
+):
+    event, name, act, leased = action
+    token = new_job(store, state, leased)
+    before = store.get(token.job_id)
+    applied = act(store, token)
+    after = store.get(token.job_id)
+    target = TRANSITIONS[event].target
+    if allowed(event, state):
+        assert applied
+        assert after.state == (target or state)
+        if event in (Event.LOSE, Event.RESUME):
+            assert after.dispatch == before.dispatch + 1
+        if event == Event.RESTART:
+            assert (after.attempt, after.dispatch, after.end_ms) == (2, 2, None)
+    else:
+        if name in REPORTS_REFUSAL:
+            assert not applied
+        assert after.state == state
+        assert (after.attempt, after.dispatch) == (before.attempt, before.dispatch)
+
+
+def test_a_stale_token_is_refused_whatever_the_state(store: JobStore):
+    token = new_job(store, JobState.WAITING)
+    store.redis.hset(store.keys.job(token.job_id), "dispatch", 2)  # re-dispatched meanwhile
+    status, _, _ = store.claim(token, OWNER, "node@host", LEASE_MS)
+    assert status == ClaimStatus.SUPERSEDED
+    assert not store.cancel(token.job_id, 2, "wrong attempt")
+    assert store.get(token.job_id).state == JobState.WAITING
+
+
+def test_a_running_step_learns_it_was_stopped_or_superseded(store: JobStore):
+    token = new_job(store, JobState.WAITING)
+    assert claim(store, token)
+    assert store.renew(token, OWNER, LEASE_MS) is None
+    assert store.renew(token, "someone else", LEASE_MS) == FailureKind.SUPERSEDED
+    assert store.cancel(token.job_id, 1, "stopped")
+    assert store.renew(token, OWNER, LEASE_MS) == FailureKind.STOPPED
+
+
+def test_a_live_lease_keeps_a_second_execution_out(store: JobStore):
+    token = new_job(store, JobState.WAITING)
+    assert claim(store, token)
+    status, detail, _ = store.claim(token, "task/other@host/2", "other@host", LEASE_MS)
+    assert status == ClaimStatus.DUPLICATE and OWNER in detail
+    assert store.lose(token.job_id, 3, "test") is None  # the lease has not expired
+
+
+def test_every_script_states_its_keys_and_arguments():
+    folder = Path(__file__).resolve().parents[1] / "celeryfarm" / "records" / "lua"
+    for name in NAMES:
+        header = (folder / f"{name}.lua").read_text().split("\nlocal", 1)[0]
+        assert "KEYS[1]" in header and "ARGV[1]" in header, name
+        assert "Returns" in header, name
+        assert "is_one_of" in source(name)  # common.lua is put in front
+
+
+def test_only_a_finished_step_whose_next_was_never_sent_is_resumed(store: JobStore):
+    token = new_job(store, JobState.RUNNING)
+    assert not store.resume(token, steps=2)  # step 1 has not finished: its lease decides
+    store.redis.hset(store.keys.job(token.job_id), "next_step", 1)
+    assert not store.resume(token, steps=1)  # it was the last step
+    assert not store.resume(Token(token.job_id, 1, 2, 0), steps=2)  # a stale dispatch
+    store.redis.hset(store.keys.job(token.job_id), "lease_owner", "the next step's owner")
+    assert not store.resume(token, steps=2)  # the next step runs after all
+    store.redis.hdel(store.keys.job(token.job_id), "lease_owner")
+    assert store.resume(token, steps=2)
+    assert store.get(token.job_id).dispatch == 2
+    assert token.job_id in store.stale_outbox(age_ms=0)
+    assert not store.resume(token, steps=2)  # once

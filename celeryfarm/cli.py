@@ -205,6 +205,8 @@ def worker(session: Session, queues: str, concurrency: int, name: str, check: bo
     from .worker import node_answers, node_name, run_node
 
     settings = session.settings
+    if not check and root_problem(settings):  # a health check runs nothing
+        raise FarmError(root_problem(settings))
     check_redis(settings.broker_url)
     if check:
         from .celery import create_app
@@ -212,8 +214,6 @@ def worker(session: Session, queues: str, concurrency: int, name: str, check: bo
         if not node_answers(create_app(settings), name):
             raise FarmError(f"render node {node_name(name)} does not answer")
         return
-    if root_problem(settings):
-        raise FarmError(root_problem(settings))
     click.echo(f"joining the farm at {redact(settings.broker_url)} as {node_name(name)}, "
                f"shared root {settings.shared_root}", err=True)
     sys.exit(run_node(settings, name, concurrency, queues or settings.default_queue))

@@ -18,7 +18,15 @@ import psutil
 from celeryfarm import cgroup, process
 from celeryfarm.farmapi import Job
 
-from .helpers import read_log, submit_like_katana, tagged_processes, wait_for_state, wait_until
+from .helpers import (
+    command_line,
+    read_log,
+    submit,
+    submit_like_katana,
+    tagged_processes,
+    wait_for_state,
+    wait_until,
+)
 from .users import NODE, ensure_user, python_as
 
 
@@ -81,7 +89,7 @@ def test_a_step_over_its_memory_cap_is_killed_and_says_so():
 
 def test_stop_job_kills_an_env_i_double_fork(plugin):
     tag = uuid.uuid4().hex
-    job_id, _ = submit_like_katana(plugin, [escaping_render(tag)])
+    job_id, _ = submit_like_katana(plugin, [command_line(escaping_render(tag))])
     wait_until(lambda: b"daemon up" in read_log(plugin, job_id), 30, "the daemon to start")
     plugin.stopJob(job_id)
     assert wait_for_state(plugin, job_id) == Job.State.kCancelled
@@ -90,7 +98,7 @@ def test_stop_job_kills_an_env_i_double_fork(plugin):
 
 def test_a_job_over_its_memory_cap_fails_with_the_reason(plugin):
     hog = [sys.executable, "-c", "data = b'x' * (400 * 2**20)"]
-    job_id, _ = submit_like_katana(plugin, [hog], settings={"maxMemoryMB": 64})
+    job_id, _ = submit(plugin.farm, [hog], settings={"maxMemoryMB": 64})
     assert wait_for_state(plugin, job_id) == Job.State.kFailed
     assert b"killed: went over its memory cap of 64 MB" in read_log(plugin, job_id)
 
@@ -127,7 +135,7 @@ def test_a_dead_pool_process_s_escaped_daemon_is_killed_by_its_node(cluster, plu
     try:
         cluster.wait_for_workers(plugin.farm.app, [node])
         tag = uuid.uuid4().hex
-        job_id, _ = submit_like_katana(plugin, [escaping_render(tag)], settings={"pool": pool})
+        job_id, _ = submit(plugin.farm, [escaping_render(tag)], settings={"pool": pool})
         wait_until(lambda: b"daemon up" in read_log(plugin, job_id), 30, "the daemon to start")
         (step,) = plugin.farm.get(job_id).task_ids
         folders = Path(tempfile.gettempdir()) / f"celeryfarm-steps-{os.geteuid()}" / step

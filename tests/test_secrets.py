@@ -14,7 +14,6 @@ import secrets
 import shutil
 import struct
 import tempfile
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,12 +22,12 @@ import pytest
 from celeryfarm import process, renderenv
 from celeryfarm.config import Settings
 from celeryfarm.farm import Farm
-from celeryfarm.farmapi import FarmPluginManager, Job
+from celeryfarm.farmapi import Job
 from celeryfarm.plugin import CeleryFarmPlugin
 from celeryfarm.testing.cluster import LocalCluster
 
 from .conftest import WORKER_ENV
-from .helpers import read_log, submit_like_katana, wait_for_state
+from .helpers import command_line, read_log, submit_like_katana, wait_for_state
 from .users import NODE, RENDER, ensure_user, python_as, python_for_others
 
 #: Looks for the strings whose reversals are its arguments (so its own command line does
@@ -109,13 +108,11 @@ def test_a_render_finds_none_of_its_node_s_secrets(guarded_farm, monkeypatch):
         monkeypatch.setenv(name, value)
     plugin = CeleryFarmPlugin()
     python, python_env = python_for_others()
-    context = str(uuid.uuid4())
-    plugin.createTempDirectory(context)
-    environment = {**plugin.getEnvironmentForJob(context), **python_env,
-                   "HUNT_ROOTS": f"{cluster.base}:{data_dir}"}
-    job_id = plugin.submitJob(FarmPluginManager.JobRequest(
-        name="hunt", renderContextName=context, environment=environment,
-        commands=[hunt(python, password, password[::2])], settings={"pool": "guarded"}))
+    context = plugin.farm.create_context()
+    job_id = plugin.farm.submit_commands(
+        [hunt(python, password, password[::2])], context=context.name, name="hunt",
+        environment={**python_env, "HUNT_ROOTS": f"{cluster.base}:{data_dir}"},
+        settings={"pool": "guarded"}).job_id
     assert wait_for_state(plugin, job_id) == Job.State.kCompleted
     found = report(read_log(plugin, job_id))
     assert found["uid"] == ensure_user(RENDER).pw_uid  # it ran as the render user
@@ -160,7 +157,7 @@ def test_each_step_has_a_fresh_home_and_temporary_folder_removed_afterwards(
     plant = ("import os; open(os.path.join(os.environ['HOME'], 'usercustomize.py'), 'w')"
              ".write('print(1)'); print('HOME=' + os.environ['HOME']);"
              " print('TMPDIR=' + os.environ['TMPDIR'])")
-    first, _ = submit_like_katana(plugin, [["python3", "-c", plant]])
+    first, _ = submit_like_katana(plugin, [command_line(["python3", "-c", plant])])
     assert wait_for_state(plugin, first) == Job.State.kCompleted
     log = read_log(plugin, first).decode()
     home = log.split("HOME=")[1].split()[0]
@@ -168,7 +165,7 @@ def test_each_step_has_a_fresh_home_and_temporary_folder_removed_afterwards(
     assert not os.path.exists(home) and not os.path.exists(tmp)
     look = (f"import os; print('HOME=' + os.environ['HOME']); "
             f"print('PLANTED', os.path.exists({home!r} + '/usercustomize.py'))")
-    second, _ = submit_like_katana(plugin, [["python3", "-c", look]])
+    second, _ = submit_like_katana(plugin, [command_line(["python3", "-c", look])])
     assert wait_for_state(plugin, second) == Job.State.kCompleted
     log = read_log(plugin, second).decode()
     assert "PLANTED False" in log and f"HOME={home}\n" not in log

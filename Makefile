@@ -29,7 +29,7 @@ lint: setup
 test: lint
 	$(BIN)/pytest
 
-# A local farm runs three real jobs through the Katana plug-in, shows their progress, stops.
+# A local farm runs three real render jobs, shows their progress, stops.
 demo: setup
 	$(BIN)/celeryfarm demo $(ALLOW_ROOT)
 

@@ -87,6 +87,8 @@ class Settings:
     render_user: str = ""
     #: Variables of the node's environment that renders also get (licence servers...).
     render_env: tuple[str, ...] = ()
+    #: Globs over the absolute path of the programs render steps may run (empty: any).
+    allowed_programs: tuple[str, ...] = ()
     #: Whether a render node may run as root (``--allow-root``); it refuses to otherwise.
     allow_root: bool = False
 
@@ -190,9 +192,15 @@ class Settings:
             flower_user=_login_part("FLOWER_USER", get("FLOWER_USER") or defaults.flower_user),
             flower_password=_login_part("FLOWER_PASSWORD", secret("FLOWER_PASSWORD")),
             render_user=get("RENDER_USER"),
-            render_env=tuple(filter(None, (n.strip() for n in get("RENDER_ENV").split(",")))),
+            render_env=_list(get("RENDER_ENV")),
+            allowed_programs=_list(get("ALLOWED_PROGRAMS")),
             allow_root=get("ALLOW_ROOT").lower() in ("1", "true", "yes"),
         )
+
+
+def _list(text: str) -> tuple[str, ...]:
+    """A comma-separated list, without blanks."""
+    return tuple(filter(None, (item.strip() for item in text.split(","))))
 
 
 def _read_secret(name: str, path: str) -> str:

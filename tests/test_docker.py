@@ -423,6 +423,8 @@ class ComposeFarm:
             "CELERYFARM_WORKER_IMAGE": WORKER_IMAGE,
             "CELERYFARM_REDIS_IMAGE": REDIS_IMAGE,
             "CELERYFARM_WORKER_STOP_GRACE_PERIOD": "10s",
+            # These tests' renders are Python (the stand-in renderboot, and probes).
+            "CELERYFARM_ALLOWED_PROGRAMS": "/opt/celeryfarm/bin/python*",
             **NODE_ENV,
             **settings,
         }

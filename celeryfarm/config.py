@@ -106,6 +106,14 @@ class Settings:
         return self.remote_shared_root or self.shared_root
 
     @property
+    def broker_key_prefix(self) -> str:
+        """What every key of Celery's on the broker starts with (kombu's
+        ``global_keyprefix``): queues, unacknowledged messages, and the channels of revokes
+        and events, so farms sharing a Redis never take, revoke or see each other's steps.
+        ``:celery:`` keeps them apart from the job records' keys."""
+        return f"{self.key_prefix}:celery:"
+
+    @property
     def visibility_timeout(self) -> int:
         """Broker visibility timeout: above the longest render, so no step is redelivered
         while it still runs. Every process derives it from the same variable."""

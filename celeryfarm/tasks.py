@@ -25,7 +25,7 @@ from celery.exceptions import Ignore
 
 from . import admission, process, renderenv
 from .config import Settings
-from .errors import FarmError, StepFailed
+from .errors import CorruptRecord, FarmError, StepFailed
 from .jobs import JobRecord
 from .lease import StepLease, lease_owner
 from .paths import SharedRoot
@@ -123,6 +123,9 @@ def render_step(
         # Nothing has started: try again once Redis is back, rather than fail the job.
         raise self.retry(exc=error, countdown=min(2 ** self.request.retries, 10),
                          max_retries=MAX_CLAIM_RETRIES) from None
+    except CorruptRecord as error:  # claimed, but what to run cannot be read
+        logger.error("job %s %s: %s", job_id, label, error)
+        _fail(lease, f"{label}: {error}")
     if status != ClaimStatus.OK:
         # A duplicate or already-done delivery shares its id with the real execution,
         # whose Celery state must not be overwritten.

@@ -14,12 +14,16 @@ import pytest
 from celeryfarm import admission
 from celeryfarm.celery import RENDER_STEP
 from celeryfarm.config import Settings
+from celeryfarm.errors import FarmError
 from celeryfarm.farm import Farm
-from celeryfarm.farmapi import Job
+from celeryfarm.farmapi import FarmPluginException, Job
 from celeryfarm.plugin import CeleryFarmPlugin
+from celeryfarm.reaper import Reaper
+from celeryfarm.records.fields import SUMMARY_FIELDS
 from celeryfarm.testing.cluster import LocalCluster
 
-from .helpers import read_log, renderboot, submit, wait_for_state
+from . import cli_fixtures
+from .helpers import read_log, renderboot, submit, wait_for_state, wait_until
 
 State = Job.State
 
@@ -103,3 +107,111 @@ def test_the_allowlist_matches_the_resolved_program(tmp_path: Path):
         admission.allowed_program("no-such-program", allowed, str(tmp_path))
     with pytest.raises(admission.Refused, match="not one this node may run"):
         admission.allowed_program("sh", allowed, "/bin:/usr/bin")
+
+
+# -- input that cannot hurt ------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"name": "x" * (10 * 1024 * 1024)}, "the job name is 10485760 characters long; at most"),
+        ({"name": "shot010\nfake log line"}, "contains control characters"),
+        ({"commands": [["renderboot", "x" * 200_000]]}, "command 1 is 200012 bytes long"),
+        ({"commands": [["true"]] * 10_001}, "the job has 10001 commands; at most 10000"),
+        ({"environment": {"BIG": "x" * 300_000}}, "bytes long; at most 262144 are allowed"),
+        ({"settings": {"pool": "renders\n"}}, "invalid pool name 'renders\\n'"),
+    ],
+)
+def test_oversized_or_malformed_input_is_refused_with_a_clear_message(
+    plugin: CeleryFarmPlugin, fields: dict, message: str
+):
+    context = plugin.farm.create_context()
+    request = {"commands": [["true"]], "name": "Render", **fields}
+    before = plugin.farm.job_ids()
+    with pytest.raises(FarmError) as raised:
+        plugin.farm.submit_commands(request.pop("commands"), context=context.name, **request)
+    assert message in str(raised.value)
+    assert plugin.farm.job_ids() == before  # nothing was created
+
+
+def test_a_context_name_with_a_trailing_newline_is_refused(plugin: CeleryFarmPlugin):
+    with pytest.raises(FarmPluginException, match="invalid render context name"):
+        plugin.createTemporaryDirectory("ctx\n")
+
+
+@pytest.fixture
+def corrupt_job(plugin: CeleryFarmPlugin) -> Iterator[tuple[str, str]]:
+    """(a waiting job of this test's user whose record is then corrupted, a sound one)."""
+    pool = {"pool": f"nobody-{uuid.uuid4().hex[:6]}"}
+    bad, _ = submit(plugin.farm, [["true"]], settings=pool)
+    good, _ = submit(plugin.farm, [["true"]], settings=pool)
+    yield bad, good
+    for job_id in (bad, good):
+        plugin.farm.store.redis.delete(plugin.farm.store.keys.job(job_id))
+
+
+@pytest.mark.parametrize("field, value", [("state", "Bogus"), ("commands", "[not json"),
+                                          ("submitted", "yesterday"),
+                                          ("log", "../../etc/passwd")])
+def test_a_corrupt_record_is_a_clear_error_and_the_others_are_still_listed(
+    plugin: CeleryFarmPlugin, corrupt_job: tuple[str, str], farm_env: dict, field: str,
+    value: str
+):
+    bad, good = corrupt_job
+    plugin.farm.store.redis.hset(plugin.farm.store.keys.job(bad), field, value)
+    with pytest.raises(FarmPluginException) as raised:
+        plugin.getRenderLogFilename(bad) if field == "log" else plugin.getJobState(bad)
+    assert bad in str(raised.value) or "escapes the shared root" in str(raised.value)
+    listed = [job.jobId for job in plugin.getJobs(None)]
+    assert good in listed
+    assert (bad in listed) == (field not in SUMMARY_FIELDS)  # listings read only those
+    env = {**cli_fixtures.base_env(), **farm_env}
+    listing = cli_fixtures.cli(env, "jobs", "--mine")
+    assert listing.returncode == 0 and good[:8] in listing.stdout, listing.stderr
+    if field != "log":
+        status = cli_fixtures.cli(env, "status", bad)
+        assert status.returncode == 1
+        assert status.stderr.count("\n") == 1 and bad in status.stderr
+        assert "Traceback" not in status.stderr
+
+
+def test_a_corrupt_record_never_stops_the_reaper(plugin: CeleryFarmPlugin,
+                                                 corrupt_job: tuple[str, str]):
+    """A corrupt job in the outbox and one with an expired lease: each pass goes on, and
+    the outbox entry is dropped rather than re-sent for ever."""
+    bad, good = corrupt_job
+    store = plugin.farm.store
+    store.redis.hset(store.keys.job(bad), mapping={"commands": "[not json", "lost": "many"})
+    store.redis.zadd(store.keys.outbox, {bad: 1})
+    store.redis.zadd(store.keys.leases, {good: 1})
+    store.redis.hset(store.keys.job(good), "lost", "many")  # reap.lua cannot count it
+    reaper = Reaper(plugin.farm.app, store, plugin.farm.settings)
+    reaper.reap_once()  # raises nothing
+    wait_until(lambda: store.redis.zscore(store.keys.outbox, bad) is None, 30,
+               "the corrupt job to leave the outbox")
+    assert store.redis.zscore(store.keys.leases, good) is None
+
+
+# -- two farms on one Redis ------------------------------------------------------------------
+def test_two_farms_on_one_redis_never_touch_each_others_steps(
+    cluster: LocalCluster, plugin: CeleryFarmPlugin
+):
+    """Farm B (another KEY_PREFIX) has a node on pool P; farm A has none there. A's job on P
+    waits (B's node never takes it), B's runs on B's node, and A's nodes cannot see B's."""
+    pool, name = f"p-{uuid.uuid4().hex[:6]}", f"farmb-{uuid.uuid4().hex[:6]}"
+    env_b = {**cluster.env, "CELERYFARM_KEY_PREFIX": "farmb"}
+    farm_b = Farm(Settings.from_env(env_b))
+    cluster.start_worker(name, concurrency=1, queues=f"renders,{pool}", env=env_b)
+    try:
+        cluster.wait_for_workers(farm_b.app, [name])
+        assert name not in str(plugin.farm.app.control.ping(timeout=1))
+        job_a, _ = submit(plugin.farm, [["true"]], settings={"pool": pool})
+        job_b, _ = submit(farm_b, [["true"]], settings={"pool": pool})
+        job_b_default, _ = submit(farm_b, [["true"]])
+        for job_id in (job_b, job_b_default):
+            wait_until(lambda job_id=job_id: farm_b.get(job_id).finished, 60, "B's jobs")
+            record = farm_b.get(job_id)
+            assert (record.state, record.node.split("@")[0]) == (State.kCompleted, name)
+        assert plugin.farm.get(job_a).state == State.kWaiting
+        plugin.farm.stop(job_a)
+    finally:
+        cluster.stop_worker(name)

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
+import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 
-from celeryfarm import admission
+from celeryfarm import admission, passwords
 from celeryfarm.celery import RENDER_STEP
 from celeryfarm.config import Settings
 from celeryfarm.errors import FarmError
@@ -20,10 +23,11 @@ from celeryfarm.farmapi import FarmPluginException, Job
 from celeryfarm.plugin import CeleryFarmPlugin
 from celeryfarm.reaper import Reaper
 from celeryfarm.records.fields import SUMMARY_FIELDS
+from celeryfarm.redisserver import free_port
 from celeryfarm.testing.cluster import LocalCluster
 
 from . import cli_fixtures
-from .helpers import read_log, renderboot, submit, wait_for_state, wait_until
+from .helpers import http_status, read_log, renderboot, submit, wait_for_state, wait_until
 
 State = Job.State
 
@@ -215,3 +219,93 @@ def test_two_farms_on_one_redis_never_touch_each_others_steps(
         plugin.farm.stop(job_a)
     finally:
         cluster.stop_worker(name)
+
+
+# -- secure by default -----------------------------------------------------------------------
+@pytest.mark.parametrize(("password", "problem"), [
+    ("", "is empty"), ("change-me", "placeholder"), ("Change_Me-0123456789abcdef", "placeholder"),
+    ("s3cret", "shorter than 16"), ("a" * 15, "shorter than 16"), (secrets.token_hex(8), ""),
+])
+def test_weak_passwords_are_named(password: str, problem: str):
+    assert problem in passwords.weakness(password) and bool(problem) == bool(
+        passwords.weakness(password))
+
+
+def test_the_example_env_file_holds_no_password_that_passes():
+    """What the compose file's preflight service checks, on .env.example as it is."""
+    example = Path(__file__).parent.parent / ".env.example"
+    values = dict(line.split("=", 1) for line in example.read_text().splitlines()
+                  if "=" in line and not line.startswith("#"))
+    names = [name for name in values if name.endswith("PASSWORD")]
+    assert names == ["CELERYFARM_REDIS_PASSWORD", "CELERYFARM_FLOWER_PASSWORD"]
+    check = subprocess.run([sys.executable, "-m", "celeryfarm.passwords", *names],
+                           env={**os.environ, **values}, capture_output=True, text=True,
+                           timeout=60)
+    assert check.returncode == 1
+    assert check.stderr.count("refusing to start") == 2
+    strong = {name: secrets.token_hex(16) for name in names}
+    assert subprocess.run([sys.executable, "-m", "celeryfarm.passwords", *names],
+                          env={**os.environ, **strong}, timeout=60).returncode == 0
+
+
+def test_up_refuses_a_weak_flower_password_and_starts_nothing(tmp_path: Path):
+    env = cli_fixtures.up_env(tmp_path, CELERYFARM_FLOWER_PASSWORD="change-me")
+    result = cli_fixtures.cli(env, "up", timeout=60)
+    assert result.returncode == 1
+    assert "CELERYFARM_FLOWER_PASSWORD is still the placeholder" in result.stderr
+    assert result.stderr.count("\n") == 1
+    assert not (tmp_path / "data" / "redis").exists()
+
+
+def test_redis_has_a_memory_cap_and_never_evicts(cluster: LocalCluster):
+    client = redis.Redis.from_url(cluster.redis.url, decode_responses=True)
+    assert client.config_get("maxmemory-policy") == {"maxmemory-policy": "noeviction"}
+    assert int(client.config_get("maxmemory")["maxmemory"]) == 1024 ** 3
+
+
+@pytest.fixture(scope="module")
+def flower(cluster: LocalCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Flower as celeryfarm runs it, with a login; its URL."""
+    port = free_port()
+    log = open(tmp_path_factory.mktemp("flower") / "flower.log", "wb")  # noqa: SIM115
+    env = {**os.environ, **cluster.env, "FLOWER_BASIC_AUTH": "admin:" + FLOWER_PASSWORD}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "celeryfarm.flower", "--address=127.0.0.1", f"--port={port}"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    log.close()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: _status(f"{url}/healthcheck") == 200 or process.poll() is not None,
+                   60, "Flower to answer")
+        assert process.poll() is None
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+FLOWER_PASSWORD = secrets.token_hex(12)
+
+
+def _status(url: str, login: bool = False, **options) -> int:
+    return http_status(url, ("admin", FLOWER_PASSWORD) if login else None, **options)
+
+
+def test_flowers_metrics_need_its_login(flower: str):
+    assert _status(f"{flower}/metrics") == 401
+    assert _status(f"{flower}/metrics", login=True) == 200
+
+
+def test_flower_refuses_cross_site_requests_to_its_api(flower: str):
+    """The pinned Flower checks where API calls come from, even with the right login: a
+    page elsewhere cannot make an admin's browser revoke steps."""
+    revoke = f"{flower}/api/task/revoke/{uuid.uuid4()}"
+    assert _status(revoke, login=True, method="POST") == 200  # from Flower's own pages
+    assert _status(revoke, login=True, method="POST",
+                   headers={"Sec-Fetch-Site": "cross-site"}) == 403
+    assert _status(revoke, login=True, method="POST",
+                   headers={"Origin": "http://evil.example"}) == 403

@@ -32,6 +32,7 @@ def celery_config(settings: Settings) -> dict:
         "priority_steps": PRIORITY_STEPS,
         "sep": ":",
         "queue_order_strategy": "priority",
+        "global_keyprefix": settings.broker_key_prefix,
     }
     return {
         "broker_url": settings.broker_url,

@@ -33,7 +33,7 @@ MOUNT = Path("/sys/fs/cgroup")
 FOLDER = "celeryfarm"
 #: How long a freeze, or the group emptying after the kill, may take.
 SETTLE_SECONDS = 5.0
-_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}$")
+_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}")
 
 
 class Unavailable(Exception):
@@ -44,7 +44,7 @@ def create(name: str, memory_mb: int = 0) -> StepGroup:
     """Make the cgroup of step ``name`` (a safe file name), with a memory cap of
     ``memory_mb`` MiB where the memory controller allows (see :attr:`StepGroup.memory_capped`).
     Raises :class:`Unavailable` when no group can be made."""
-    if not _NAME.match(name):
+    if not _NAME.fullmatch(name):
         raise Unavailable(f"{name!r} cannot name a cgroup")
     try:
         group = _V2Group(name) if _unified() else _V1Group(name)
@@ -56,7 +56,7 @@ def create(name: str, memory_mb: int = 0) -> StepGroup:
 
 def find(name: str) -> StepGroup | None:
     """The existing group of step ``name`` (left by a process that died), or None."""
-    if not _NAME.match(name):
+    if not _NAME.fullmatch(name):
         return None
     try:
         group = _V2Group(name) if _unified() else _V1Group(name)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import getpass
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -78,6 +79,9 @@ class Settings:
     user: str = ""
     #: Katana session recorded on submitted jobs ("" lets the plug-in make one).
     session: str = ""
+    #: Memory cap of the Redis that ``celeryfarm up`` starts (Redis units: 512mb, 2gb); at
+    #: the cap, writes fail (``noeviction``) rather than records being evicted.
+    redis_maxmemory: str = "1gb"
     #: Port of the Flower that ``celeryfarm up`` starts (0: 5555 if free, else any free port).
     flower_port: int = 0
     #: Flower's basic-auth login; an empty password makes ``up`` generate and keep one.
@@ -87,6 +91,8 @@ class Settings:
     render_user: str = ""
     #: Variables of the node's environment that renders also get (licence servers...).
     render_env: tuple[str, ...] = ()
+    #: Globs over the absolute path of the programs render steps may run (empty: any).
+    allowed_programs: tuple[str, ...] = ()
     #: Whether a render node may run as root (``--allow-root``); it refuses to otherwise.
     allow_root: bool = False
 
@@ -102,6 +108,14 @@ class Settings:
     def node_shared_root(self) -> Path:
         """The shared mount as the render nodes see it."""
         return self.remote_shared_root or self.shared_root
+
+    @property
+    def broker_key_prefix(self) -> str:
+        """What every key of Celery's on the broker starts with (kombu's
+        ``global_keyprefix``): queues, unacknowledged messages, and the channels of revokes
+        and events, so farms sharing a Redis never take, revoke or see each other's steps.
+        ``:celery:`` keeps them apart from the job records' keys."""
+        return f"{self.key_prefix}:celery:"
 
     @property
     def visibility_timeout(self) -> int:
@@ -186,13 +200,20 @@ class Settings:
             key_prefix=get("KEY_PREFIX") or defaults.key_prefix,
             user=get("USER") or _login_name(),
             session=get("SESSION"),
+            redis_maxmemory=_memory(get("REDIS_MAXMEMORY") or defaults.redis_maxmemory),
             flower_port=_port(get("FLOWER_PORT")),
             flower_user=_login_part("FLOWER_USER", get("FLOWER_USER") or defaults.flower_user),
             flower_password=_login_part("FLOWER_PASSWORD", secret("FLOWER_PASSWORD")),
             render_user=get("RENDER_USER"),
-            render_env=tuple(filter(None, (n.strip() for n in get("RENDER_ENV").split(",")))),
+            render_env=_list(get("RENDER_ENV")),
+            allowed_programs=_list(get("ALLOWED_PROGRAMS")),
             allow_root=get("ALLOW_ROOT").lower() in ("1", "true", "yes"),
         )
+
+
+def _list(text: str) -> tuple[str, ...]:
+    """A comma-separated list, without blanks."""
+    return tuple(filter(None, (item.strip() for item in text.split(","))))
 
 
 def _read_secret(name: str, path: str) -> str:
@@ -202,6 +223,13 @@ def _read_secret(name: str, path: str) -> str:
         return Path(path).read_text().strip()
     except OSError as error:
         raise ConfigError(f"{PREFIX}{name}_FILE: cannot read {path}: {error.strerror}") from None
+
+
+def _memory(text: str) -> str:
+    if not re.fullmatch(r"[1-9][0-9]*(?:[kmg]b?)?", text.lower()):
+        raise ConfigError(f"{PREFIX}REDIS_MAXMEMORY: expected a size such as 512mb or 2gb, "
+                          f"got {text!r}")
+    return text.lower()
 
 
 def _port(text: str) -> int:

@@ -20,6 +20,15 @@ class JobNotFound(FarmError):
         super().__init__(f"no job with id {job_id!r}")
 
 
+class CorruptRecord(FarmError):
+    """A job's stored record cannot be read (edited by hand, or written by other code)."""
+
+    def __init__(self, job_id: str, problem: str) -> None:
+        self.job_id = job_id
+        super().__init__(f"the record of job {job_id} is corrupt ({problem}); an admin can "
+                         f"inspect it in Redis")
+
+
 class ConfigError(FarmError, ValueError):
     """A ``CELERYFARM_*`` variable holds a value that cannot be used."""
 

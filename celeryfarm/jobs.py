@@ -13,11 +13,12 @@ import shlex
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Union
 
+from . import limits
 from .errors import FarmError
 from .records.states import FINISHED, JobState
 
 RENDER_TYPES = ("Disk", "Preview", "Live")
-_QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_QUEUE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 #: Farm priorities run 0..100, higher first, as in Deadline and Tractor.
 MIN_PRIORITY, MAX_PRIORITY, DEFAULT_PRIORITY = 0, 100, 50
 
@@ -93,13 +94,15 @@ class JobSpec:
         if not commands:
             raise FarmError("the job has no commands to run")
         argvs = tuple(tuple(parse_command(command)) for command in commands)
+        limits.check_commands(argvs)
         env = _environment(environment)
+        limits.check_environment(env)
         render_type = render_type or "Disk"
         if render_type not in RENDER_TYPES:
             raise FarmError(f"unknown render type {render_type!r}; expected one of {RENDER_TYPES}")
         settings = dict(settings or {})
         queue = str(settings.pop("pool", None) or default_queue)
-        if not _QUEUE_NAME.match(queue):
+        if not _QUEUE_NAME.fullmatch(queue):
             raise FarmError(f"invalid pool name {queue!r}: use letters, digits, '_', '.', '-'")
         priority = _priority(settings.pop("priority", DEFAULT_PRIORITY))
         max_step_seconds = _seconds(settings.pop("maxStepSeconds", 0), "maxStepSeconds")
@@ -108,7 +111,7 @@ class JobSpec:
         if settings:
             raise FarmError(f"unknown farm settings: {', '.join(sorted(map(str, settings)))}")
         return cls(
-            name=str(name or "render"),
+            name=limits.check_name(str(name or "render")),
             commands=argvs,
             environment=env,
             render_type=render_type,

@@ -39,6 +39,7 @@ import redis
 from .celery import create_app
 from .config import PREFIX, Settings, redact
 from .errors import FarmError, LocalFarmError
+from .passwords import require_strong
 from .process import become_subreaper
 from .redisserver import RedisServer, free_port
 from .worker import node_command, node_name, wait_for_workers
@@ -270,6 +271,8 @@ class LocalFarm:
             raise
 
     def _start(self, timeout: float) -> FarmState:
+        if self.with_flower and self.flower_password:  # one given, not one made here
+            require_strong(f"{PREFIX}FLOWER_PASSWORD", self.flower_password)
         self._take_lock()
         become_subreaper()  # orphans of dead children come to us, so stop() can end them
         self.settings.shared_root.mkdir(parents=True, exist_ok=True)
@@ -329,7 +332,8 @@ class LocalFarm:
             port = free_port()
         kept["redis_port"] = port
         self.redis = RedisServer(self.data_dir / "redis", port=port,
-                                 password=kept["redis_password"])
+                                 password=kept["redis_password"],
+                                 maxmemory=self.settings.redis_maxmemory)
         self._add(Child("redis-server", lambda: self.redis.start().process,
                         lambda _process: self.redis.stop()))
         self.broker_url = self.redis.url
@@ -384,7 +388,7 @@ class LocalFarm:
         # From the environment, not argv: the process list would show the password.
         env["FLOWER_BASIC_AUTH"] = f"{self.settings.flower_user}:{self.flower_password}"
         env["FLOWER_TASKS_COLUMNS"] = "name,uuid,state,kwargs,received,started,runtime,worker"
-        argv = [sys.executable, "-m", "celery", "-A", "celeryfarm", "flower",
+        argv = [sys.executable, "-m", "celeryfarm.flower",
                 "--address=127.0.0.1", f"--port={self.flower_port}"]
         return self._spawn("flower", argv, env)
 

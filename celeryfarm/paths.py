@@ -20,7 +20,7 @@ from . import sharing
 from .errors import FarmError
 
 LOG_NAME = "render.log"
-_CONTEXT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_CONTEXT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 _PLAIN_RELATIVE = re.compile(r"[^/]+(/[^/]+)*")
 
 
@@ -64,7 +64,7 @@ class SharedRoot:
 
     def context_dir(self, context: str) -> str:
         """The relative folder of a render context, after checking the name is safe."""
-        if not isinstance(context, str) or not _CONTEXT_NAME.match(context) or ".." in context:
+        if not isinstance(context, str) or not _CONTEXT_NAME.fullmatch(context) or ".." in context:
             raise FarmError(
                 f"invalid render context name {context!r}: use letters, digits, '_', '.', '-'"
             )

@@ -20,7 +20,7 @@ from celery import Celery
 
 from . import dispatch, rescue
 from .config import Settings
-from .errors import JobNotFound
+from .errors import CorruptRecord, JobNotFound
 from .paths import SharedRoot
 from .records.states import ACTIVE, LossOutcome
 from .records.store import JobStore, Loss, connect
@@ -61,9 +61,7 @@ class Reaper(threading.Thread):
     def reap_once(self) -> list[tuple[str, str]]:
         """One pass: expired leases, stranded messages, stale outbox entries. Returns the
         (job, what was done) of each step it acted on."""
-        max_losses = self.settings.max_node_losses
-        lost = [loss for loss in (self.store.lose(job_id, max_losses, EXPIRED)
-                                  for job_id in self.store.expired(BATCH)) if loss]
+        lost = [loss for loss in map(self._lose, self.store.expired(BATCH)) if loss]
         lost += self._rescue_stranded()
         for loss in lost:
             self._after_loss(loss)
@@ -73,16 +71,27 @@ class Reaper(threading.Thread):
         return [(loss.job_id, loss.outcome.value) for loss in lost] + [
             (job_id, "resent") for job_id in stale]
 
+    def _lose(self, job_id: str) -> Loss | None:
+        """Lose an expired lease's step; a record the script cannot read (corrupt) is
+        reported and left, so it never stops the pass for the other jobs."""
+        try:
+            return self.store.lose(job_id, self.settings.max_node_losses, EXPIRED)
+        except redis.ResponseError as error:
+            logger.error("reaper: cannot lose the step of job %s (a corrupt record?): %s",
+                         job_id, error)
+            return None
+
     def _rescue_stranded(self) -> list[Loss]:
         """Steps whose message was set aside for a lease period (a margin for clock skew:
         the broker timestamps it with the taker's clock) and whose step is current but
         unleased are lost; a message whose token is no longer current is dropped."""
         cutoff = time.time() - self.settings.lease_seconds
         lost = []
-        for tag, token in rescue.stranded(self.broker, cutoff):
+        prefix = self.settings.broker_key_prefix
+        for tag, token in rescue.stranded(self.broker, cutoff, prefix):
             loss = self.store.rescue(token, self.settings.max_node_losses, NEVER_STARTED)
             if loss.outcome == LossOutcome.STALE:
-                rescue.drop(self.broker, tag)
+                rescue.drop(self.broker, tag, prefix)
             elif loss.outcome != LossOutcome.LEASED:
                 lost.append(loss)
         return lost
@@ -91,6 +100,9 @@ class Reaper(threading.Thread):
         try:
             record = self.store.get(loss.job_id)
         except JobNotFound:
+            return
+        except CorruptRecord as error:
+            logger.error("reaper: %s", error)
             return
         label = f"step {loss.step + 1}/{len(record.spec.commands)}"
         lines = [f"node {loss.node or '(unknown)'} lost while running {label}: {loss.cause} "
@@ -108,6 +120,9 @@ class Reaper(threading.Thread):
         try:
             record = self.store.get(job_id)
         except JobNotFound:
+            record = None
+        except CorruptRecord as error:
+            logger.error("reaper: not re-sending: %s", error)
             record = None
         if record is None or record.state not in ACTIVE:
             self.store.unsendable(job_id)

@@ -34,12 +34,14 @@ class RedisServer:
         password: str = "",
         appendonly: bool = True,
         executable: str = "redis-server",
+        maxmemory: str = "1gb",
     ) -> None:
         self.data_dir = Path(data_dir)
         self.port = port or free_port()
         self.password = password
         self.appendonly = appendonly
         self.executable = executable
+        self.maxmemory = maxmemory
         self.process: subprocess.Popen | None = None
 
     @property
@@ -63,6 +65,9 @@ class RedisServer:
             'save ""',
             f"appendonly {'yes' if self.appendonly else 'no'}",
             "appendfsync everysec",
+            # Full is an error for writers, never a silently evicted job record or step.
+            f"maxmemory {self.maxmemory}",
+            "maxmemory-policy noeviction",
             "loglevel warning",
             f"logfile {self.data_dir / 'redis.log'}",
         ]

@@ -41,18 +41,21 @@ def step_token(raw: str | None) -> Token | None:
         return None
 
 
-def stranded(broker: redis.Redis, set_aside_before: float) -> Iterator[tuple[str, Token]]:
+def stranded(broker: redis.Redis, set_aside_before: float,
+             prefix: str) -> Iterator[tuple[str, Token]]:
     """(delivery tag, token) of the step messages set aside before ``set_aside_before``
-    (a Unix time)."""
-    tags = broker.zrangebyscore(UNACKED_INDEX, "-inf", set_aside_before, start=0, num=BATCH)
+    (a Unix time), on the broker whose keys start with ``prefix``
+    (``Settings.broker_key_prefix``)."""
+    tags = broker.zrangebyscore(prefix + UNACKED_INDEX, "-inf", set_aside_before, start=0,
+                                num=BATCH)
     if not tags:
         return
-    for tag, raw in zip(tags, broker.hmget(UNACKED, tags)):
+    for tag, raw in zip(tags, broker.hmget(prefix + UNACKED, tags)):
         token = step_token(raw)
         if token is not None:
             yield tag, token
 
 
-def drop(broker: redis.Redis, tag: str) -> None:
+def drop(broker: redis.Redis, tag: str, prefix: str) -> None:
     """Forget a message set aside whose step no longer needs it."""
-    broker.pipeline().zrem(UNACKED_INDEX, tag).hdel(UNACKED, tag).execute()
+    broker.pipeline().zrem(prefix + UNACKED_INDEX, tag).hdel(prefix + UNACKED, tag).execute()

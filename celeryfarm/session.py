@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from .farm import Farm
     from .localfarm import LocalFarm
 
-_HEX = re.compile(r"^[0-9a-f]{1,32}$")
+_HEX = re.compile(r"[0-9a-f]{1,32}")
 
 
 class Session:
@@ -69,7 +69,7 @@ class Session:
     def resolve(self, text: str) -> str:
         """The full id of a job given by its id or a unique prefix of it (as git does)."""
         wanted = text.strip().lower()
-        if not _HEX.match(wanted):
+        if not _HEX.fullmatch(wanted):
             raise JobNotFound(text)
         if len(wanted) == 32:
             return wanted

@@ -23,15 +23,15 @@ import redis
 from celery import states
 from celery.exceptions import Ignore
 
-from . import process, renderenv
+from . import admission, process, renderenv
 from .config import Settings
-from .errors import StepFailed
+from .errors import CorruptRecord, FarmError, StepFailed
 from .jobs import JobRecord
 from .lease import StepLease, lease_owner
 from .paths import SharedRoot
 from .records.states import ClaimStatus, FailureKind, StepOutcome
 from .records.store import Token
-from .renderlog import RenderLog
+from .renderlog import RenderLog, stamp
 
 logger = logging.getLogger(__name__)
 #: Sent to a pool process when its worker's main process dies. Not SIGTERM: billiard's
@@ -123,16 +123,22 @@ def render_step(
         # Nothing has started: try again once Redis is back, rather than fail the job.
         raise self.retry(exc=error, countdown=min(2 ** self.request.retries, 10),
                          max_retries=MAX_CLAIM_RETRIES) from None
+    except CorruptRecord as error:  # claimed, but what to run cannot be read
+        logger.error("job %s %s: %s", job_id, label, error)
+        _fail(lease, f"{label}: {error}")
     if status != ClaimStatus.OK:
         # A duplicate or already-done delivery shares its id with the real execution,
         # whose Celery state must not be overwritten.
         _skip(self, f"job {job_id} {label} not run ({status}): {detail}",
               revoked=status in (ClaimStatus.SUPERSEDED, ClaimStatus.FINISHED))
-    log_path = SharedRoot(settings.shared_root).join(record.log_path)
     try:
+        log_path = SharedRoot(settings.shared_root).join(record.log_path)
         log = RenderLog(log_path)
+    except FarmError as error:
+        _fail(lease, f"{label}: the record's render log is not usable: {error}")
     except OSError as error:
         _fail(lease, f"{label}: cannot write the render log {log_path}: {error.strerror}")
+    command = _admitted(lease, log, record, step, command, settings, label)
     started = time.monotonic()
     with log, lease.keep(), stop_signals(lease.stop_reason) as should_stop, \
             renderenv.private_folders(user, self.request.id) as folders:
@@ -169,6 +175,21 @@ def render_step(
         _skip(self, f"job {job_id} {label} finished, but was given to another node meanwhile",
               revoked=True)
     return {"job": job_id, "step": step, "exit_code": outcome.exit_code, "node": node}
+
+
+def _admitted(lease: StepLease, log: RenderLog, record: JobRecord, step: int,
+              shown: list[str], settings: Settings, label: str) -> list[str]:
+    """The command the node runs for ``step`` (see :mod:`celeryfarm.admission`); a refusal
+    is logged, noted in the render log and fails the step before anything runs."""
+    search_path = render_environment(record, {}, settings, None).get("PATH", os.defpath)
+    try:
+        return admission.command_to_run(record, step, shown, settings.allowed_programs,
+                                        search_path)
+    except admission.Refused as refusal:
+        logger.error("job %s %s refused: %s", record.job_id, label, refusal)
+        with log:
+            log.mark(f"{label} | refused: {refusal} | {stamp()}")
+        _fail(lease, f"{label} refused: {refusal}")
 
 
 def _after_stop(task: Any, lease: StepLease, reason: str, what: str) -> NoReturn:

@@ -3,9 +3,12 @@ tests about the plug-in), and watching processes."""
 
 from __future__ import annotations
 
+import base64
 import shlex
 import sys
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
@@ -19,6 +22,23 @@ from celeryfarm.plugin import CeleryFarmPlugin
 
 T = TypeVar("T")
 FINISHED = (Job.State.kCompleted, Job.State.kFailed, Job.State.kCancelled)
+
+
+def http_status(url: str, auth: tuple[str, str] | None = None, method: str = "GET",
+                headers: dict[str, str] | None = None, timeout: float = 10) -> int:
+    """The HTTP status of a request (basic auth with ``auth``); 0 if nothing answers."""
+    request = urllib.request.Request(url, method=method, headers=headers or {},
+                                     data=b"" if method == "POST" else None)
+    if auth:
+        token = base64.b64encode(":".join(auth).encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+    except OSError:
+        return 0  # not listening (yet)
 
 
 def renderboot(*args: object) -> list[str]:

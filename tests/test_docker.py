@@ -17,7 +17,6 @@ started with .ci/docker-engine.sh first.
 
 from __future__ import annotations
 
-import base64
 import os
 import re
 import secrets
@@ -26,8 +25,6 @@ import socket
 import stat
 import subprocess
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -49,7 +46,14 @@ from celeryfarm.farm import Farm
 from celeryfarm.farmapi import Job
 from celeryfarm.plugin import CeleryFarmPlugin
 
-from .helpers import FINISHED, KatanaJobRequest, command_line, wait_for_state, wait_until
+from .helpers import (
+    FINISHED,
+    KatanaJobRequest,
+    command_line,
+    http_status,
+    wait_for_state,
+    wait_until,
+)
 from .test_secrets import HUNT, report
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(900)]
@@ -423,6 +427,8 @@ class ComposeFarm:
             "CELERYFARM_WORKER_IMAGE": WORKER_IMAGE,
             "CELERYFARM_REDIS_IMAGE": REDIS_IMAGE,
             "CELERYFARM_WORKER_STOP_GRACE_PERIOD": "10s",
+            # These tests' renders are Python (the stand-in renderboot, and probes).
+            "CELERYFARM_ALLOWED_PROGRAMS": "/opt/celeryfarm/bin/python*",
             **NODE_ENV,
             **settings,
         }
@@ -449,17 +455,7 @@ class ComposeFarm:
         return self.docker.containers.list(all=True, filters={"label": labels})
 
     def flower_status(self, auth: tuple[str, str] | None) -> int:
-        request = urllib.request.Request(f"http://127.0.0.1:{self.flower_port}/")
-        if auth:
-            token = base64.b64encode(":".join(auth).encode()).decode()
-            request.add_header("Authorization", f"Basic {token}")
-        try:
-            with urllib.request.urlopen(request, timeout=5) as response:
-                return response.status
-        except urllib.error.HTTPError as error:
-            return error.code
-        except OSError:
-            return 0  # not listening yet
+        return http_status(f"http://127.0.0.1:{self.flower_port}/", auth, timeout=5)
 
     def health(self) -> dict[str, str]:
         found = {}

@@ -243,20 +243,21 @@ def test_a_step_taken_by_a_worker_that_died_before_starting_it_runs(pool: Pool):
     the visibility timeout. The reapers give the step to another node instead."""
     job_id = pool.submit([renderboot("--seconds", 0.2), ["true"]])  # no node serves it yet
     broker = redis.Redis.from_url(pool.plugin.farm.settings.broker_url)
-    queued = wait_until(lambda: [key for key in broker.keys(f"{pool.name}*")
+    prefix = pool.plugin.farm.settings.broker_key_prefix  # kombu's keys start with it
+    queued = wait_until(lambda: [key for key in broker.keys(f"{prefix}{pool.name}*")
                                  if broker.type(key) == b"list" and broker.llen(key)], 10,
                         "the step's message in its queue")
     payload = json.loads(broker.rpop(queued[0]))
     tag = uuid.uuid4().hex
-    broker.hset("unacked", tag, json.dumps([payload, pool.name, pool.name]))
-    broker.zadd("unacked_index", {tag: time.time() - 3600})
+    broker.hset(f"{prefix}unacked", tag, json.dumps([payload, pool.name, pool.name]))
+    broker.zadd(f"{prefix}unacked_index", {tag: time.time() - 3600})
 
     pool.start(1)
     assert wait_for_state(pool.plugin, job_id, timeout=60) == State.kCompleted
     events = pool.plugin.farm.events(job_id)
     assert [e["event"] for e in events] == ["lost", "start", "end", "start", "end"]
     assert "never started it" in read_log(pool.plugin, job_id).decode()
-    assert broker.hget("unacked", tag) is None  # the stranded message was dropped
+    assert broker.hget(f"{prefix}unacked", tag) is None  # the stranded message was dropped
 
 
 def test_a_step_whose_pool_process_died_just_after_it_ended_is_followed_by_the_next(

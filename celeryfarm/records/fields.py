@@ -8,7 +8,9 @@ step's lease), which no Python object carries.
 from __future__ import annotations
 
 import json
+from pathlib import PurePosixPath
 
+from ..errors import CorruptRecord
 from ..jobs import JobRecord, JobSpec
 from .states import JobState
 
@@ -79,7 +81,21 @@ def _int_or_none(text: str | None) -> int | None:
 
 def decode(job_id: str, fields: dict[str, str]) -> JobRecord:
     """Build a record from stored fields; listing reads (``SUMMARY_FIELDS``) leave the
-    commands and environment empty."""
+    commands and environment empty. Anything that is not what :func:`encode` writes is a
+    :class:`~celeryfarm.errors.CorruptRecord` naming the job, so one bad record fails only
+    what asks for it."""
+    try:
+        record = _decode(job_id, fields)
+    except (ValueError, KeyError, TypeError) as error:
+        raise CorruptRecord(job_id, f"{type(error).__name__}: {error}") from None
+    log = PurePosixPath(record.log_path)
+    if log.is_absolute() or ".." in log.parts:
+        raise CorruptRecord(job_id, f"its log path {record.log_path!r} is not inside the "
+                                    "shared root")
+    return record
+
+
+def _decode(job_id: str, fields: dict[str, str]) -> JobRecord:
     frames = fields.get("frames")
     commands, environment = fields.get("commands"), fields.get("environment")
     spec = JobSpec(

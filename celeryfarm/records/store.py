@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import time
 from collections.abc import Iterable, Iterator
 
@@ -19,7 +20,7 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from ..errors import JobNotFound
+from ..errors import CorruptRecord, JobNotFound
 from ..jobs import JobRecord
 from . import fields as codec
 from . import states
@@ -27,6 +28,7 @@ from .keys import Keys
 from .scripts import Scripts
 from .states import TRANSITIONS, Event, sources_arg
 
+logger = logging.getLogger(__name__)
 #: Ids per pipeline round trip when reading many records.
 BATCH = 1000
 
@@ -291,4 +293,7 @@ class JobStore:
             for job_id, values in zip(batch, pipe.execute()):
                 if values[codec.STATE_AT] is not None:  # no state: the record is gone
                     found = {k: v for k, v in zip(codec.SUMMARY_FIELDS, values) if v is not None}
-                    yield codec.decode(job_id, found)
+                    try:
+                        yield codec.decode(job_id, found)
+                    except CorruptRecord as error:  # the others are still listed
+                        logger.warning("%s", error)

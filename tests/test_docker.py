@@ -461,7 +461,13 @@ class ComposeFarm:
         found = {}
         for box in self.containers():
             box.reload()
-            found[box.name] = box.attrs["State"].get("Health", {}).get("Status", "none")
+            if box.labels.get("com.docker.compose.service") == "preflight":
+                # The one-shot password check: healthy means it ran and passed.
+                state = box.attrs["State"]
+                passed = state["Status"] == "exited" and state["ExitCode"] == 0
+                found[box.name] = "healthy" if passed else f"preflight {state['Status']}"
+            else:
+                found[box.name] = box.attrs["State"].get("Health", {}).get("Status", "none")
         return found
 
     def leftovers(self) -> list[str]:

@@ -6,11 +6,18 @@ Every node runs one, so the farm keeps recovering whichever node dies. Each pass
   reaper): re-dispatched at the front of the queue, or the job fails after too many losses
   in a row;
 * rescues steps whose message a dead worker took and never started (:mod:`.rescue`);
+* once per lease period (one node at a time), rescues the steps whose message vanished:
+  kombu takes a message from the queue before it sets it aside, so a worker killed in
+  between takes it along, and a pool process killed after its step succeeded never sends
+  the next. Every step awaits a node from its sending (or its previous step's success)
+  until a node claims it; the reaper looks for the messages of steps that have awaited one
+  for a lease period, and a message missing from two looks in a row is lost;
 * sends again the dispatches recorded in the outbox whose sender died before sending them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -34,6 +41,7 @@ OUTBOX_SECONDS = 10.0
 BATCH = 100
 EXPIRED = "its lease expired"
 NEVER_STARTED = "it took the step from the queue but never started it"
+VANISHED = "its message was lost before any node started it"
 
 
 class Reaper(threading.Thread):
@@ -65,6 +73,7 @@ class Reaper(threading.Thread):
         lost = [loss for loss in (self.store.lose(job_id, max_losses, EXPIRED)
                                   for job_id in self.store.expired(BATCH)) if loss]
         lost += self._rescue_stranded()
+        lost += self._rescue_vanished()
         for loss in lost:
             self._after_loss(loss)
         stale = self.store.stale_outbox(int(OUTBOX_SECONDS * 1000), BATCH)
@@ -85,6 +94,36 @@ class Reaper(threading.Thread):
                 rescue.drop(self.broker, tag)
             elif loss.outcome != LossOutcome.LEASED:
                 lost.append(loss)
+        return lost
+
+    def _rescue_vanished(self) -> list[Loss]:
+        """Steps that have awaited a node for a lease period and whose message is nowhere
+        (in no queue, set aside by no worker) at two looks in a row: a live worker holds a
+        message outside Redis for moments only. One node looks each lease period; the
+        steps missing at a look are kept in Redis for the next look, whichever node's."""
+        client, keys = self.store.redis, self.store.keys
+        lease_ms = int(self.settings.lease_seconds * 1000)
+        if not client.set(keys.look_turn, self.name, nx=True, px=lease_ms):
+            return []
+        awaiting = self.store.awaiting(lease_ms)
+        present = rescue.message_ids(
+            self.broker, {queue or self.settings.default_queue for _, queue in awaiting})
+        missing = {token.job_id: dispatch.task_id(token) for token, _ in awaiting
+                   if dispatch.task_id(token) not in present}
+        before = client.hgetall(keys.missing)
+        again = {job_id for job_id, task_id in missing.items() if before.get(job_id) == task_id}
+        pipe = client.pipeline(transaction=True).delete(keys.missing)
+        if len(again) < len(missing):
+            pipe.hset(keys.missing, mapping={job_id: task_id for job_id, task_id
+                                             in missing.items() if job_id not in again})
+        pipe.execute()
+        lost = []
+        for token, _ in awaiting:
+            if token.job_id in again:
+                loss = self.store.rescue(token, self.settings.max_node_losses, VANISHED)
+                if loss.outcome not in (LossOutcome.STALE, LossOutcome.LEASED):
+                    # The record names the node of the step before, not the one that took it.
+                    lost.append(dataclasses.replace(loss, node=""))
         return lost
 
     def _after_loss(self, loss: Loss) -> None:

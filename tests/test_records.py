@@ -172,3 +172,30 @@ def test_only_a_finished_step_whose_next_was_never_sent_is_resumed(store: JobSto
     assert store.get(token.job_id).dispatch == 2
     assert token.job_id in store.stale_outbox(age_ms=0)
     assert not store.resume(token, steps=2)  # once
+
+
+def test_a_step_awaits_a_node_from_its_sending_until_a_node_claims_it(store: JobStore):
+    """The reapers look for the messages of the steps that await a node too long, so a step
+    awaits one from its sending (or its previous step's success) to its claim, and a job
+    that ended awaits nothing."""
+    spec = JobSpec.build(name="t", commands=["true", "true"], settings={"pool": "p"})
+    job_id = uuid.uuid4().hex
+    store.create(JobRecord(job_id=job_id, spec=spec, log_path=f"{job_id}/render.log",
+                           state=JobState.WAITING, submitted_ms=1))
+    first, second = Token(job_id, 1, 1, 0), Token(job_id, 1, 1, 1)
+
+    def awaiting() -> list[tuple[Token, str]]:
+        return [(token, queue) for token, queue in store.awaiting(age_ms=0)
+                if token.job_id == job_id]
+
+    assert awaiting() == []  # recorded, not yet sent: the outbox covers it
+    store.sent(job_id, ["a", "b"])
+    assert awaiting() == [(first, "p")] and job_id not in store.stale_outbox(age_ms=0)
+    assert job_id not in {token.job_id for token, _ in store.awaiting(age_ms=60_000)}
+    assert claim(store, first)
+    assert awaiting() == []
+    assert store.finish(first, OWNER, StepOutcome.SUCCEEDED)
+    assert awaiting() == [(second, "p")]  # Celery sends it once the task returns
+    assert store.cancel(job_id, 1, "stopped")
+    assert awaiting() == []
+    assert store.redis.zscore(store.keys.awaiting, job_id) is None  # forgotten

@@ -305,3 +305,22 @@ def test_a_step_whose_pool_process_died_just_after_it_ended_is_followed_by_the_n
     events = farm.events(job_id)
     assert [(e["event"], e["step"]) for e in events] == [
         ("start", 0), ("end", 0), ("start", 1), ("end", 1)]
+
+
+def test_a_step_whose_message_vanished_with_its_worker_runs(pool: Pool):
+    """What a worker killed between kombu's BRPOP and its record of the message as
+    unacknowledged leaves behind: nothing, anywhere. The reapers notice that the step's
+    message is in no queue and set aside by no worker, and give the step to another node."""
+    job_id = pool.submit([renderboot("--seconds", 0.2), ["true"]])  # no node serves it yet
+    broker = redis.Redis.from_url(pool.plugin.farm.settings.broker_url)
+    queued = wait_until(lambda: [key for key in broker.keys(f"{pool.name}*")
+                                 if broker.type(key) == b"list" and broker.llen(key)], 10,
+                        "the step's message in its queue")
+    assert broker.rpop(queued[0])  # taken, and gone with its worker
+
+    pool.start(1)
+    assert wait_for_state(pool.plugin, job_id, timeout=90) == State.kCompleted
+    events = pool.plugin.farm.events(job_id)
+    assert [e["event"] for e in events] == ["lost", "start", "end", "start", "end"]
+    assert "node (unknown) lost while running step 1/2: its message was lost before any " \
+           "node started it" in read_log(pool.plugin, job_id).decode()

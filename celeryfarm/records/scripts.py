@@ -16,7 +16,7 @@ from redis.commands.core import Script
 COMMON = "common.lua"
 #: Scripts by name: each is ``lua/<name>.lua``.
 NAMES = ("claim", "renew", "finish", "abandon", "resume", "expired", "reap", "rescue",
-         "stale_outbox", "transition")
+         "stale_outbox", "transition", "sent", "forget")
 
 
 @functools.cache
@@ -41,7 +41,8 @@ class Scripts:
         self.abandon, self.resume = load("abandon"), load("resume")
         self.expired, self.reap = load("expired"), load("reap")
         self.rescue, self.stale_outbox = load("rescue"), load("stale_outbox")
-        self.transition = load("transition")
+        self.transition, self.sent, self.forget = (
+            load("transition"), load("sent"), load("forget"))
 
 
 def _register(client: redis.Redis, name: str) -> Script:

@@ -119,12 +119,10 @@ class JobStore:
 
     # -- dispatching -------------------------------------------------------------------------
     def sent(self, job_id: str, task_ids: Iterable[str]) -> None:
-        """Record the Celery ids a dispatch sent (what a stop revokes) and take the job out
-        of the outbox, in one round trip."""
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.hset(self.keys.job(job_id), "task_ids", json.dumps(list(task_ids)))
-        pipe.zrem(self.keys.outbox, job_id)
-        pipe.execute()
+        """Record the Celery ids a dispatch sent (what a stop revokes), take the job out of
+        the outbox, and make its next step await a node, in one write."""
+        self.scripts.sent(keys=[self.keys.job(job_id), self.keys.outbox, self.keys.awaiting],
+                          args=[job_id, json.dumps(list(task_ids))])
 
     def unsendable(self, job_id: str) -> None:
         """Take a job whose dispatch must not be sent (it ended meanwhile) out of the
@@ -138,7 +136,8 @@ class JobStore:
 
     # -- a step's execution (render nodes) ---------------------------------------------------
     def _step_keys(self, job_id: str) -> list[str]:
-        return [self.keys.job(job_id), self.keys.leases, self.keys.events(job_id)]
+        return [self.keys.job(job_id), self.keys.leases, self.keys.events(job_id),
+                self.keys.awaiting]
 
     def claim(
         self, token: Token, owner: str, node: str, lease_ms: int
@@ -178,12 +177,15 @@ class JobStore:
             states.StepOutcome.SUCCEEDED: Event.COMPLETE if last else None,
         }.get(outcome)
         target = TRANSITIONS[event].target if event else ""
-        next_step = token.step + 1 if outcome == states.StepOutcome.SUCCEEDED else ""
+        succeeded = outcome == states.StepOutcome.SUCCEEDED
+        next_step = token.step + 1 if succeeded else ""
+        # The next step awaits a node from now on: Celery sends it once the task returns.
+        awaited = sources_arg(Event.CLAIM) if succeeded and not last else ""
         return bool(self.scripts.finish(
             keys=self._step_keys(token.job_id),
             args=[token.job_id, token.attempt, token.dispatch, token.step, owner,
                   outcome, int(outcome == states.StepOutcome.ABANDONED), next_step, target or "",
-                  sources_arg(event) if event else "", reason]))
+                  sources_arg(event) if event else "", reason, awaited]))
 
     def abandon(self, job_id: str, owner_prefix: str) -> bool:
         """Expire now the lease held by an execution whose owner starts with
@@ -203,7 +205,20 @@ class JobStore:
     # -- lost steps (reapers) ----------------------------------------------------------------
     def expired(self, limit: int = 100) -> list[str]:
         """Jobs whose running step's lease has expired, by Redis's clock."""
-        return self.scripts.expired(keys=[self.keys.leases], args=[limit])
+        return self.scripts.expired(keys=[self.keys.leases], args=[limit, 0])
+
+    def awaiting(self, age_ms: int) -> list[tuple[Token, str]]:
+        """The steps that have awaited a node for ``age_ms`` or more (since they were sent,
+        or since the step before them succeeded), each with its queue ("" for the default);
+        the jobs whose step no longer awaits one are forgotten on the way."""
+        job_ids = self.scripts.expired(keys=[self.keys.awaiting], args=[-1, age_ms])
+        if not job_ids:
+            return []
+        reply = self.scripts.forget(
+            keys=[self.keys.awaiting, *(self.keys.job(job_id) for job_id in job_ids)],
+            args=[sources_arg(Event.CLAIM), *job_ids])
+        return [(Token(job_id, int(attempt), int(dispatch), int(step)), queue)
+                for job_id, attempt, dispatch, step, queue in reply]
 
     def lose(self, job_id: str, max_losses: int, cause: str) -> Loss | None:
         """Lose the step of a job whose lease expired: re-dispatch it, or fail the job after
@@ -216,8 +231,9 @@ class JobStore:
         return Loss.parse(reply) if reply else None
 
     def rescue(self, token: Token, max_losses: int, cause: str) -> Loss:
-        """Lose a step whose message a worker took and never started, unless the token is
-        no longer current (STALE) or the step runs after all (LEASED)."""
+        """Lose a step whose message a worker took and never started, or whose message
+        vanished, unless the token is no longer current (STALE) or the step runs after all
+        (LEASED)."""
         job_id = token.job_id
         return Loss.parse(self.scripts.rescue(
             keys=[self.keys.job(job_id), self.keys.events(job_id), self.keys.outbox],

@@ -1,6 +1,7 @@
 -- uses: lose.lua
--- For a step message that a worker took from the queue and never started: lose the step
--- as reap.lua does, unless its token is no longer current or the step runs after all.
+-- For a step whose message a worker took from the queue and never started, or whose
+-- message vanished (forget.lua): lose the step as reap.lua does, unless its token is no
+-- longer current or the step runs after all.
 -- KEYS[1] job hash          KEYS[2] the job's events (list)   KEYS[3] outbox (zset)
 -- ARGV[1] job id            ARGV[2] attempt            ARGV[3] dispatch
 -- ARGV[4] step              ARGV[5] losses in a row that fail the job

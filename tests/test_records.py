@@ -72,12 +72,6 @@ def lose(store: JobStore, token: Token) -> bool:
     return loss is not None
 
 
-def resume(store: JobStore, token: Token) -> bool:
-    """Step 1 of 2 finished and released its lease; its next step was never sent."""
-    store.redis.hset(store.keys.job(token.job_id), "next_step", 1)
-    return store.resume(token, steps=2)
-
-
 #: Each event, through each method that causes it: (event, name, action, needs a lease).
 ACTIONS = [
     (Event.CLAIM, "claim", claim, False),
@@ -87,11 +81,10 @@ ACTIONS = [
     (Event.CANCEL, "finish revoked", finish(StepOutcome.REVOKED), True),
     (Event.CANCEL, "cancel", lambda store, t: store.cancel(t.job_id, 1, "why"), False),
     (Event.LOSE, "lose", lose, True),
-    (Event.RESUME, "resume", resume, False),
     (Event.RESTART, "restart", restart, False),
 ]
 # finish's own success is "the execution was current", so its refusals show in the state only.
-REPORTS_REFUSAL = {"claim", "fail", "cancel", "lose", "resume", "restart"}
+REPORTS_REFUSAL = {"claim", "fail", "cancel", "lose", "restart"}
 
 
 def test_every_event_of_the_table_is_tried():
@@ -113,7 +106,7 @@ def test_each_transition_is_applied_if_allowed_and_refused_otherwise(
     if allowed(event, state):
         assert applied
         assert after.state == (target or state)
-        if event in (Event.LOSE, Event.RESUME):
+        if event == Event.LOSE:
             assert after.dispatch == before.dispatch + 1
         if event == Event.RESTART:
             assert (after.attempt, after.dispatch, after.end_ms) == (2, 2, None)
@@ -157,21 +150,6 @@ def test_every_script_states_its_keys_and_arguments():
         assert "KEYS[1]" in header and "ARGV[1]" in header, name
         assert "Returns" in header, name
         assert "is_one_of" in source(name)  # common.lua is put in front
-
-
-def test_only_a_finished_step_whose_next_was_never_sent_is_resumed(store: JobStore):
-    token = new_job(store, JobState.RUNNING)
-    assert not store.resume(token, steps=2)  # step 1 has not finished: its lease decides
-    store.redis.hset(store.keys.job(token.job_id), "next_step", 1)
-    assert not store.resume(token, steps=1)  # it was the last step
-    assert not store.resume(Token(token.job_id, 1, 2, 0), steps=2)  # a stale dispatch
-    store.redis.hset(store.keys.job(token.job_id), "lease_owner", "the next step's owner")
-    assert not store.resume(token, steps=2)  # the next step runs after all
-    store.redis.hdel(store.keys.job(token.job_id), "lease_owner")
-    assert store.resume(token, steps=2)
-    assert store.get(token.job_id).dispatch == 2
-    assert token.job_id in store.stale_outbox(age_ms=0)
-    assert not store.resume(token, steps=2)  # once
 
 
 def test_a_step_awaits_a_node_from_its_sending_until_a_node_claims_it(store: JobStore):

@@ -263,10 +263,11 @@ def test_a_step_whose_pool_process_died_just_after_it_ended_is_followed_by_the_n
     pool: Pool,
 ):
     """The pool process dies after its step recorded its success and before Celery sent the
-    chain's next step (Celery sends it only once the task has returned): the node's hook
-    for lost pool processes must send the rest, or the job stays Running for ever. The
-    step's part is played through the store, as the pool process would have; the hook is
-    the node's own, called as Celery calls it in the worker's main process."""
+    chain's next step (Celery sends it only once the task has returned): the next step
+    awaits a node with no message anywhere, and the reapers must send the rest, or the job
+    stays Running for ever. The step's part is played through the store, as the pool
+    process would have; the node's hook for lost pool processes is called as Celery calls
+    it in the worker's main process, and has no lease to give up."""
     from types import SimpleNamespace
 
     from billiard.exceptions import WorkerLostError
@@ -297,14 +298,16 @@ def test_a_step_whose_pool_process_died_just_after_it_ended_is_followed_by_the_n
         signals.task_failure.disconnect(node.on_task_failure)
         signals.worker_process_init.disconnect(node.prepare_pool_process)
     resent = wait_until(lambda: (record := farm.get(job_id)).task_ids != first.task_ids
-                        and record, 15, "the job's next step to be sent again")
+                        and record, 60, "the job's next step to be sent again")
     assert resent.dispatch == first.dispatch + 1 and len(resent.task_ids) == 1
 
     pool.start(1)  # the first node of this pool: it finds both dispatches' messages
     assert wait_for_state(pool.plugin, job_id, timeout=60) == State.kCompleted
     events = farm.events(job_id)
     assert [(e["event"], e["step"]) for e in events] == [
-        ("start", 0), ("end", 0), ("start", 1), ("end", 1)]
+        ("start", 0), ("end", 0), ("lost", 1), ("start", 1), ("end", 1)]
+    assert "step 2/2: its message was lost before any node started it" in read_log(
+        pool.plugin, job_id).decode()
 
 
 def test_a_step_whose_message_vanished_with_its_worker_runs(pool: Pool):

@@ -193,15 +193,6 @@ class JobStore:
         return bool(self.scripts.abandon(keys=self._step_keys(job_id)[:2],
                                          args=[job_id, owner_prefix]))
 
-    def resume(self, token: Token, steps: int) -> bool:
-        """Dispatch the steps after ``token``'s again, if that step finished but the next
-        was never sent (its pool process died in between: Celery sends a chain's next step
-        only after the task returns). True if the caller must send the new dispatch."""
-        return bool(self.scripts.resume(
-            keys=[self.keys.job(token.job_id), self.keys.outbox],
-            args=[token.job_id, token.attempt, token.dispatch, token.step, steps,
-                  sources_arg(Event.RESUME)]))
-
     # -- lost steps (reapers) ----------------------------------------------------------------
     def expired(self, limit: int = 100) -> list[str]:
         """Jobs whose running step's lease has expired, by Redis's clock."""

@@ -4,7 +4,8 @@ Every node runs one, so the farm keeps recovering whichever node dies. Each pass
 
 * loses the steps whose lease expired (``reap.lua`` gives each expired lease to exactly one
   reaper): re-dispatched at the front of the queue, or the job fails after too many losses
-  in a row;
+  in a row. The render log says so first, then the job's state changes: Katana reads the
+  log as soon as a job has ended;
 * rescues steps whose message a dead worker took and never started (:mod:`.rescue`);
 * once per lease period (one node at a time), rescues the steps whose message vanished:
   kombu takes a message from the queue before it sets it aside, so a worker killed in
@@ -30,7 +31,7 @@ from .config import Settings
 from .errors import JobNotFound
 from .paths import SharedRoot
 from .records.states import ACTIVE, LossOutcome
-from .records.store import JobStore, Loss, connect
+from .records.store import JobStore, Loss, Token, connect
 from .renderlog import append
 
 logger = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ class Reaper(threading.Thread):
         self.app, self.store, self.settings = app, store, settings
         self.broker = connect(settings.broker_url)
         self.root = SharedRoot(settings.shared_root)
+        self.lease_ms = int(settings.lease_seconds * 1000)
         self._done = threading.Event()
 
     def run(self) -> None:
@@ -70,7 +72,7 @@ class Reaper(threading.Thread):
         """One pass: expired leases, stranded messages, stale outbox entries. Returns the
         (job, what was done) of each step it acted on."""
         max_losses = self.settings.max_node_losses
-        lost = [loss for loss in (self.store.lose(job_id, max_losses, EXPIRED)
+        lost = [loss for loss in (self.store.lose(job_id, max_losses, self.lease_ms, EXPIRED)
                                   for job_id in self.store.expired(BATCH)) if loss]
         lost += self._rescue_stranded()
         lost += self._rescue_vanished()
@@ -89,7 +91,7 @@ class Reaper(threading.Thread):
         cutoff = time.time() - self.settings.lease_seconds
         lost = []
         for tag, token in rescue.stranded(self.broker, cutoff):
-            loss = self.store.rescue(token, self.settings.max_node_losses, NEVER_STARTED)
+            loss = self._rescue(token, NEVER_STARTED)
             if loss.outcome == LossOutcome.STALE:
                 rescue.drop(self.broker, tag)
             elif loss.outcome != LossOutcome.LEASED:
@@ -102,10 +104,9 @@ class Reaper(threading.Thread):
         message outside Redis for moments only. One node looks each lease period; the
         steps missing at a look are kept in Redis for the next look, whichever node's."""
         client, keys = self.store.redis, self.store.keys
-        lease_ms = int(self.settings.lease_seconds * 1000)
-        if not client.set(keys.look_turn, self.name, nx=True, px=lease_ms):
+        if not client.set(keys.look_turn, self.name, nx=True, px=self.lease_ms):
             return []
-        awaiting = self.store.awaiting(lease_ms)
+        awaiting = self.store.awaiting(self.lease_ms)
         present = rescue.message_ids(
             self.broker, {queue or self.settings.default_queue for _, queue in awaiting})
         missing = {token.job_id: dispatch.task_id(token) for token, _ in awaiting
@@ -120,28 +121,37 @@ class Reaper(threading.Thread):
         lost = []
         for token, _ in awaiting:
             if token.job_id in again:
-                loss = self.store.rescue(token, self.settings.max_node_losses, VANISHED)
+                loss = self._rescue(token, VANISHED)
                 if loss.outcome not in (LossOutcome.STALE, LossOutcome.LEASED):
                     # The record names the node of the step before, not the one that took it.
                     lost.append(dataclasses.replace(loss, node=""))
         return lost
 
+    def _rescue(self, token: Token, cause: str) -> Loss:
+        return self.store.rescue(token, self.settings.max_node_losses, self.lease_ms, cause)
+
     def _after_loss(self, loss: Loss) -> None:
+        """Say in the render log that the step was lost, then act on it: send the new
+        dispatch, or (FAILING, the step held by this reaper) fail the job. The log comes
+        first: Katana and the tests read it as soon as the job has ended."""
         try:
             record = self.store.get(loss.job_id)
         except JobNotFound:
             return
         label = f"step {loss.step + 1}/{len(record.spec.commands)}"
+        reason = f"step {loss.step + 1} was lost on {loss.lost} nodes in a row"
         lines = [f"node {loss.node or '(unknown)'} lost while running {label}: {loss.cause} "
                  f"(loss {loss.lost} of {self.settings.max_node_losses} allowed in a row)"]
         if loss.outcome == LossOutcome.REDISPATCHED:
             lines.append(f"{label} re-dispatched (attempt {record.attempt}, "
                          f"dispatch {record.dispatch})")
         else:
-            lines.append(f"job failed: {record.reason}")
+            lines.append(f"job failed: {reason}")
         self._note(record.log_path, lines)
         if loss.outcome == LossOutcome.REDISPATCHED:
             dispatch.send(self.app, self.store, record, resumed=True)
+        else:
+            self.store.fail_lost(loss, reason)
 
     def _resend(self, job_id: str) -> None:
         try:

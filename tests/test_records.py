@@ -19,7 +19,7 @@ from celeryfarm.jobs import JobRecord, JobSpec
 from celeryfarm.records import TRANSITIONS, Event, JobState, StepOutcome
 from celeryfarm.records.scripts import NAMES, source
 from celeryfarm.records.states import ClaimStatus, FailureKind, LossOutcome, allowed
-from celeryfarm.records.store import JobStore, Token, connect
+from celeryfarm.records.store import JobStore, Loss, Token, connect
 from celeryfarm.redisserver import RedisServer
 
 OWNER = "task/node@host/1"
@@ -67,9 +67,19 @@ def restart(store: JobStore, token: Token) -> bool:
 
 
 def lose(store: JobStore, token: Token) -> bool:
-    loss = store.lose(token.job_id, max_losses=3, cause="test")
+    loss = store.lose(token.job_id, max_losses=3, hold_ms=LEASE_MS, cause="test")
     assert loss is None or loss.outcome == LossOutcome.REDISPATCHED
     return loss is not None
+
+
+def fail_lost(store: JobStore, token: Token) -> bool:
+    """The step was lost too often, and a reaper holds it (set up by hand: only a loss
+    writes a hold, and a loss needs an active job)."""
+    hold = f"failing:{OWNER}"
+    store.redis.hset(store.keys.job(token.job_id), "lease_owner", hold)
+    store.redis.zadd(store.keys.leases, {token.job_id: 0})
+    loss = Loss(token.job_id, LossOutcome.FAILING, 0, "node@host", 3, "test", hold, 1)
+    return store.fail_lost(loss, "lost")
 
 
 #: Each event, through each method that causes it: (event, name, action, needs a lease).
@@ -78,13 +88,14 @@ ACTIONS = [
     (Event.COMPLETE, "finish succeeded (last step)", finish(StepOutcome.SUCCEEDED), True),
     (Event.FAIL, "finish failed", finish(StepOutcome.FAILED), True),
     (Event.FAIL, "fail", lambda store, t: store.fail(t.job_id, 1, "why"), False),
+    (Event.FAIL, "fail lost", fail_lost, False),
     (Event.CANCEL, "finish revoked", finish(StepOutcome.REVOKED), True),
     (Event.CANCEL, "cancel", lambda store, t: store.cancel(t.job_id, 1, "why"), False),
     (Event.LOSE, "lose", lose, True),
     (Event.RESTART, "restart", restart, False),
 ]
 # finish's own success is "the execution was current", so its refusals show in the state only.
-REPORTS_REFUSAL = {"claim", "fail", "cancel", "lose", "restart"}
+REPORTS_REFUSAL = {"claim", "fail", "fail lost", "cancel", "lose", "restart"}
 
 
 def test_every_event_of_the_table_is_tried():
@@ -140,7 +151,7 @@ def test_a_live_lease_keeps_a_second_execution_out(store: JobStore):
     assert claim(store, token)
     status, detail, _ = store.claim(token, "task/other@host/2", "other@host", LEASE_MS)
     assert status == ClaimStatus.DUPLICATE and OWNER in detail
-    assert store.lose(token.job_id, 3, "test") is None  # the lease has not expired
+    assert store.lose(token.job_id, 3, LEASE_MS, "test") is None  # the lease is live
 
 
 def test_every_script_states_its_keys_and_arguments():
@@ -177,3 +188,40 @@ def test_a_step_awaits_a_node_from_its_sending_until_a_node_claims_it(store: Job
     assert store.cancel(job_id, 1, "stopped")
     assert awaiting() == []
     assert store.redis.zscore(store.keys.awaiting, job_id) is None  # forgotten
+
+
+def test_a_step_lost_too_often_is_held_until_the_job_fails(store: JobStore):
+    """The reaper that finds a step lost once too often holds it, writes the render log,
+    and only then fails the job: until then the job is as it was, and no one else takes the
+    step; if that reaper dies, its hold expires and the next reaper loses the step again."""
+    token = new_job(store, JobState.RUNNING, leased=True)
+    store.redis.hset(store.keys.job(token.job_id), "lost", 2)
+    loss = store.lose(token.job_id, max_losses=3, hold_ms=LEASE_MS, cause="test")
+    assert loss is not None and loss.outcome == LossOutcome.FAILING
+    assert (loss.hold, loss.lost, loss.attempt) == (f"failing:{OWNER}", 3, 1)
+    assert store.state(token.job_id) == JobState.RUNNING and store.events(token.job_id) == []
+    assert store.lose(token.job_id, 3, LEASE_MS, "test") is None  # held
+    assert store.claim(token, "task/other@host/2", "other@host", LEASE_MS)[0] == \
+        ClaimStatus.DUPLICATE
+    assert store.rescue(token, 3, LEASE_MS, "test").outcome == LossOutcome.LEASED
+    store.redis.zadd(store.keys.leases, {token.job_id: 0})  # the reaper died: it expires
+    again = store.lose(token.job_id, max_losses=3, hold_ms=LEASE_MS, cause="test")
+    assert again == loss  # the same loss, not a fourth
+    assert store.fail_lost(again, "lost on 3 nodes")
+    record = store.get(token.job_id)
+    assert (record.state, record.reason, record.lost) == (JobState.FAILED, "lost on 3 nodes", 3)
+    assert [(e["event"], e["owner"], e["lost"]) for e in store.events(token.job_id)] == [
+        ("lost", OWNER, 3)]
+    assert store.redis.zscore(store.keys.leases, token.job_id) is None
+    assert not store.fail_lost(again, "twice")  # the hold is gone
+
+
+def test_a_hold_on_a_job_restarted_meanwhile_does_not_fail_it(store: JobStore):
+    token = new_job(store, JobState.RUNNING, leased=True)
+    loss = store.lose(token.job_id, max_losses=1, hold_ms=LEASE_MS, cause="test")
+    assert loss is not None and loss.outcome == LossOutcome.FAILING
+    assert store.cancel(token.job_id, 1, "stopped")
+    assert restart(store, token)
+    assert not store.fail_lost(loss, "lost")
+    assert store.state(token.job_id) == JobState.WAITING
+    assert store.get_field(token.job_id, "lease_owner") is None  # the hold is released

@@ -7,11 +7,13 @@ session's nodes. Leases are 6 s and reapers scan every 0.5 s (see conftest.WORKE
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import psutil
 import pytest
@@ -186,6 +188,42 @@ def test_a_step_lost_on_three_nodes_in_a_row_fails_the_job(pool: Pool):
     assert log.count(b"lost while running step 1/1") == 3
     assert b"job failed: step 1 was lost on 3 nodes in a row" in log
     assert_never_two_current(pool.plugin.farm.events(job_id))
+
+
+def test_the_log_says_why_a_job_failed_for_lost_nodes_before_its_state_does(pool: Pool):
+    """Katana reads the render log once a job has ended, so the reaper that fails a job
+    whose step was lost too often writes why first. Here the render log is a FIFO: each of
+    the reaper's writes waits for the test to read it, and until the last one the job must
+    not be Failed."""
+    from celeryfarm.lease import StepLease
+    from celeryfarm.records.store import Token
+
+    plugin, store = pool.plugin, pool.plugin.farm.store
+    job_id = pool.submit([["true"]])  # a pool no node serves: only the ghost below runs it
+    ghost = StepLease(store, plugin.farm.settings, Token(job_id, 1, 1, 0),
+                      "ghost-task/ghost@nowhere/1")
+    assert ghost.claim("ghost@nowhere")[0] == "ok"  # then it dies: its lease will expire
+    store.redis.hset(store.keys.job(job_id), "lost", 2)  # lost on two nodes before
+    log = Path(plugin.getRenderLogFilename(job_id))
+    log.unlink()
+    os.mkfifo(log)
+    try:
+        wait_until(lambda: store.get_field(job_id, "lease_owner") != ghost.owner, 60,
+                   "a reaper to take the lost step")
+        said = ""
+        while "job failed" not in said:
+            assert plugin.getJobState(job_id) == State.kRunning, f"the log said only {said!r}"
+            with open(log, "rb") as fifo:  # lets one of the reaper's writes through
+                said += fifo.read().decode()
+        assert "node ghost@nowhere lost while running step 1/1: its lease expired" in said
+        assert wait_for_state(plugin, job_id, timeout=30) == State.kFailed
+        assert plugin.farm.get(job_id).reason == "step 1 was lost on 3 nodes in a row"
+        assert "job failed: step 1 was lost on 3 nodes in a row" in said
+        assert [e["event"] for e in plugin.farm.events(job_id)] == ["start", "lost"]
+    finally:
+        os.close(os.open(log, os.O_RDONLY | os.O_NONBLOCK))  # frees a writer still waiting
+        log.unlink()
+        log.touch()
 
 
 @pytest.mark.parametrize(

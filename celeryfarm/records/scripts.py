@@ -16,7 +16,7 @@ from redis.commands.core import Script
 COMMON = "common.lua"
 #: Scripts by name: each is ``lua/<name>.lua``.
 NAMES = ("claim", "renew", "finish", "abandon", "expired", "reap", "rescue", "stale_outbox",
-         "transition", "sent", "forget")
+         "transition", "sent", "forget", "fail_lost")
 
 
 @functools.cache
@@ -41,6 +41,7 @@ class Scripts:
         self.abandon = load("abandon")
         self.expired, self.reap = load("expired"), load("reap")
         self.rescue, self.stale_outbox = load("rescue"), load("stale_outbox")
+        self.fail_lost = load("fail_lost")
         self.transition, self.sent, self.forget = (
             load("transition"), load("sent"), load("forget"))
 

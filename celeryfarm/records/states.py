@@ -72,7 +72,7 @@ class LossOutcome(_Text):
     """What became of a lost step (``lose.lua``)."""
 
     REDISPATCHED = "redispatched"
-    FAILED = "failed"
+    FAILING = "failing"  # lost too often: the job fails once the log says why (fail_lost.lua)
     STALE = "stale"  # the lost message's token is no longer current: nothing to do
     LEASED = "leased"  # the step runs after all: nothing to do
 

@@ -58,7 +58,8 @@ class Token:
 
 @dataclasses.dataclass(frozen=True)
 class Loss:
-    """A lost step, as ``reap.lua`` and ``rescue.lua`` report it."""
+    """A lost step, as ``reap.lua`` and ``rescue.lua`` report it; a FAILING one comes with
+    the caller's hold on it (see :meth:`JobStore.fail_lost`)."""
 
     job_id: str
     outcome: states.LossOutcome
@@ -66,14 +67,17 @@ class Loss:
     node: str = ""
     lost: int = 0
     cause: str = ""
+    hold: str = ""
+    attempt: int = 0
 
     @classmethod
     def parse(cls, reply: list[str]) -> Loss:
         job_id, outcome, *rest = reply
         if not rest:
             return cls(job_id, states.LossOutcome(outcome))
-        step, node, lost, cause = rest
-        return cls(job_id, states.LossOutcome(outcome), int(step), node, int(lost), cause)
+        step, node, lost, cause, hold, attempt = [*rest, "", 0][:6]
+        return cls(job_id, states.LossOutcome(outcome), int(step), node, int(lost), cause,
+                   hold, int(attempt))
 
 
 def _now_ms() -> int:
@@ -211,25 +215,37 @@ class JobStore:
         return [(Token(job_id, int(attempt), int(dispatch), int(step)), queue)
                 for job_id, attempt, dispatch, step, queue in reply]
 
-    def lose(self, job_id: str, max_losses: int, cause: str) -> Loss | None:
-        """Lose the step of a job whose lease expired: re-dispatch it, or fail the job after
-        ``max_losses`` in a row. None if its lease was renewed or another reaper took it."""
+    def lose(self, job_id: str, max_losses: int, hold_ms: int, cause: str) -> Loss | None:
+        """Lose the step of a job whose lease expired: re-dispatch it, or after
+        ``max_losses`` in a row hold it for ``hold_ms`` (FAILING) until the caller has said
+        why in the log and calls :meth:`fail_lost`. None if its lease was renewed or another
+        reaper took it."""
         reply = self.scripts.reap(
             keys=[self.keys.leases, self.keys.job(job_id), self.keys.events(job_id),
                   self.keys.outbox],
-            args=[job_id, max_losses, sources_arg(Event.LOSE), TRANSITIONS[Event.FAIL].target,
-                  cause])
+            args=[job_id, max_losses, sources_arg(Event.LOSE), hold_ms, cause])
         return Loss.parse(reply) if reply else None
 
-    def rescue(self, token: Token, max_losses: int, cause: str) -> Loss:
+    def fail_lost(self, loss: Loss, reason: str) -> bool:
+        """Fail the job of a FAILING loss for ``reason`` and release the hold on its step;
+        False if the hold had expired (another reaper took the step) or the job had moved
+        on (cancelled, restarted)."""
+        job_id = loss.job_id
+        return bool(self.scripts.fail_lost(
+            keys=[self.keys.job(job_id), self.keys.leases, self.keys.events(job_id)],
+            args=[job_id, loss.hold, loss.attempt, loss.lost, reason, sources_arg(Event.FAIL),
+                  TRANSITIONS[Event.FAIL].target]))
+
+    def rescue(self, token: Token, max_losses: int, hold_ms: int, cause: str) -> Loss:
         """Lose a step whose message a worker took and never started, or whose message
         vanished, unless the token is no longer current (STALE) or the step runs after all
-        (LEASED)."""
+        (LEASED); a FAILING one is held as by :meth:`lose`."""
         job_id = token.job_id
         return Loss.parse(self.scripts.rescue(
-            keys=[self.keys.job(job_id), self.keys.events(job_id), self.keys.outbox],
+            keys=[self.keys.job(job_id), self.keys.events(job_id), self.keys.outbox,
+                  self.keys.leases],
             args=[job_id, token.attempt, token.dispatch, token.step, max_losses,
-                  sources_arg(Event.LOSE), TRANSITIONS[Event.FAIL].target, cause]))
+                  sources_arg(Event.LOSE), hold_ms, cause]))
 
     # -- client-side changes -----------------------------------------------------------------
     def cancel(self, job_id: str, attempt: int, reason: str) -> bool:

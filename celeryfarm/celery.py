@@ -21,6 +21,8 @@ from .config import Settings
 RENDER_STEP = "celeryfarm.render_step"
 #: Redis has no native priorities; kombu emulates them with one list per step (0 first).
 PRIORITY_STEPS = list(range(10))
+#: Between a queue's name and a priority in the name of that priority's list ("renders:3").
+PRIORITY_SEP = ":"
 
 
 def celery_config(settings: Settings) -> dict:
@@ -30,7 +32,7 @@ def celery_config(settings: Settings) -> dict:
         # Above the longest render, or the broker hands a running step to a second node.
         "visibility_timeout": settings.visibility_timeout,
         "priority_steps": PRIORITY_STEPS,
-        "sep": ":",
+        "sep": PRIORITY_SEP,
         "queue_order_strategy": "priority",
         "global_keyprefix": settings.broker_key_prefix,
     }

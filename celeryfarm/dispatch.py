@@ -13,7 +13,7 @@ from celery import Celery, chain
 
 from .celery import RENDER_STEP
 from .jobs import MAX_PRIORITY, JobRecord
-from .records.store import JobStore
+from .records.store import JobStore, Token
 
 
 def celery_priority(priority: int) -> int:
@@ -21,10 +21,15 @@ def celery_priority(priority: int) -> int:
     return 9 - round(priority * 9 / MAX_PRIORITY)
 
 
+def task_id(token: Token) -> str:
+    """The Celery id of one step of one dispatch: readable in Flower."""
+    return f"{token.job_id}-{token.attempt}.{token.dispatch}-{token.step}"
+
+
 def task_ids(record: JobRecord) -> tuple[str, ...]:
-    """Celery ids for the steps the record's dispatch will run: readable in Flower."""
+    """Celery ids for the steps the record's dispatch will run."""
     return tuple(
-        f"{record.job_id}-{record.attempt}.{record.dispatch}-{step}"
+        task_id(Token(record.job_id, record.attempt, record.dispatch, step))
         for step in range(record.next_step, len(record.spec.commands))
     )
 
@@ -57,12 +62,12 @@ def send(app: Celery, store: JobStore, record: JobRecord, resumed: bool = False)
                 "name": spec.name, "command": list(spec.commands[step]),
             },
             immutable=True,
-            task_id=task_id,
+            task_id=step_id,
             queue=spec.queue,
             priority=RESUMED_PRIORITY if resumed and step == record.next_step else priority,
             shadow=f"{spec.name} [{step + 1}/{steps}]",
         )
-        for step, task_id in zip(range(record.next_step, steps), task_ids(record))
+        for step, step_id in zip(range(record.next_step, steps), task_ids(record))
     ]
     chain(*signatures).apply_async()
     record.task_ids = task_ids(record)

@@ -26,11 +26,11 @@ from billiard.exceptions import WorkerLostError
 from billiard.util import set_pdeathsig
 from celery import bootsteps, signals
 
-from . import dispatch, process, renderenv, tasks
+from . import process, renderenv, tasks
 from .celery import RENDER_STEP, FarmApp
 from .lease import owner_prefix
 from .reaper import Reaper
-from .records.store import JobStore, Token, connect
+from .records.store import JobStore, connect
 
 logger = logging.getLogger(__name__)
 
@@ -81,34 +81,21 @@ class RenderNode(bootsteps.StartStopStep):
         kwargs: dict | None = None, **_: Any,
     ) -> None:
         """When a pool process died running a step: give the step's lease up at once so a
-        reaper re-dispatches it, or, if the step had finished but the chain's next step was
-        not sent yet, dispatch the rest again; and kill the render it left behind. (The
-        sending and the kill run in a thread: the grace period must not stall the worker's
-        main loop.)"""
+        reaper re-dispatches it, and kill the render it left behind (in a thread: the grace
+        period must not stall the worker's main loop). If the step had ended, before Celery
+        sent the chain's next step, there is no lease to give up: the next step awaits a
+        node, and the reapers find its message missing (see :mod:`celeryfarm.reaper`)."""
         if getattr(sender, "name", "") != RENDER_STEP or not isinstance(exception,
                                                                         WorkerLostError):
             return
-        kwargs = kwargs or {}
-        resumed = False
-        if "job_id" in kwargs:
-            token = Token(kwargs["job_id"], int(kwargs["attempt"]), int(kwargs["dispatch"]),
-                          int(kwargs["step"]))
-            if not self.store.abandon(token.job_id, owner_prefix(task_id, self.hostname)):
-                resumed = self.store.resume(token, int(kwargs["steps"]))
-                if not resumed:
-                    logger.info("step %s of job %s: nothing to give up (its lease had "
-                                "lapsed, or the job has moved on)", task_id, token.job_id)
-        threading.Thread(target=self._after_lost_pool_process,
-                         args=(task_id, kwargs.get("job_id", ""), resumed), daemon=True).start()
+        job_id = (kwargs or {}).get("job_id", "")
+        if job_id and not self.store.abandon(job_id, owner_prefix(task_id, self.hostname)):
+            logger.info("step %s of job %s: nothing to give up (its lease had lapsed, or the "
+                        "step had ended)", task_id, job_id)
+        threading.Thread(target=self._after_lost_pool_process, args=(task_id,),
+                         daemon=True).start()
 
-    def _after_lost_pool_process(self, task_id: str, job_id: str, resumed: bool) -> None:
-        if resumed:
-            logger.warning("step %s of job %s ended, but its pool process died before the "
-                           "next step was sent: sending the rest again", task_id, job_id)
-            try:
-                dispatch.send(self.app, self.store, self.store.get(job_id), resumed=True)
-            except Exception as error:  # it is in the outbox: a reaper sends it later
-                logger.warning("cannot send job %s now: %s", job_id, error)
+    def _after_lost_pool_process(self, task_id: str) -> None:
         survivors = process.kill_step(task_id, self.settings.stop_grace_seconds)
         if survivors:
             logger.error("processes of step %s survived SIGKILL: %s", task_id, survivors)

@@ -4,13 +4,21 @@ Every node runs one, so the farm keeps recovering whichever node dies. Each pass
 
 * loses the steps whose lease expired (``reap.lua`` gives each expired lease to exactly one
   reaper): re-dispatched at the front of the queue, or the job fails after too many losses
-  in a row;
+  in a row. The render log says so first, then the job's state changes: Katana reads the
+  log as soon as a job has ended;
 * rescues steps whose message a dead worker took and never started (:mod:`.rescue`);
+* once per lease period (one node at a time), rescues the steps whose message vanished:
+  kombu takes a message from the queue before it sets it aside, so a worker killed in
+  between takes it along, and a pool process killed after its step succeeded never sends
+  the next. Every step awaits a node from its sending (or its previous step's success)
+  until a node claims it; the reaper looks for the messages of steps that have awaited one
+  for a lease period, and a message missing from two looks in a row is lost;
 * sends again the dispatches recorded in the outbox whose sender died before sending them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -23,7 +31,7 @@ from .config import Settings
 from .errors import CorruptRecord, JobNotFound
 from .paths import SharedRoot
 from .records.states import ACTIVE, LossOutcome
-from .records.store import JobStore, Loss, connect
+from .records.store import JobStore, Loss, Token, connect
 from .renderlog import append
 
 logger = logging.getLogger(__name__)
@@ -34,6 +42,7 @@ OUTBOX_SECONDS = 10.0
 BATCH = 100
 EXPIRED = "its lease expired"
 NEVER_STARTED = "it took the step from the queue but never started it"
+VANISHED = "its message was lost before any node started it"
 
 
 class Reaper(threading.Thread):
@@ -44,6 +53,7 @@ class Reaper(threading.Thread):
         self.app, self.store, self.settings = app, store, settings
         self.broker = connect(settings.broker_url)
         self.root = SharedRoot(settings.shared_root)
+        self.lease_ms = int(settings.lease_seconds * 1000)
         self._done = threading.Event()
 
     def run(self) -> None:
@@ -63,6 +73,7 @@ class Reaper(threading.Thread):
         (job, what was done) of each step it acted on."""
         lost = [loss for loss in map(self._lose, self.store.expired(BATCH)) if loss]
         lost += self._rescue_stranded()
+        lost += self._rescue_vanished()
         for loss in lost:
             self._after_loss(loss)
         stale = self.store.stale_outbox(int(OUTBOX_SECONDS * 1000), BATCH)
@@ -75,7 +86,8 @@ class Reaper(threading.Thread):
         """Lose an expired lease's step; a record the script cannot read (corrupt) is
         reported and left, so it never stops the pass for the other jobs."""
         try:
-            return self.store.lose(job_id, self.settings.max_node_losses, EXPIRED)
+            return self.store.lose(job_id, self.settings.max_node_losses, self.lease_ms,
+                                   EXPIRED)
         except redis.ResponseError as error:
             logger.error("reaper: cannot lose the step of job %s (a corrupt record?): %s",
                          job_id, error)
@@ -89,14 +101,50 @@ class Reaper(threading.Thread):
         lost = []
         prefix = self.settings.broker_key_prefix
         for tag, token in rescue.stranded(self.broker, cutoff, prefix):
-            loss = self.store.rescue(token, self.settings.max_node_losses, NEVER_STARTED)
+            loss = self._rescue(token, NEVER_STARTED)
             if loss.outcome == LossOutcome.STALE:
                 rescue.drop(self.broker, tag, prefix)
             elif loss.outcome != LossOutcome.LEASED:
                 lost.append(loss)
         return lost
 
+    def _rescue_vanished(self) -> list[Loss]:
+        """Steps that have awaited a node for a lease period and whose message is nowhere
+        (in no queue, set aside by no worker) at two looks in a row: a live worker holds a
+        message outside Redis for moments only. One node looks each lease period; the
+        steps missing at a look are kept in Redis for the next look, whichever node's."""
+        client, keys = self.store.redis, self.store.keys
+        if not client.set(keys.look_turn, self.name, nx=True, px=self.lease_ms):
+            return []
+        awaiting = self.store.awaiting(self.lease_ms)
+        present = rescue.message_ids(
+            self.broker, {queue or self.settings.default_queue for _, queue in awaiting},
+            self.settings.broker_key_prefix)
+        missing = {token.job_id: dispatch.task_id(token) for token, _ in awaiting
+                   if dispatch.task_id(token) not in present}
+        before = client.hgetall(keys.missing)
+        again = {job_id for job_id, task_id in missing.items() if before.get(job_id) == task_id}
+        pipe = client.pipeline(transaction=True).delete(keys.missing)
+        if len(again) < len(missing):
+            pipe.hset(keys.missing, mapping={job_id: task_id for job_id, task_id
+                                             in missing.items() if job_id not in again})
+        pipe.execute()
+        lost = []
+        for token, _ in awaiting:
+            if token.job_id in again:
+                loss = self._rescue(token, VANISHED)
+                if loss.outcome not in (LossOutcome.STALE, LossOutcome.LEASED):
+                    # The record names the node of the step before, not the one that took it.
+                    lost.append(dataclasses.replace(loss, node=""))
+        return lost
+
+    def _rescue(self, token: Token, cause: str) -> Loss:
+        return self.store.rescue(token, self.settings.max_node_losses, self.lease_ms, cause)
+
     def _after_loss(self, loss: Loss) -> None:
+        """Say in the render log that the step was lost, then act on it: send the new
+        dispatch, or (FAILING, the step held by this reaper) fail the job. The log comes
+        first: Katana and the tests read it as soon as the job has ended."""
         try:
             record = self.store.get(loss.job_id)
         except JobNotFound:
@@ -105,16 +153,19 @@ class Reaper(threading.Thread):
             logger.error("reaper: %s", error)
             return
         label = f"step {loss.step + 1}/{len(record.spec.commands)}"
+        reason = f"step {loss.step + 1} was lost on {loss.lost} nodes in a row"
         lines = [f"node {loss.node or '(unknown)'} lost while running {label}: {loss.cause} "
                  f"(loss {loss.lost} of {self.settings.max_node_losses} allowed in a row)"]
         if loss.outcome == LossOutcome.REDISPATCHED:
             lines.append(f"{label} re-dispatched (attempt {record.attempt}, "
                          f"dispatch {record.dispatch})")
         else:
-            lines.append(f"job failed: {record.reason}")
+            lines.append(f"job failed: {reason}")
         self._note(record.log_path, lines)
         if loss.outcome == LossOutcome.REDISPATCHED:
             dispatch.send(self.app, self.store, record, resumed=True)
+        else:
+            self.store.fail_lost(loss, reason)
 
     def _resend(self, job_id: str) -> None:
         try:

@@ -7,6 +7,8 @@ no render may be left running. The figures are printed.
 
 from __future__ import annotations
 
+import json
+import os
 import random
 import signal
 import threading
@@ -31,7 +33,10 @@ from .helpers import (
 
 JOBS = 240
 WORKERS = 3
-SEED = 20261121
+#: The chaos's random choices; CHAOS_SEED=<int> replays another run.
+SEED = int(os.environ.get("CHAOS_SEED", "20261121"))
+#: Unfinished jobs the timeout's report shows in detail.
+SHOWN = 20
 FINISHED = (Job.State.kCompleted, Job.State.kFailed, Job.State.kCancelled)
 
 
@@ -102,11 +107,20 @@ def test_chaos(tmp_path, monkeypatch, capsys):
 
         started = time.time()
         chaos.start()
-        wait_until(all_finished, 600, "every job to finish")
+        try:
+            wait_until(all_finished, 600, "every job to finish")
+        except AssertionError as error:
+            chaos.stop.set()
+            raise AssertionError(f"{error} (seed {SEED})\n{diagnose(farm, plugin, chaos)}") \
+                from None
         chaos.stop.set()
         chaos.join(60)
         elapsed = time.time() - started
-        wait_until(lambda: not tagged_processes(tag), 30, "every render process to be gone")
+        try:
+            wait_until(lambda: not tagged_processes(tag), 30, "every render process to be gone")
+        except AssertionError as error:
+            raise AssertionError(f"{error} (seed {SEED}): {describe(tagged_processes(tag))}; "
+                                 f"chaos actions: {chaos.actions}") from None
 
         records = [plugin.farm.get(job_id) for job_id in jobs]
         histories = [plugin.farm.events(job_id) for job_id in jobs]
@@ -143,8 +157,8 @@ def test_chaos(tmp_path, monkeypatch, capsys):
                 to_running.append(later[0] / 1000 - max(causes))
         with capsys.disabled():
             kills = [what for _, what, _ in chaos.actions]
-            print(f"\n[chaos] {JOBS} jobs ({len(expected_failures)} failing on purpose) on "
-                  f"{WORKERS} workers in {elapsed:.1f} s; actions: "
+            print(f"\n[chaos] seed {SEED}: {JOBS} jobs ({len(expected_failures)} failing on "
+                  f"purpose) on {WORKERS} workers in {elapsed:.1f} s; actions: "
                   f"{kills.count('worker SIGKILL')} worker kills, "
                   f"{kills.count('pool process SIGKILL')} pool process kills, "
                   f"{kills.count('redis restart')} Redis restart; "
@@ -163,6 +177,81 @@ def test_chaos(tmp_path, monkeypatch, capsys):
     except AssertionError:
         raise AssertionError([(p.pid, p.ppid(), p.status(), " ".join(p.cmdline())[-90:])
                               for p in processes_of(farm)]) from None
+
+
+def diagnose(farm: LocalCluster, plugin: CeleryFarmPlugin, chaos: Chaos) -> str:
+    """Everything the farm knows about its unfinished jobs, for a CI log: the record, the
+    lease, the outbox, whether its step awaits a node, where the current step's messages are
+    (queues, kombu's unacked messages), Celery's task states, the history, and the lines
+    about the job in the workers' logs and its render log."""
+    store, app = plugin.farm.store, plugin.farm.app
+    client, keys = store.redis, store.keys
+    start = chaos.actions[0][0] if chaos.actions else 0
+    began = time.strftime("%H:%M:%S", time.localtime(start)) + f".{int(start * 1000) % 1000:03d}"
+    lines = [f"chaos actions (+0 s is {began}, local time as in the worker logs): " + "; ".join(
+        f"+{at - start:.1f} s {what} {name}" for at, what, name in chaos.actions)]
+    prefix = plugin.farm.settings.broker_key_prefix  # kombu's keys start with it
+    queued = [raw for key in client.scan_iter(f"{prefix}renders*") if client.type(key) == "list"
+              for raw in client.lrange(key, 0, -1)]
+    unacked = client.hvals(f"{prefix}unacked")
+    logs = {path.name: path.read_text(errors="replace").splitlines()
+            for path in sorted(farm.base.glob("worker-*.log"))}
+    unfinished = {job_id: fields for job_id in store.ids()
+                  if (fields := client.hgetall(keys.job(job_id))).get("state")
+                  in ("Waiting", "Running")}
+    # Nothing will ever run these, unless a reaper acts: no lease, no message anywhere.
+    stranded = [job_id for job_id in unfinished
+                if client.zscore(keys.leases, job_id) is None
+                and not any(job_id in raw for raw in [*queued, *unacked])]
+    suspects = stranded + [job_id for job_id in unfinished if job_id not in stranded]
+    lines.append(f"{len(unfinished)} unfinished jobs; with no lease and no message anywhere: "
+                 f"{stranded}; the first {min(len(suspects), SHOWN)}, those first:")
+    for job_id in suspects[:SHOWN]:
+        fields = unfinished[job_id]
+        task_ids = json.loads(fields.get("task_ids") or "[]")
+        task_states = [(task_id, app.AsyncResult(task_id).state) for task_id in task_ids]
+        shown = {k: v for k, v in fields.items()
+                 if k not in ("commands", "environment", "context", "user", "host", "session")}
+        lines += [
+            f"--- unfinished job {job_id}: {shown}",
+            f"lease deadline: {client.zscore(keys.leases, job_id)} "
+            f"(Redis time now: {client.time()}); outbox: "
+            f"{client.zscore(keys.outbox, job_id)}; awaiting a node since: "
+            f"{client.zscore(keys.awaiting, job_id)}; missing at the last look: "
+            f"{client.hget(keys.missing, job_id)}",
+            f"messages in the queues: {sum(job_id in raw for raw in queued)}; "
+            f"in kombu's unacked: {sum(job_id in raw for raw in unacked)}",
+            f"celery task states: {task_states}",
+            "events: " + "\n  ".join(["", *client.lrange(keys.events(job_id), 0, -1)]),
+        ]
+        for name, text in logs.items():
+            about = [line for line in text if job_id in line][-8:]
+            if about:
+                lines += [f"{name}:"] + [f"  {line}" for line in about]
+        log = plugin.farm.log_file(job_id)
+        if log is not None and log.exists():
+            lines += ["render log tail:"] + [
+                f"  {line}" for line in log.read_text(errors="replace").splitlines()[-10:]]
+    for name, text in logs.items():
+        problems = [line for line in text if ("ERROR" in line or "WARNING" in line
+                    or "Traceback" in line) and "StepFailed" not in line][-10:]
+        if problems:
+            lines += [f"{name} warnings and errors:"] + [f"  {line}" for line in problems]
+    return "\n".join(lines)
+
+
+def describe(procs: list[psutil.Process]) -> list[tuple]:
+    """(pid, parent pid, job, attempt, seconds alive, command line) of each process."""
+    found = []
+    for proc in procs:
+        try:
+            env = proc.environ()
+            found.append((proc.pid, proc.ppid(), env.get("CELERYFARM_JOB_ID"),
+                          env.get("CELERYFARM_ATTEMPT"), round(time.time() - proc.create_time()),
+                          " ".join(proc.cmdline())[-90:]))
+        except psutil.Error:
+            pass
+    return found
 
 
 def processes_of(farm: LocalCluster) -> list[psutil.Process]:

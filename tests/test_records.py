@@ -19,7 +19,7 @@ from celeryfarm.jobs import JobRecord, JobSpec
 from celeryfarm.records import TRANSITIONS, Event, JobState, StepOutcome
 from celeryfarm.records.scripts import NAMES, source
 from celeryfarm.records.states import ClaimStatus, FailureKind, LossOutcome, allowed
-from celeryfarm.records.store import JobStore, Token, connect
+from celeryfarm.records.store import JobStore, Loss, Token, connect
 from celeryfarm.redisserver import RedisServer
 
 OWNER = "task/node@host/1"
@@ -67,15 +67,19 @@ def restart(store: JobStore, token: Token) -> bool:
 
 
 def lose(store: JobStore, token: Token) -> bool:
-    loss = store.lose(token.job_id, max_losses=3, cause="test")
+    loss = store.lose(token.job_id, max_losses=3, hold_ms=LEASE_MS, cause="test")
     assert loss is None or loss.outcome == LossOutcome.REDISPATCHED
     return loss is not None
 
 
-def resume(store: JobStore, token: Token) -> bool:
-    """Step 1 of 2 finished and released its lease; its next step was never sent."""
-    store.redis.hset(store.keys.job(token.job_id), "next_step", 1)
-    return store.resume(token, steps=2)
+def fail_lost(store: JobStore, token: Token) -> bool:
+    """The step was lost too often, and a reaper holds it (set up by hand: only a loss
+    writes a hold, and a loss needs an active job)."""
+    hold = f"failing:{OWNER}"
+    store.redis.hset(store.keys.job(token.job_id), "lease_owner", hold)
+    store.redis.zadd(store.keys.leases, {token.job_id: 0})
+    loss = Loss(token.job_id, LossOutcome.FAILING, 0, "node@host", 3, "test", hold, 1)
+    return store.fail_lost(loss, "lost")
 
 
 #: Each event, through each method that causes it: (event, name, action, needs a lease).
@@ -84,14 +88,14 @@ ACTIONS = [
     (Event.COMPLETE, "finish succeeded (last step)", finish(StepOutcome.SUCCEEDED), True),
     (Event.FAIL, "finish failed", finish(StepOutcome.FAILED), True),
     (Event.FAIL, "fail", lambda store, t: store.fail(t.job_id, 1, "why"), False),
+    (Event.FAIL, "fail lost", fail_lost, False),
     (Event.CANCEL, "finish revoked", finish(StepOutcome.REVOKED), True),
     (Event.CANCEL, "cancel", lambda store, t: store.cancel(t.job_id, 1, "why"), False),
     (Event.LOSE, "lose", lose, True),
-    (Event.RESUME, "resume", resume, False),
     (Event.RESTART, "restart", restart, False),
 ]
 # finish's own success is "the execution was current", so its refusals show in the state only.
-REPORTS_REFUSAL = {"claim", "fail", "cancel", "lose", "resume", "restart"}
+REPORTS_REFUSAL = {"claim", "fail", "fail lost", "cancel", "lose", "restart"}
 
 
 def test_every_event_of_the_table_is_tried():
@@ -113,7 +117,7 @@ def test_each_transition_is_applied_if_allowed_and_refused_otherwise(
     if allowed(event, state):
         assert applied
         assert after.state == (target or state)
-        if event in (Event.LOSE, Event.RESUME):
+        if event == Event.LOSE:
             assert after.dispatch == before.dispatch + 1
         if event == Event.RESTART:
             assert (after.attempt, after.dispatch, after.end_ms) == (2, 2, None)
@@ -147,7 +151,7 @@ def test_a_live_lease_keeps_a_second_execution_out(store: JobStore):
     assert claim(store, token)
     status, detail, _ = store.claim(token, "task/other@host/2", "other@host", LEASE_MS)
     assert status == ClaimStatus.DUPLICATE and OWNER in detail
-    assert store.lose(token.job_id, 3, "test") is None  # the lease has not expired
+    assert store.lose(token.job_id, 3, LEASE_MS, "test") is None  # the lease is live
 
 
 def test_every_script_states_its_keys_and_arguments():
@@ -159,16 +163,65 @@ def test_every_script_states_its_keys_and_arguments():
         assert "is_one_of" in source(name)  # common.lua is put in front
 
 
-def test_only_a_finished_step_whose_next_was_never_sent_is_resumed(store: JobStore):
-    token = new_job(store, JobState.RUNNING)
-    assert not store.resume(token, steps=2)  # step 1 has not finished: its lease decides
-    store.redis.hset(store.keys.job(token.job_id), "next_step", 1)
-    assert not store.resume(token, steps=1)  # it was the last step
-    assert not store.resume(Token(token.job_id, 1, 2, 0), steps=2)  # a stale dispatch
-    store.redis.hset(store.keys.job(token.job_id), "lease_owner", "the next step's owner")
-    assert not store.resume(token, steps=2)  # the next step runs after all
-    store.redis.hdel(store.keys.job(token.job_id), "lease_owner")
-    assert store.resume(token, steps=2)
-    assert store.get(token.job_id).dispatch == 2
-    assert token.job_id in store.stale_outbox(age_ms=0)
-    assert not store.resume(token, steps=2)  # once
+def test_a_step_awaits_a_node_from_its_sending_until_a_node_claims_it(store: JobStore):
+    """The reapers look for the messages of the steps that await a node too long, so a step
+    awaits one from its sending (or its previous step's success) to its claim, and a job
+    that ended awaits nothing."""
+    spec = JobSpec.build(name="t", commands=["true", "true"], settings={"pool": "p"})
+    job_id = uuid.uuid4().hex
+    store.create(JobRecord(job_id=job_id, spec=spec, log_path=f"{job_id}/render.log",
+                           state=JobState.WAITING, submitted_ms=1))
+    first, second = Token(job_id, 1, 1, 0), Token(job_id, 1, 1, 1)
+
+    def awaiting() -> list[tuple[Token, str]]:
+        return [(token, queue) for token, queue in store.awaiting(age_ms=0)
+                if token.job_id == job_id]
+
+    assert awaiting() == []  # recorded, not yet sent: the outbox covers it
+    store.sent(job_id, ["a", "b"])
+    assert awaiting() == [(first, "p")] and job_id not in store.stale_outbox(age_ms=0)
+    assert job_id not in {token.job_id for token, _ in store.awaiting(age_ms=60_000)}
+    assert claim(store, first)
+    assert awaiting() == []
+    assert store.finish(first, OWNER, StepOutcome.SUCCEEDED)
+    assert awaiting() == [(second, "p")]  # Celery sends it once the task returns
+    assert store.cancel(job_id, 1, "stopped")
+    assert awaiting() == []
+    assert store.redis.zscore(store.keys.awaiting, job_id) is None  # forgotten
+
+
+def test_a_step_lost_too_often_is_held_until_the_job_fails(store: JobStore):
+    """The reaper that finds a step lost once too often holds it, writes the render log,
+    and only then fails the job: until then the job is as it was, and no one else takes the
+    step; if that reaper dies, its hold expires and the next reaper loses the step again."""
+    token = new_job(store, JobState.RUNNING, leased=True)
+    store.redis.hset(store.keys.job(token.job_id), "lost", 2)
+    loss = store.lose(token.job_id, max_losses=3, hold_ms=LEASE_MS, cause="test")
+    assert loss is not None and loss.outcome == LossOutcome.FAILING
+    assert (loss.hold, loss.lost, loss.attempt) == (f"failing:{OWNER}", 3, 1)
+    assert store.state(token.job_id) == JobState.RUNNING and store.events(token.job_id) == []
+    assert store.lose(token.job_id, 3, LEASE_MS, "test") is None  # held
+    assert store.claim(token, "task/other@host/2", "other@host", LEASE_MS)[0] == \
+        ClaimStatus.DUPLICATE
+    assert store.rescue(token, 3, LEASE_MS, "test").outcome == LossOutcome.LEASED
+    store.redis.zadd(store.keys.leases, {token.job_id: 0})  # the reaper died: it expires
+    again = store.lose(token.job_id, max_losses=3, hold_ms=LEASE_MS, cause="test")
+    assert again == loss  # the same loss, not a fourth
+    assert store.fail_lost(again, "lost on 3 nodes")
+    record = store.get(token.job_id)
+    assert (record.state, record.reason, record.lost) == (JobState.FAILED, "lost on 3 nodes", 3)
+    assert [(e["event"], e["owner"], e["lost"]) for e in store.events(token.job_id)] == [
+        ("lost", OWNER, 3)]
+    assert store.redis.zscore(store.keys.leases, token.job_id) is None
+    assert not store.fail_lost(again, "twice")  # the hold is gone
+
+
+def test_a_hold_on_a_job_restarted_meanwhile_does_not_fail_it(store: JobStore):
+    token = new_job(store, JobState.RUNNING, leased=True)
+    loss = store.lose(token.job_id, max_losses=1, hold_ms=LEASE_MS, cause="test")
+    assert loss is not None and loss.outcome == LossOutcome.FAILING
+    assert store.cancel(token.job_id, 1, "stopped")
+    assert restart(store, token)
+    assert not store.fail_lost(loss, "lost")
+    assert store.state(token.job_id) == JobState.WAITING
+    assert store.get_field(token.job_id, "lease_owner") is None  # the hold is released

@@ -7,11 +7,13 @@ session's nodes. Leases are 6 s and reapers scan every 0.5 s (see conftest.WORKE
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import psutil
 import pytest
@@ -188,6 +190,42 @@ def test_a_step_lost_on_three_nodes_in_a_row_fails_the_job(pool: Pool):
     assert_never_two_current(pool.plugin.farm.events(job_id))
 
 
+def test_the_log_says_why_a_job_failed_for_lost_nodes_before_its_state_does(pool: Pool):
+    """Katana reads the render log once a job has ended, so the reaper that fails a job
+    whose step was lost too often writes why first. Here the render log is a FIFO: each of
+    the reaper's writes waits for the test to read it, and until the last one the job must
+    not be Failed."""
+    from celeryfarm.lease import StepLease
+    from celeryfarm.records.store import Token
+
+    plugin, store = pool.plugin, pool.plugin.farm.store
+    job_id = pool.submit([["true"]])  # a pool no node serves: only the ghost below runs it
+    ghost = StepLease(store, plugin.farm.settings, Token(job_id, 1, 1, 0),
+                      "ghost-task/ghost@nowhere/1")
+    assert ghost.claim("ghost@nowhere")[0] == "ok"  # then it dies: its lease will expire
+    store.redis.hset(store.keys.job(job_id), "lost", 2)  # lost on two nodes before
+    log = Path(plugin.getRenderLogFilename(job_id))
+    log.unlink()
+    os.mkfifo(log)
+    try:
+        wait_until(lambda: store.get_field(job_id, "lease_owner") != ghost.owner, 60,
+                   "a reaper to take the lost step")
+        said = ""
+        while "job failed" not in said:
+            assert plugin.getJobState(job_id) == State.kRunning, f"the log said only {said!r}"
+            with open(log, "rb") as fifo:  # lets one of the reaper's writes through
+                said += fifo.read().decode()
+        assert "node ghost@nowhere lost while running step 1/1: its lease expired" in said
+        assert wait_for_state(plugin, job_id, timeout=30) == State.kFailed
+        assert plugin.farm.get(job_id).reason == "step 1 was lost on 3 nodes in a row"
+        assert "job failed: step 1 was lost on 3 nodes in a row" in said
+        assert [e["event"] for e in plugin.farm.events(job_id)] == ["start", "lost"]
+    finally:
+        os.close(os.open(log, os.O_RDONLY | os.O_NONBLOCK))  # frees a writer still waiting
+        log.unlink()
+        log.touch()
+
+
 @pytest.mark.parametrize(
     ("settings", "command", "reason"),
     [
@@ -264,10 +302,11 @@ def test_a_step_whose_pool_process_died_just_after_it_ended_is_followed_by_the_n
     pool: Pool,
 ):
     """The pool process dies after its step recorded its success and before Celery sent the
-    chain's next step (Celery sends it only once the task has returned): the node's hook
-    for lost pool processes must send the rest, or the job stays Running for ever. The
-    step's part is played through the store, as the pool process would have; the hook is
-    the node's own, called as Celery calls it in the worker's main process."""
+    chain's next step (Celery sends it only once the task has returned): the next step
+    awaits a node with no message anywhere, and the reapers must send the rest, or the job
+    stays Running for ever. The step's part is played through the store, as the pool
+    process would have; the node's hook for lost pool processes is called as Celery calls
+    it in the worker's main process, and has no lease to give up."""
     from types import SimpleNamespace
 
     from billiard.exceptions import WorkerLostError
@@ -298,11 +337,33 @@ def test_a_step_whose_pool_process_died_just_after_it_ended_is_followed_by_the_n
         signals.task_failure.disconnect(node.on_task_failure)
         signals.worker_process_init.disconnect(node.prepare_pool_process)
     resent = wait_until(lambda: (record := farm.get(job_id)).task_ids != first.task_ids
-                        and record, 15, "the job's next step to be sent again")
+                        and record, 60, "the job's next step to be sent again")
     assert resent.dispatch == first.dispatch + 1 and len(resent.task_ids) == 1
 
     pool.start(1)  # the first node of this pool: it finds both dispatches' messages
     assert wait_for_state(pool.plugin, job_id, timeout=60) == State.kCompleted
     events = farm.events(job_id)
     assert [(e["event"], e["step"]) for e in events] == [
-        ("start", 0), ("end", 0), ("start", 1), ("end", 1)]
+        ("start", 0), ("end", 0), ("lost", 1), ("start", 1), ("end", 1)]
+    assert "step 2/2: its message was lost before any node started it" in read_log(
+        pool.plugin, job_id).decode()
+
+
+def test_a_step_whose_message_vanished_with_its_worker_runs(pool: Pool):
+    """What a worker killed between kombu's BRPOP and its record of the message as
+    unacknowledged leaves behind: nothing, anywhere. The reapers notice that the step's
+    message is in no queue and set aside by no worker, and give the step to another node."""
+    job_id = pool.submit([renderboot("--seconds", 0.2), ["true"]])  # no node serves it yet
+    broker = redis.Redis.from_url(pool.plugin.farm.settings.broker_url)
+    prefix = pool.plugin.farm.settings.broker_key_prefix  # kombu's keys start with it
+    queued = wait_until(lambda: [key for key in broker.keys(f"{prefix}{pool.name}*")
+                                 if broker.type(key) == b"list" and broker.llen(key)], 10,
+                        "the step's message in its queue")
+    assert broker.rpop(queued[0])  # taken, and gone with its worker
+
+    pool.start(1)
+    assert wait_for_state(pool.plugin, job_id, timeout=90) == State.kCompleted
+    events = pool.plugin.farm.events(job_id)
+    assert [e["event"] for e in events] == ["lost", "start", "end", "start", "end"]
+    assert "node (unknown) lost while running step 1/2: its message was lost before any " \
+           "node started it" in read_log(pool.plugin, job_id).decode()

@@ -37,3 +37,21 @@ class Keys:
     def outbox(self) -> str:
         """Sorted set: job id -> when a dispatch of it was recorded but not yet sent."""
         return f"{self.prefix}:dispatching"
+
+    @property
+    def awaiting(self) -> str:
+        """Sorted set: job id -> since when (ms) its current step has awaited a node: from
+        its sending (or its previous step's success) until a node claims it."""
+        return f"{self.prefix}:awaiting"
+
+    @property
+    def missing(self) -> str:
+        """Hash: job id -> the task id of its awaiting step, whose message the reapers'
+        last look found nowhere."""
+        return f"{self.prefix}:missing"
+
+    @property
+    def look_turn(self) -> str:
+        """String with a time to live: held by the node whose reaper looks for missing
+        messages this lease period."""
+        return f"{self.prefix}:look-turn"

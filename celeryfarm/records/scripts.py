@@ -15,8 +15,8 @@ from redis.commands.core import Script
 
 COMMON = "common.lua"
 #: Scripts by name: each is ``lua/<name>.lua``.
-NAMES = ("claim", "renew", "finish", "abandon", "resume", "expired", "reap", "rescue",
-         "stale_outbox", "transition")
+NAMES = ("claim", "renew", "finish", "abandon", "expired", "reap", "rescue", "stale_outbox",
+         "transition", "sent", "forget", "fail_lost")
 
 
 @functools.cache
@@ -38,10 +38,12 @@ class Scripts:
     def __init__(self, client: redis.Redis) -> None:
         load = functools.partial(_register, client)
         self.claim, self.renew, self.finish = load("claim"), load("renew"), load("finish")
-        self.abandon, self.resume = load("abandon"), load("resume")
+        self.abandon = load("abandon")
         self.expired, self.reap = load("expired"), load("reap")
         self.rescue, self.stale_outbox = load("rescue"), load("stale_outbox")
-        self.transition = load("transition")
+        self.fail_lost = load("fail_lost")
+        self.transition, self.sent, self.forget = (
+            load("transition"), load("sent"), load("forget"))
 
 
 def _register(client: redis.Redis, name: str) -> Script:

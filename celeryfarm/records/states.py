@@ -72,7 +72,7 @@ class LossOutcome(_Text):
     """What became of a lost step (``lose.lua``)."""
 
     REDISPATCHED = "redispatched"
-    FAILED = "failed"
+    FAILING = "failing"  # lost too often: the job fails once the log says why (fail_lost.lua)
     STALE = "stale"  # the lost message's token is no longer current: nothing to do
     LEASED = "leased"  # the step runs after all: nothing to do
 
@@ -85,7 +85,6 @@ class Event(_Text):
     FAIL = "fail"  # a step failed, or was lost on too many nodes
     CANCEL = "cancel"  # stopped through the farm, or revoked outside it
     LOSE = "lose"  # the running step's node was lost: the step is sent again
-    RESUME = "resume"  # a step ended but its next one was never sent: it is sent again
     RESTART = "restart"  # a finished job runs again as a new attempt
 
 
@@ -103,7 +102,6 @@ TRANSITIONS: dict[Event, Transition] = {
     Event.FAIL: Transition(ACTIVE, JobState.FAILED),
     Event.CANCEL: Transition(ACTIVE, JobState.CANCELLED),
     Event.LOSE: Transition(ACTIVE, None),
-    Event.RESUME: Transition(ACTIVE, None),
     Event.RESTART: Transition(FINISHED, JobState.WAITING),
 }
 

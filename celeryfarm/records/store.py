@@ -60,7 +60,8 @@ class Token:
 
 @dataclasses.dataclass(frozen=True)
 class Loss:
-    """A lost step, as ``reap.lua`` and ``rescue.lua`` report it."""
+    """A lost step, as ``reap.lua`` and ``rescue.lua`` report it; a FAILING one comes with
+    the caller's hold on it (see :meth:`JobStore.fail_lost`)."""
 
     job_id: str
     outcome: states.LossOutcome
@@ -68,14 +69,17 @@ class Loss:
     node: str = ""
     lost: int = 0
     cause: str = ""
+    hold: str = ""
+    attempt: int = 0
 
     @classmethod
     def parse(cls, reply: list[str]) -> Loss:
         job_id, outcome, *rest = reply
         if not rest:
             return cls(job_id, states.LossOutcome(outcome))
-        step, node, lost, cause = rest
-        return cls(job_id, states.LossOutcome(outcome), int(step), node, int(lost), cause)
+        step, node, lost, cause, hold, attempt = [*rest, "", 0][:6]
+        return cls(job_id, states.LossOutcome(outcome), int(step), node, int(lost), cause,
+                   hold, int(attempt))
 
 
 def _now_ms() -> int:
@@ -121,12 +125,10 @@ class JobStore:
 
     # -- dispatching -------------------------------------------------------------------------
     def sent(self, job_id: str, task_ids: Iterable[str]) -> None:
-        """Record the Celery ids a dispatch sent (what a stop revokes) and take the job out
-        of the outbox, in one round trip."""
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.hset(self.keys.job(job_id), "task_ids", json.dumps(list(task_ids)))
-        pipe.zrem(self.keys.outbox, job_id)
-        pipe.execute()
+        """Record the Celery ids a dispatch sent (what a stop revokes), take the job out of
+        the outbox, and make its next step await a node, in one write."""
+        self.scripts.sent(keys=[self.keys.job(job_id), self.keys.outbox, self.keys.awaiting],
+                          args=[job_id, json.dumps(list(task_ids))])
 
     def unsendable(self, job_id: str) -> None:
         """Take a job whose dispatch must not be sent (it ended meanwhile) out of the
@@ -140,7 +142,8 @@ class JobStore:
 
     # -- a step's execution (render nodes) ---------------------------------------------------
     def _step_keys(self, job_id: str) -> list[str]:
-        return [self.keys.job(job_id), self.keys.leases, self.keys.events(job_id)]
+        return [self.keys.job(job_id), self.keys.leases, self.keys.events(job_id),
+                self.keys.awaiting]
 
     def claim(
         self, token: Token, owner: str, node: str, lease_ms: int
@@ -180,12 +183,15 @@ class JobStore:
             states.StepOutcome.SUCCEEDED: Event.COMPLETE if last else None,
         }.get(outcome)
         target = TRANSITIONS[event].target if event else ""
-        next_step = token.step + 1 if outcome == states.StepOutcome.SUCCEEDED else ""
+        succeeded = outcome == states.StepOutcome.SUCCEEDED
+        next_step = token.step + 1 if succeeded else ""
+        # The next step awaits a node from now on: Celery sends it once the task returns.
+        awaited = sources_arg(Event.CLAIM) if succeeded and not last else ""
         return bool(self.scripts.finish(
             keys=self._step_keys(token.job_id),
             args=[token.job_id, token.attempt, token.dispatch, token.step, owner,
                   outcome, int(outcome == states.StepOutcome.ABANDONED), next_step, target or "",
-                  sources_arg(event) if event else "", reason]))
+                  sources_arg(event) if event else "", reason, awaited]))
 
     def abandon(self, job_id: str, owner_prefix: str) -> bool:
         """Expire now the lease held by an execution whose owner starts with
@@ -193,38 +199,55 @@ class JobStore:
         return bool(self.scripts.abandon(keys=self._step_keys(job_id)[:2],
                                          args=[job_id, owner_prefix]))
 
-    def resume(self, token: Token, steps: int) -> bool:
-        """Dispatch the steps after ``token``'s again, if that step finished but the next
-        was never sent (its pool process died in between: Celery sends a chain's next step
-        only after the task returns). True if the caller must send the new dispatch."""
-        return bool(self.scripts.resume(
-            keys=[self.keys.job(token.job_id), self.keys.outbox],
-            args=[token.job_id, token.attempt, token.dispatch, token.step, steps,
-                  sources_arg(Event.RESUME)]))
-
     # -- lost steps (reapers) ----------------------------------------------------------------
     def expired(self, limit: int = 100) -> list[str]:
         """Jobs whose running step's lease has expired, by Redis's clock."""
-        return self.scripts.expired(keys=[self.keys.leases], args=[limit])
+        return self.scripts.expired(keys=[self.keys.leases], args=[limit, 0])
 
-    def lose(self, job_id: str, max_losses: int, cause: str) -> Loss | None:
-        """Lose the step of a job whose lease expired: re-dispatch it, or fail the job after
-        ``max_losses`` in a row. None if its lease was renewed or another reaper took it."""
+    def awaiting(self, age_ms: int) -> list[tuple[Token, str]]:
+        """The steps that have awaited a node for ``age_ms`` or more (since they were sent,
+        or since the step before them succeeded), each with its queue ("" for the default);
+        the jobs whose step no longer awaits one are forgotten on the way."""
+        job_ids = self.scripts.expired(keys=[self.keys.awaiting], args=[-1, age_ms])
+        if not job_ids:
+            return []
+        reply = self.scripts.forget(
+            keys=[self.keys.awaiting, *(self.keys.job(job_id) for job_id in job_ids)],
+            args=[sources_arg(Event.CLAIM), *job_ids])
+        return [(Token(job_id, int(attempt), int(dispatch), int(step)), queue)
+                for job_id, attempt, dispatch, step, queue in reply]
+
+    def lose(self, job_id: str, max_losses: int, hold_ms: int, cause: str) -> Loss | None:
+        """Lose the step of a job whose lease expired: re-dispatch it, or after
+        ``max_losses`` in a row hold it for ``hold_ms`` (FAILING) until the caller has said
+        why in the log and calls :meth:`fail_lost`. None if its lease was renewed or another
+        reaper took it."""
         reply = self.scripts.reap(
             keys=[self.keys.leases, self.keys.job(job_id), self.keys.events(job_id),
                   self.keys.outbox],
-            args=[job_id, max_losses, sources_arg(Event.LOSE), TRANSITIONS[Event.FAIL].target,
-                  cause])
+            args=[job_id, max_losses, sources_arg(Event.LOSE), hold_ms, cause])
         return Loss.parse(reply) if reply else None
 
-    def rescue(self, token: Token, max_losses: int, cause: str) -> Loss:
-        """Lose a step whose message a worker took and never started, unless the token is
-        no longer current (STALE) or the step runs after all (LEASED)."""
+    def fail_lost(self, loss: Loss, reason: str) -> bool:
+        """Fail the job of a FAILING loss for ``reason`` and release the hold on its step;
+        False if the hold had expired (another reaper took the step) or the job had moved
+        on (cancelled, restarted)."""
+        job_id = loss.job_id
+        return bool(self.scripts.fail_lost(
+            keys=[self.keys.job(job_id), self.keys.leases, self.keys.events(job_id)],
+            args=[job_id, loss.hold, loss.attempt, loss.lost, reason, sources_arg(Event.FAIL),
+                  TRANSITIONS[Event.FAIL].target]))
+
+    def rescue(self, token: Token, max_losses: int, hold_ms: int, cause: str) -> Loss:
+        """Lose a step whose message a worker took and never started, or whose message
+        vanished, unless the token is no longer current (STALE) or the step runs after all
+        (LEASED); a FAILING one is held as by :meth:`lose`."""
         job_id = token.job_id
         return Loss.parse(self.scripts.rescue(
-            keys=[self.keys.job(job_id), self.keys.events(job_id), self.keys.outbox],
+            keys=[self.keys.job(job_id), self.keys.events(job_id), self.keys.outbox,
+                  self.keys.leases],
             args=[job_id, token.attempt, token.dispatch, token.step, max_losses,
-                  sources_arg(Event.LOSE), TRANSITIONS[Event.FAIL].target, cause]))
+                  sources_arg(Event.LOSE), hold_ms, cause]))
 
     # -- client-side changes -----------------------------------------------------------------
     def cancel(self, job_id: str, attempt: int, reason: str) -> bool:

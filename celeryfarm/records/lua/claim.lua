@@ -1,6 +1,7 @@
 -- Claim one execution of a step: it starts only if its fencing token (attempt, dispatch,
 -- step) is current, the job may still run, and no other execution holds a live lease.
 -- KEYS[1] job hash          KEYS[2] leases (zset)      KEYS[3] the job's events (list)
+-- KEYS[4] awaiting (zset): the step no longer awaits a node
 -- ARGV[1] job id            ARGV[2] attempt            ARGV[3] dispatch
 -- ARGV[4] step              ARGV[5] lease owner        ARGV[6] node
 -- ARGV[7] lease (ms)        ARGV[8] states a claim may leave (comma-separated)
@@ -23,6 +24,7 @@ redis.call('HSET', KEYS[1], 'state', ARGV[9], 'step', ARGV[4], 'node', ARGV[6],
            'lease_owner', ARGV[5])
 redis.call('HSETNX', KEYS[1], 'start', now)
 redis.call('ZADD', KEYS[2], now + tonumber(ARGV[7]), ARGV[1])
+redis.call('ZREM', KEYS[4], ARGV[1])
 redis.call('RPUSH', KEYS[3], cjson.encode({event = 'start', step = tonumber(ARGV[4]),
   dispatch = tonumber(ARGV[3]), attempt = tonumber(ARGV[2]), owner = ARGV[5],
   node = ARGV[6], at = now}))

@@ -1,5 +1,6 @@
 -- Record how an execution of a step ended, if it is still the current one.
 -- KEYS[1] job hash          KEYS[2] leases (zset)      KEYS[3] the job's events (list)
+-- KEYS[4] awaiting (zset)
 -- ARGV[1] job id            ARGV[2] attempt            ARGV[3] dispatch
 -- ARGV[4] step              ARGV[5] lease owner        ARGV[6] outcome (a StepOutcome)
 -- ARGV[7] '1': expire the lease now and keep its owner, so a reaper re-dispatches the
@@ -7,6 +8,8 @@
 -- ARGV[8] the next step to run ('' leaves it)
 -- ARGV[9] the state to go to ('' leaves it)  ARGV[10] states it may leave (comma-separated)
 -- ARGV[11] why the job ends ('' none)
+-- ARGV[12] states in which the next step then awaits a node ('' when there is none): Celery
+--          sends it only once the task has returned, so from now on the reapers look for it
 -- Returns 1 if recorded, 0 if the execution was no longer current (a superseded node).
 local f = redis.call('HMGET', KEYS[1], 'state', 'attempt', 'dispatch', 'lease_owner')
 if f[4] ~= ARGV[5] or f[2] ~= ARGV[2] or f[3] ~= ARGV[3] then return 0 end
@@ -22,6 +25,7 @@ redis.call('HDEL', KEYS[1], 'lease_owner')
 if ARGV[8] ~= '' then
   redis.call('HSET', KEYS[1], 'next_step', ARGV[8], 'lost', 0)
 end
+if is_one_of(ARGV[12], f[1]) then redis.call('ZADD', KEYS[4], now, ARGV[1]) end
 if ARGV[9] ~= '' and is_one_of(ARGV[10], f[1]) then
   redis.call('HSET', KEYS[1], 'state', ARGV[9], 'end', now)
   if ARGV[11] ~= '' then redis.call('HSET', KEYS[1], 'reason', ARGV[11]) end

@@ -28,6 +28,7 @@ from .config import PREFIX, redact
 from .errors import FarmError
 from .jobs import RENDER_TYPES, JobRecord, describe_frames, parse_command
 from .records.states import JobState
+from .retries import try_label
 from .session import Session, make_local_farm
 from .terminal import styled_state, table, when
 
@@ -265,6 +266,10 @@ def _parse_env(_ctx: Any, _param: Any, items: Sequence[str]) -> dict[str, str]:
     return env
 
 
+#: The farm setting (as on Katana's Render node) of each ``submit`` option that sets one.
+SETTING_OF_OPTION = {"retry_delay": "retryDelaySeconds", "licence_pattern": "licencePattern",
+                     "fatal_pattern": "fatalPattern"}
+
 #: Most frames one ``--frames`` may name.
 MAX_FRAMES = 1_000_000
 
@@ -299,12 +304,20 @@ def _parse_frames(_ctx: Any, _param: Any, text: str | None) -> list[int]:
               metavar="NAME=VALUE", help="Environment variable for the job (repeatable).")
 @click.option("--file", "files", multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="A local file to copy to the job's folder on the shared mount.")
+@click.option("--retries", type=click.IntRange(0), help="Run a step that exits non-zero again, "
+              "up to this many times (0).")
+@click.option("--retry-delay", "retry_delay", type=click.IntRange(0), metavar="SECONDS",
+              help="Wait this long before a failed step runs again (0).")
+@click.option("--licence-pattern", metavar="REGEX", help="A failed step with an output line "
+              "matching this found no licence: it backs off, no retry used.")
+@click.option("--fatal-pattern", metavar="REGEX",
+              help="A failed step with an output line matching this is never retried.")
 @click.option("--wait", is_flag=True, help="Wait for the job to end; exit 1 unless Completed.")
 @pass_session
 def submit(session: Session, command: tuple[str, ...], commands: tuple[str, ...],
            name: str | None, pool: str | None, priority: int | None,
            frames: list[int], render_type: str, environment: dict[str, str],
-           files: tuple[str, ...], wait: bool) -> None:
+           files: tuple[str, ...], wait: bool, **farm_settings: Any) -> None:
     """Submit a job: `celeryfarm submit [OPTIONS] -- CMD ARGS...` or `--cmd` steps.
 
     Like a Katana render, the job gets a render context: a folder on the shared mount (its
@@ -317,7 +330,9 @@ def submit(session: Session, command: tuple[str, ...], commands: tuple[str, ...]
         raise click.UsageError("nothing to run: give `-- CMD ARGS...` or --cmd")
     farm = session.farm
     context = farm.create_context(files)
-    settings = {k: v for k, v in (("pool", pool), ("priority", priority)) if v is not None}
+    farm_settings.update(pool=pool, priority=priority)
+    settings = {SETTING_OF_OPTION.get(k, k): v for k, v in farm_settings.items()
+                if v is not None}
     job_id = farm.submit_commands(
         steps, context=context.name, name=name or Path(steps[0][0]).name,
         environment=environment, frames=frames, render_type=render_type, settings=settings,
@@ -349,6 +364,8 @@ def _as_json(session: Session, record: JobRecord) -> dict[str, Any]:
         "render_type": spec.render_type, "pool": spec.queue, "priority": spec.priority,
         "frames": describe_frames(spec.frames),
         "attempt": record.attempt,
+        "try": record.failures + 1, "retries": spec.retries,
+        "licence_waits": record.licence_waits, "node_losses": record.lost,
         "steps": len(spec.commands) or None,  # None in listings, which skip the commands
         "step": None if record.step is None else record.step + 1, "node": record.node,
         "submitted": record.submitted_ms, "started": record.start_ms,
@@ -406,6 +423,7 @@ def status(session: Session, job_id: str, as_json: bool) -> None:
         ("frames", describe_frames(record.spec.frames)),
         ("step", step), ("node", record.node or "-"),
         ("attempt", str(record.attempt)),
+        ("try", _tries(record)),
         ("submitted", f"{when(record.submitted_ms)} by {record.spec.user}@{record.spec.host}"),
         ("started", when(record.start_ms)), ("finished", when(record.end_ms)),
         ("pool", f"{record.spec.queue}, priority {record.spec.priority}"),
@@ -415,6 +433,16 @@ def status(session: Session, job_id: str, as_json: bool) -> None:
         lines.append(("reason", record.reason))
     for label, value in lines:
         click.echo(f"{label + ':':<13}{value}")
+
+
+def _tries(record: JobRecord) -> str:
+    """``try 2 of 4, 1 licence wait, 1 node lost`` for the current step."""
+    parts = [try_label(record.failures, record.spec.retries)]
+    for count, one, many in ((record.licence_waits, "licence wait", "licence waits"),
+                             (record.lost, "node lost", "nodes lost")):
+        if count:
+            parts.append(f"{count} {one if count == 1 else many}")
+    return ", ".join(parts)
 
 
 @cli.command()

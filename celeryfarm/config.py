@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import getpass
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -89,6 +90,13 @@ class Settings:
     render_env: tuple[str, ...] = ()
     #: Whether a render node may run as root (``--allow-root``); it refuses to otherwise.
     allow_root: bool = False
+    #: Farm-wide failure rules (see :mod:`celeryfarm.retries`): a failed step whose output
+    #: has a line matching ``licence_pattern`` backs off and runs again without using a
+    #: retry; one matching ``fatal_pattern`` is never retried.
+    licence_pattern: str = ""
+    fatal_pattern: str = ""
+    #: How long a step that found no licence waits before it runs again.
+    licence_backoff_seconds: float = 60.0
 
     @property
     def results_url(self) -> str:
@@ -192,6 +200,10 @@ class Settings:
             render_user=get("RENDER_USER"),
             render_env=tuple(filter(None, (n.strip() for n in get("RENDER_ENV").split(",")))),
             allow_root=get("ALLOW_ROOT").lower() in ("1", "true", "yes"),
+            licence_pattern=_pattern("LICENCE_PATTERN", get("LICENCE_PATTERN")),
+            fatal_pattern=_pattern("FATAL_PATTERN", get("FATAL_PATTERN")),
+            licence_backoff_seconds=number("LICENCE_BACKOFF_SECONDS",
+                                           defaults.licence_backoff_seconds),
         )
 
 
@@ -202,6 +214,17 @@ def _read_secret(name: str, path: str) -> str:
         return Path(path).read_text().strip()
     except OSError as error:
         raise ConfigError(f"{PREFIX}{name}_FILE: cannot read {path}: {error.strerror}") from None
+
+
+def _pattern(name: str, text: str) -> str:
+    """A failure rule's regular expression, checked here so a bad one stops the node at
+    start, not at a render's failure."""
+    try:
+        re.compile(text)
+    except re.error as error:
+        raise ConfigError(f"{PREFIX}{name}: invalid regular expression {text!r}: {error}") \
+            from None
+    return text
 
 
 def _port(text: str) -> int:

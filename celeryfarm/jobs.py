@@ -15,6 +15,7 @@ from typing import Any, Union
 
 from .errors import FarmError
 from .records.states import FINISHED, JobState
+from .retries import compile_pattern
 
 RENDER_TYPES = ("Disk", "Preview", "Live")
 _QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -67,6 +68,10 @@ class JobSpec:
     max_step_seconds: int = 0  # 0: only the farm-wide limit
     stall_seconds: int = 0  # 0: no stall detection
     max_memory_mb: int = 0  # 0: no memory cap
+    retries: int = 0  # runs again of a step that exits non-zero (see celeryfarm.retries)
+    retry_delay_seconds: int = 0
+    licence_pattern: str = ""  # failure rules of the job: regular expressions over output
+    fatal_pattern: str = ""
     user: str = ""
     host: str = ""
     session: str = ""
@@ -105,6 +110,12 @@ class JobSpec:
         max_step_seconds = _seconds(settings.pop("maxStepSeconds", 0), "maxStepSeconds")
         stall_seconds = _seconds(settings.pop("stallSeconds", 0), "stallSeconds")
         max_memory_mb = _not_negative(settings.pop("maxMemoryMB", 0), "maxMemoryMB", "megabytes")
+        retries = _not_negative(settings.pop("retries", 0), "retries", "runs again")
+        retry_delay = _seconds(settings.pop("retryDelaySeconds", 0), "retryDelaySeconds")
+        patterns = {setting: str(settings.pop(setting, "") or "")
+                    for setting in ("licencePattern", "fatalPattern")}
+        for setting, pattern in patterns.items():
+            compile_pattern(pattern, setting)
         if settings:
             raise FarmError(f"unknown farm settings: {', '.join(sorted(map(str, settings)))}")
         return cls(
@@ -118,6 +129,10 @@ class JobSpec:
             max_step_seconds=max_step_seconds,
             stall_seconds=stall_seconds,
             max_memory_mb=max_memory_mb,
+            retries=retries,
+            retry_delay_seconds=retry_delay,
+            licence_pattern=patterns["licencePattern"],
+            fatal_pattern=patterns["fatalPattern"],
             **identity,
         )
 
@@ -205,6 +220,8 @@ class JobRecord:
     dispatch: int = 1  # bumped by each (re)dispatch: with attempt and step, the fencing token
     next_step: int = 0  # index of the step to run next
     lost: int = 0  # nodes lost in a row while running the current step
+    failures: int = 0  # tries of the current step that failed and used a retry
+    licence_waits: int = 0  # tries of the current step that found no licence
     task_ids: tuple[str, ...] = ()  # Celery ids of the current dispatch's steps
     submitted_ms: int = 0
     start_ms: int | None = None

@@ -130,3 +130,8 @@ class StepLease:
     def finish(self, outcome: StepOutcome, last: bool = False, reason: str = "") -> bool:
         """Record the execution's outcome; False if it was no longer current (ignored)."""
         return self.store.finish(self.token, self.owner, outcome, last, reason)
+
+    def retry(self, delay_ms: int, counted: bool, why: str) -> bool:
+        """Record a failed try whose step runs again in ``delay_ms``; False if this
+        execution was no longer current or the job was stopped (see ``JobStore.retry``)."""
+        return self.store.retry(self.token, self.owner, delay_ms, counted, why) > 0

@@ -6,7 +6,8 @@ Every node runs one, so the farm keeps recovering whichever node dies. Each pass
   reaper): re-dispatched at the front of the queue, or the job fails after too many losses
   in a row;
 * rescues steps whose message a dead worker took and never started (:mod:`.rescue`);
-* sends again the dispatches recorded in the outbox whose sender died before sending them.
+* sends again the dispatches recorded in the outbox whose sender died before sending them;
+* sends the failed steps whose retry is due (:mod:`.retries`).
 """
 
 from __future__ import annotations
@@ -69,9 +70,12 @@ class Reaper(threading.Thread):
             self._after_loss(loss)
         stale = self.store.stale_outbox(int(OUTBOX_SECONDS * 1000), BATCH)
         for job_id in stale:
-            self._resend(job_id)
+            self._resend(job_id, "re-sending job %s dispatch %s from the outbox")
+        due = self.store.due(BATCH)
+        for job_id in due:
+            self._resend(job_id, "job %s: a failed step runs again (dispatch %s)")
         return [(loss.job_id, loss.outcome.value) for loss in lost] + [
-            (job_id, "resent") for job_id in stale]
+            (job_id, "resent") for job_id in stale] + [(job_id, "retried") for job_id in due]
 
     def _rescue_stranded(self) -> list[Loss]:
         """Steps whose message was set aside for a lease period (a margin for clock skew:
@@ -104,7 +108,7 @@ class Reaper(threading.Thread):
         if loss.outcome == LossOutcome.REDISPATCHED:
             dispatch.send(self.app, self.store, record, resumed=True)
 
-    def _resend(self, job_id: str) -> None:
+    def _resend(self, job_id: str, message: str) -> None:
         try:
             record = self.store.get(job_id)
         except JobNotFound:
@@ -112,8 +116,7 @@ class Reaper(threading.Thread):
         if record is None or record.state not in ACTIVE:
             self.store.unsendable(job_id)
             return
-        logger.warning("reaper: re-sending job %s dispatch %s from the outbox",
-                       job_id, record.dispatch)
+        logger.warning("reaper: " + message, job_id, record.dispatch)
         dispatch.send(self.app, self.store, record)
 
     def _note(self, log_path: str, lines: list[str]) -> None:

@@ -23,7 +23,7 @@ import redis
 from celery import states
 from celery.exceptions import Ignore
 
-from . import process, renderenv
+from . import process, renderenv, retries
 from .config import Settings
 from .errors import StepFailed
 from .jobs import JobRecord
@@ -133,10 +133,15 @@ def render_step(
         log = RenderLog(log_path)
     except OSError as error:
         _fail(lease, f"{label}: cannot write the render log {log_path}: {error.strerror}")
+    spec = record.spec
+    rules = retries.FailureRules.of((settings.licence_pattern, settings.fatal_pattern),
+                                    (spec.licence_pattern, spec.fatal_pattern))
+    output = retries.OutputWatcher(GatedLog(log, lease), rules)
     started = time.monotonic()
     with log, lease.keep(), stop_signals(lease.stop_reason) as should_stop, \
             renderenv.private_folders(user, self.request.id) as folders:
-        log.step_started(step, steps, command, node, attempt)
+        log.step_started(step, steps, command, node, attempt,
+                         retries.try_label(record.failures, spec.retries))
         try:
             env = render_environment(record, folders, settings, user)
             outcome = process.run(
@@ -144,7 +149,7 @@ def render_step(
                 env=env,
                 spawn_options=renderenv.spawn_options(user),
                 cwd=str(log_path.parent),
-                output=GatedLog(log, lease),
+                output=output,
                 should_stop=should_stop,
                 poll_seconds=settings.poll_seconds,
                 grace_seconds=settings.stop_grace_seconds,
@@ -163,6 +168,9 @@ def render_step(
             log.step_ended(step, steps, outcome.describe(), time.monotonic() - started)
         if outcome.stop_reason:
             _after_stop(self, lease, outcome.stop_reason, f"job {job_id} {label}")
+        if retries.retryable(outcome):
+            _failed_try(self, lease, record, log, f"{label} failed: {outcome.describe()}",
+                        output.kind())
     if not outcome.succeeded:
         _fail(lease, f"{label} failed: {outcome.describe()}")
     if not lease.finish(StepOutcome.SUCCEEDED, last=step == steps - 1):
@@ -186,6 +194,26 @@ def _after_stop(task: Any, lease: StepLease, reason: str, what: str) -> NoReturn
         lease.finish(StepOutcome.ABANDONED)  # re-dispatched: its Celery state must not say REVOKED
         _skip(task, f"{what}: {reason}; given up for another node")
     _skip(task, f"{what}: {reason}", revoked=True)
+
+
+def _failed_try(task: Any, lease: StepLease, record: JobRecord, log: RenderLog, what: str,
+                kind: retries.FailureKind) -> NoReturn:
+    """A try that failed: fail the job, or record that the step runs again later (a reaper
+    sends it when due) and end the task without continuing the chain. Its Celery state is
+    RETRY: not FAILURE, which would end the job, nor REVOKED, which would cancel it."""
+    spec = record.spec
+    decision = retries.decide(kind, record.failures, spec.retries, spec.retry_delay_seconds,
+                              task.app.node.settings.licence_backoff_seconds)
+    if decision.delay is None:
+        _fail(lease, f"{what}; {decision.why}" if decision.why else what)
+    if lease.valid():
+        log.mark(f"{what}; {decision.why}; runs again in {decision.delay:g} s")
+    if not lease.retry(int(decision.delay * 1000), decision.counted, what):
+        _skip(task, f"job {record.job_id} {what}; not run again: the job was stopped or the "
+                    f"step given to another node", revoked=True)
+    logger.info("job %s %s; %s", record.job_id, what, decision.why)
+    task.update_state(state=states.RETRY, meta={"reason": f"{what}; {decision.why}"})
+    raise Ignore()
 
 
 def _revoked(task: Any) -> bool:

@@ -78,6 +78,10 @@ def resume(store: JobStore, token: Token) -> bool:
     return store.resume(token, steps=2)
 
 
+def retry(store: JobStore, token: Token) -> bool:
+    return store.retry(token, OWNER, delay_ms=0, counted=True, why="exit status 1") > 0
+
+
 #: Each event, through each method that causes it: (event, name, action, needs a lease).
 ACTIONS = [
     (Event.CLAIM, "claim", claim, False),
@@ -89,9 +93,10 @@ ACTIONS = [
     (Event.LOSE, "lose", lose, True),
     (Event.RESUME, "resume", resume, False),
     (Event.RESTART, "restart", restart, False),
+    (Event.RETRY, "retry", retry, True),
 ]
 # finish's own success is "the execution was current", so its refusals show in the state only.
-REPORTS_REFUSAL = {"claim", "fail", "cancel", "lose", "resume", "restart"}
+REPORTS_REFUSAL = {"claim", "fail", "cancel", "lose", "resume", "restart", "retry"}
 
 
 def test_every_event_of_the_table_is_tried():
@@ -113,7 +118,7 @@ def test_each_transition_is_applied_if_allowed_and_refused_otherwise(
     if allowed(event, state):
         assert applied
         assert after.state == (target or state)
-        if event in (Event.LOSE, Event.RESUME):
+        if event in (Event.LOSE, Event.RESUME, Event.RETRY):
             assert after.dispatch == before.dispatch + 1
         if event == Event.RESTART:
             assert (after.attempt, after.dispatch, after.end_ms) == (2, 2, None)
@@ -172,3 +177,15 @@ def test_only_a_finished_step_whose_next_was_never_sent_is_resumed(store: JobSto
     assert store.get(token.job_id).dispatch == 2
     assert token.job_id in store.stale_outbox(age_ms=0)
     assert not store.resume(token, steps=2)  # once
+
+
+def test_a_retry_counts_its_try_and_is_sent_once_when_due(store: JobStore):
+    token = new_job(store, JobState.WAITING)
+    assert claim(store, token)
+    assert store.retry(token, OWNER, delay_ms=0, counted=False, why="no licence") == 1
+    record = store.get(token.job_id)
+    assert (record.failures, record.licence_waits, record.next_step) == (0, 1, 0)
+    assert token.job_id in store.due()
+    assert token.job_id not in store.due()  # taken once
+    assert token.job_id in store.stale_outbox(age_ms=0)  # the outbox covers its sender
+    assert store.retry(token, OWNER, delay_ms=0, counted=True, why="again") == 0  # stale

@@ -37,3 +37,8 @@ class Keys:
     def outbox(self) -> str:
         """Sorted set: job id -> when a dispatch of it was recorded but not yet sent."""
         return f"{self.prefix}:dispatching"
+
+    @property
+    def retries(self) -> str:
+        """Sorted set: job id -> when (ms) its failed step is due to run again."""
+        return f"{self.prefix}:retries"

@@ -16,7 +16,7 @@ from redis.commands.core import Script
 COMMON = "common.lua"
 #: Scripts by name: each is ``lua/<name>.lua``.
 NAMES = ("claim", "renew", "finish", "abandon", "resume", "expired", "reap", "rescue",
-         "stale_outbox", "transition")
+         "stale_outbox", "transition", "retry", "due")
 
 
 @functools.cache
@@ -42,6 +42,7 @@ class Scripts:
         self.expired, self.reap = load("expired"), load("reap")
         self.rescue, self.stale_outbox = load("rescue"), load("stale_outbox")
         self.transition = load("transition")
+        self.retry, self.due = load("retry"), load("due")
 
 
 def _register(client: redis.Redis, name: str) -> Script:

@@ -87,6 +87,7 @@ class Event(_Text):
     LOSE = "lose"  # the running step's node was lost: the step is sent again
     RESUME = "resume"  # a step ended but its next one was never sent: it is sent again
     RESTART = "restart"  # a finished job runs again as a new attempt
+    RETRY = "retry"  # a step failed and runs again later (see celeryfarm.retries)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +106,7 @@ TRANSITIONS: dict[Event, Transition] = {
     Event.LOSE: Transition(ACTIVE, None),
     Event.RESUME: Transition(ACTIVE, None),
     Event.RESTART: Transition(FINISHED, JobState.WAITING),
+    Event.RETRY: Transition(ACTIVE, JobState.WAITING),
 }
 
 

@@ -185,6 +185,22 @@ class JobStore:
                   outcome, int(outcome == states.StepOutcome.ABANDONED), next_step, target or "",
                   sources_arg(event) if event else "", reason]))
 
+    def retry(self, token: Token, owner: str, delay_ms: int, counted: bool, why: str) -> int:
+        """Record a failed try of a step that runs again in ``delay_ms``: a new dispatch of
+        the same step, sent by a reaper when due (:meth:`due`). ``counted`` tries use a
+        retry, the others (no licence) do not. Returns the try's counter after it, 0 if the
+        execution was no longer current or the job was stopped meanwhile."""
+        retry = TRANSITIONS[Event.RETRY]
+        return int(self.scripts.retry(
+            keys=[*self._step_keys(token.job_id), self.keys.retries],
+            args=[token.job_id, token.attempt, token.dispatch, token.step, owner, delay_ms,
+                  "failures" if counted else "licence_waits", sources_arg(Event.RETRY),
+                  retry.target, why]))
+
+    def due(self, limit: int = 100) -> list[str]:
+        """Jobs whose retry is due, moved to the outbox for the caller to send."""
+        return self.scripts.due(keys=[self.keys.retries, self.keys.outbox], args=[limit])
+
     def abandon(self, job_id: str, owner_prefix: str) -> bool:
         """Expire now the lease held by an execution whose owner starts with
         ``owner_prefix`` (its pool process was lost), so a reaper re-dispatches the step."""
@@ -238,7 +254,8 @@ class JobStore:
     def restart(self, record: JobRecord, previous_attempt: int) -> bool:
         """Start a finished job again as ``record``'s (new) attempt and dispatch, and put it
         in the outbox; False if it was not finished or someone restarted it first."""
-        fresh = {**codec.attempt_fields(record), "lost": 0, "submitted": record.submitted_ms,
+        fresh = {**codec.attempt_fields(record), "lost": 0, "failures": 0, "licence_waits": 0,
+                 "submitted": record.submitted_ms,
                  "start": None, "end": None, "step": None, "node": None, "reason": None}
         return self._transition(Event.RESTART, record.job_id, previous_attempt, fresh,
                                 dispatching=True)

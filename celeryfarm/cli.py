@@ -28,7 +28,7 @@ from .config import PREFIX, redact
 from .errors import FarmError
 from .jobs import RENDER_TYPES, JobRecord, describe_frames, parse_command
 from .records.states import JobState
-from .retries import try_label
+from .retries import bad_nodes, try_label
 from .session import Session, make_local_farm
 from .terminal import styled_state, table, when
 
@@ -366,6 +366,7 @@ def _as_json(session: Session, record: JobRecord) -> dict[str, Any]:
         "attempt": record.attempt,
         "try": record.failures + 1, "retries": spec.retries,
         "licence_waits": record.licence_waits, "node_losses": record.lost,
+        "bad_nodes": bad_nodes(record.bad_nodes),
         "steps": len(spec.commands) or None,  # None in listings, which skip the commands
         "step": None if record.step is None else record.step + 1, "node": record.node,
         "submitted": record.submitted_ms, "started": record.start_ms,
@@ -424,6 +425,8 @@ def status(session: Session, job_id: str, as_json: bool) -> None:
         ("step", step), ("node", record.node or "-"),
         ("attempt", str(record.attempt)),
         ("try", _tries(record)),
+        ("bad nodes", ", ".join(f"{node} ({record.bad_nodes[node]} failed tries)"
+                                for node in bad_nodes(record.bad_nodes)) or "-"),
         ("submitted", f"{when(record.submitted_ms)} by {record.spec.user}@{record.spec.host}"),
         ("started", when(record.start_ms)), ("finished", when(record.end_ms)),
         ("pool", f"{record.spec.queue}, priority {record.spec.priority}"),
@@ -477,6 +480,62 @@ def _quiet_interrupt() -> Iterator[None]:
         yield
     except KeyboardInterrupt:
         sys.exit(130)
+
+
+# -- render nodes ----------------------------------------------------------------------------
+def _nodes(session: Session) -> Any:
+    from .nodes import Nodes
+
+    farm = session.farm
+    return Nodes(farm.store, farm.app, session.settings.lease_seconds)
+
+
+def _steps(task_ids: Sequence[str]) -> str:
+    """``3fa2c1d0 step 2`` for each running step's task id (``JOB-ATTEMPT.DISPATCH-STEP``)."""
+    from .dispatch import step_of
+
+    return ", ".join(f"{task_id[:8]} step {step_of(task_id) + 1}" for task_id in task_ids)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="JSON lines, one node per line.")
+@pass_session
+def nodes(session: Session, as_json: bool) -> None:
+    """List the render nodes: pools, running steps, last seen, state (up, drained, lost)."""
+    found = _nodes(session).list()
+    if as_json:
+        for node in found:
+            click.echo(json.dumps({"name": node.name, "pools": list(node.pools),
+                                   "running": list(node.running), "last_seen": node.last_seen_ms,
+                                   "state": node.state}))
+        return
+    if not found:
+        click.echo("(no render nodes)")
+        return
+    table(["NAME", "POOLS", "RUNNING", "LAST SEEN", "STATE"],
+          [[n.name, ",".join(n.pools), _steps(n.running) or "-", when(n.last_seen_ms, True),
+            n.state] for n in found], state_col=4)
+
+
+def _node_control(name: str, done: str, help_text: str) -> click.Command:
+    """``drain`` and ``enable``: change a node's drained state, then say what became of it."""
+
+    @cli.command(name=name, help=help_text)
+    @click.argument("node")
+    @pass_session
+    def command(session: Session, node: str) -> None:
+        info, answered = getattr(_nodes(session), name)(node)
+        click.echo(f"{info.name} {done}" + ("" if answered else
+                   " (it did not answer: it applies this when it next starts)"))
+
+    return command
+
+
+drain = _node_control("drain", "drained: it finishes what it runs and takes nothing new",
+                      "Drain a render node (NAME or NAME@HOST): it finishes its running steps "
+                      "and takes no new ones, also after a restart, until `enable`.")
+enable = _node_control("enable", "enabled: it takes steps again",
+                       "Let a drained render node take steps again.")
 
 
 def _job_control(name: str, method: str, help_text: str) -> click.Command:

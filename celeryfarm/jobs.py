@@ -222,6 +222,7 @@ class JobRecord:
     lost: int = 0  # nodes lost in a row while running the current step
     failures: int = 0  # tries of the current step that failed and used a retry
     licence_waits: int = 0  # tries of the current step that found no licence
+    bad_nodes: dict[str, int] = dataclasses.field(default_factory=dict)  # node -> failed tries
     task_ids: tuple[str, ...] = ()  # Celery ids of the current dispatch's steps
     submitted_ms: int = 0
     start_ms: int | None = None

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from typing import Callable
 
 import redis
 from celery import Celery
@@ -40,9 +41,11 @@ NEVER_STARTED = "it took the step from the queue but never started it"
 class Reaper(threading.Thread):
     """Re-dispatches lost steps, every ``reap_seconds``, in a worker's main process."""
 
-    def __init__(self, app: Celery, store: JobStore, settings: Settings) -> None:
+    def __init__(self, app: Celery, store: JobStore, settings: Settings, node: str = "",
+                 pools: tuple[str, ...] = (), running: Callable[[], list[str]] = list) -> None:
         super().__init__(name="celeryfarm-reaper", daemon=True)
         self.app, self.store, self.settings = app, store, settings
+        self.node, self.pools, self.running = node, pools, running
         self.broker = connect(settings.broker_url)
         self.root = SharedRoot(settings.shared_root)
         self._done = threading.Event()
@@ -50,11 +53,20 @@ class Reaper(threading.Thread):
     def run(self) -> None:
         while not self._done.wait(self.settings.reap_seconds):
             try:
+                self._heartbeat()
                 self.reap_once()
             except redis.RedisError as error:
                 logger.warning("reaper: cannot reach Redis: %s", error)
             except Exception:
                 logger.exception("reaper: unexpected error")
+
+    def _heartbeat(self) -> None:
+        """Record this node as live: ``celeryfarm nodes`` lists it, and bad nodes hand
+        steps on to it (:mod:`.retries`). Its pools are those it started with and any it
+        was told to consume since (``add_consumer``)."""
+        consuming = list(self.app.amqp.queues.consume_from)
+        pools = tuple(dict.fromkeys([*self.pools, *consuming]))
+        self.store.heartbeat(self.node, pools, consuming, self.running())
 
     def stop(self) -> None:
         self._done.set()

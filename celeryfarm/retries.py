@@ -15,6 +15,12 @@ Fatal wins when both match. A step the farm killed (a stop, ``maxStepSeconds``, 
 the memory cap) or that could not start is not retried. Node losses are counted apart (see
 :mod:`celeryfarm.reaper`). The re-dispatch itself is a state change of the record
 (``JobStore.retry``); the node's reaper sends it when it is due.
+
+**Bad nodes**: each try that uses a retry counts against the node it ran on. A node on which
+a job's steps failed :data:`BAD_NODE_FAILURES` times hands that job's steps on when it claims
+one, as long as another live node that is not bad for the job serves the pool
+(``JobStore.avoid``; nodes say they are live in every reaper pass). With no such node it
+runs the step itself, so a job is never stuck on a pool of bad nodes.
 """
 
 from __future__ import annotations
@@ -36,6 +42,15 @@ class FailureKind(str, Enum):
     PLAIN = "plain"  # retried while retries are left
     LICENCE = "licence"  # backed off and retried, no retry used
     FATAL = "fatal"  # never retried
+
+
+#: Failed tries of a job on a node that make the node bad for that job.
+BAD_NODE_FAILURES = 2
+
+
+def bad_nodes(bad: dict[str, int]) -> list[str]:
+    """The nodes of a record's failure counts that are bad for the job."""
+    return sorted(node for node, failures in bad.items() if failures >= BAD_NODE_FAILURES)
 
 
 def compile_pattern(pattern: str, what: str) -> re.Pattern[bytes] | None:

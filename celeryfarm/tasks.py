@@ -128,6 +128,12 @@ def render_step(
         # whose Celery state must not be overwritten.
         _skip(self, f"job {job_id} {label} not run ({status}): {detail}",
               revoked=status in (ClaimStatus.SUPERSEDED, ClaimStatus.FINISHED))
+    if record.bad_nodes.get(node, 0) >= retries.BAD_NODE_FAILURES:
+        other = store.avoid(token, lease.owner, node, record.spec.queue,
+                            int(settings.lease_seconds * 1000), retries.BAD_NODE_FAILURES)
+        if other:
+            _handed_on(self, f"job {job_id} {label}: failed {record.bad_nodes[node]} times on "
+                             f"this node; left to {other} and the pool's other nodes")
     log_path = SharedRoot(settings.shared_root).join(record.log_path)
     try:
         log = RenderLog(log_path)
@@ -199,8 +205,7 @@ def _after_stop(task: Any, lease: StepLease, reason: str, what: str) -> NoReturn
 def _failed_try(task: Any, lease: StepLease, record: JobRecord, log: RenderLog, what: str,
                 kind: retries.FailureKind) -> NoReturn:
     """A try that failed: fail the job, or record that the step runs again later (a reaper
-    sends it when due) and end the task without continuing the chain. Its Celery state is
-    RETRY: not FAILURE, which would end the job, nor REVOKED, which would cancel it."""
+    sends it when due) and end the task without continuing the chain."""
     spec = record.spec
     decision = retries.decide(kind, record.failures, spec.retries, spec.retry_delay_seconds,
                               task.app.node.settings.licence_backoff_seconds)
@@ -211,8 +216,14 @@ def _failed_try(task: Any, lease: StepLease, record: JobRecord, log: RenderLog, 
     if not lease.retry(int(decision.delay * 1000), decision.counted, what):
         _skip(task, f"job {record.job_id} {what}; not run again: the job was stopped or the "
                     f"step given to another node", revoked=True)
-    logger.info("job %s %s; %s", record.job_id, what, decision.why)
-    task.update_state(state=states.RETRY, meta={"reason": f"{what}; {decision.why}"})
+    _handed_on(task, f"job {record.job_id} {what}; {decision.why}")
+
+
+def _handed_on(task: Any, reason: str) -> NoReturn:
+    """End a task whose step runs again under a new dispatch. Its Celery state is RETRY:
+    not FAILURE, which would end the job, nor REVOKED, which would cancel it."""
+    logger.info(reason)
+    task.update_state(state=states.RETRY, meta={"reason": reason})
     raise Ignore()
 
 

@@ -8,6 +8,7 @@ its environment, as a wrangler would set them on every node.
 from __future__ import annotations
 
 import json
+import socket
 import sys
 import uuid
 from collections.abc import Iterator
@@ -17,10 +18,19 @@ import pytest
 
 from celeryfarm.farmapi import Job
 from celeryfarm.plugin import CeleryFarmPlugin
+from celeryfarm.retries import bad_nodes
 from celeryfarm.testing.cluster import LocalCluster
 
 from .cli_fixtures import base_env, ok
-from .helpers import command_line, read_log, submit, submit_like_katana, wait_for_state, wait_until
+from .helpers import (
+    command_line,
+    read_log,
+    renderboot,
+    submit,
+    submit_like_katana,
+    wait_for_state,
+    wait_until,
+)
 from .test_plugin import render_node
 
 State = Job.State
@@ -132,3 +142,47 @@ def test_a_licence_failure_backs_off_without_using_a_retry_set_on_the_render_nod
 def test_a_bad_failure_rule_is_refused_at_submission(plugin: CeleryFarmPlugin):
     with pytest.raises(Exception, match="fatalPattern: invalid regular expression"):
         submit(plugin.farm, [["true"]], settings={"fatalPattern": "(unclosed"})
+
+
+def test_a_node_a_job_failed_on_twice_leaves_its_steps_to_the_pool_s_other_nodes(
+    cluster: LocalCluster, farm_env: dict[str, str], plugin: CeleryFarmPlugin
+):
+    pool, bad, good = (f"{kind}{uuid.uuid4().hex[:6]}" for kind in ("bad-", "a", "b"))
+    marked = {"CELERYFARM_RENDER_ENV": "NODE_MARK"}
+    cluster.start_worker(bad, concurrency=1, queues=pool, env={**marked, "NODE_MARK": "bad"})
+    try:
+        cluster.wait_for_workers(plugin.farm.app, [bad])
+        fails_on_bad = [sys.executable, "-c",
+                        "import os, sys; sys.exit(os.environ['NODE_MARK'] == 'bad')"]
+        job_id, _ = submit(plugin.farm, [fails_on_bad],
+                           settings={"pool": pool, "retries": 30, "retryDelaySeconds": 1})
+        record = wait_until(lambda: bad_nodes((r := plugin.farm.get(job_id)).bad_nodes) and r,
+                            30, "the job to fail twice on the only node, which runs it still")
+        (bad_node,) = record.bad_nodes
+        assert bad_node.startswith(bad + "@")
+        # A good node busy with a job of another pool, then told to serve this pool too:
+        # the bad node, alone to take the job's step, must leave it for the good one.
+        cluster.start_worker(good, concurrency=1, queues=f"{pool}-b",
+                             env={**marked, "NODE_MARK": "good"})
+        cluster.wait_for_workers(plugin.farm.app, [good])
+        blocker, _ = submit(plugin.farm, [renderboot("--seconds", 600)],
+                            settings={"pool": f"{pool}-b"})
+        wait_for_state(plugin, blocker, State.kRunning)
+        plugin.farm.app.control.add_consumer(pool, destination=[f"{good}@{socket.gethostname()}"],
+                                             reply=True)
+        wait_until(lambda: any(e.get("outcome") == "avoided" for e in plugin.farm.events(job_id)),
+                   30, "the bad node to hand the step on")
+        failed_on_bad = plugin.farm.get(job_id).bad_nodes[bad_node]
+        assert plugin.getJobState(job_id) in (State.kWaiting, State.kRunning)
+        status = json.loads(ok(base_env(**farm_env), "status", "--json", job_id))
+        assert status["bad_nodes"] == [bad_node]
+        assert bad_node in ok(base_env(**farm_env), "status", job_id)
+        plugin.stopJob(blocker)
+        assert wait_for_state(plugin, job_id) == State.kCompleted
+        record = plugin.farm.get(job_id)
+        assert record.node.startswith(good + "@")
+        assert record.bad_nodes == {bad_node: failed_on_bad}  # never run there again
+    finally:
+        for node in (bad, good):
+            if node in cluster.workers:
+                cluster.stop_worker(node)

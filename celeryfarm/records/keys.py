@@ -42,3 +42,21 @@ class Keys:
     def retries(self) -> str:
         """Sorted set: job id -> when (ms) its failed step is due to run again."""
         return f"{self.prefix}:retries"
+
+    def pool_nodes(self, pool: str) -> str:
+        """Sorted set: node name -> when (ms) it last said it serves ``pool``."""
+        return f"{self.prefix}:pool:{pool}:nodes"
+
+    @property
+    def nodes(self) -> str:
+        """Sorted set: render node name -> when (ms) it was last seen."""
+        return f"{self.prefix}:nodes"
+
+    def node(self, name: str) -> str:
+        """Hash: a render node's pools, running steps (JSON task ids) and last-seen time."""
+        return f"{self.prefix}:node:{name}"
+
+    @property
+    def drained(self) -> str:
+        """Set: render nodes drained by a wrangler; they take no step until enabled."""
+        return f"{self.prefix}:drained"

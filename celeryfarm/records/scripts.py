@@ -16,7 +16,8 @@ from redis.commands.core import Script
 COMMON = "common.lua"
 #: Scripts by name: each is ``lua/<name>.lua``.
 NAMES = ("claim", "renew", "finish", "abandon", "resume", "expired", "reap", "rescue",
-         "stale_outbox", "transition", "retry", "due")
+         "stale_outbox", "transition", "retry", "due",
+         "avoid", "heartbeat")
 
 
 @functools.cache
@@ -43,6 +44,7 @@ class Scripts:
         self.rescue, self.stale_outbox = load("rescue"), load("stale_outbox")
         self.transition = load("transition")
         self.retry, self.due = load("retry"), load("due")
+        self.avoid, self.heartbeat = load("avoid"), load("heartbeat")
 
 
 def _register(client: redis.Redis, name: str) -> Script:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 import redis
 from redis.backoff import ExponentialBackoff
@@ -196,6 +196,27 @@ class JobStore:
             args=[token.job_id, token.attempt, token.dispatch, token.step, owner, delay_ms,
                   "failures" if counted else "licence_waits", sources_arg(Event.RETRY),
                   retry.target, why]))
+
+    def avoid(self, token: Token, owner: str, node: str, pool: str, live_ms: int,
+              bad_after: int) -> str:
+        """Hand a claimed step on if ``node`` is bad for the job (``bad_after`` failed
+        tries there) and another live node of ``pool`` is not: the step is re-dispatched
+        at once (a reaper sends it). Returns that other node, or "" to run the step here."""
+        retry = TRANSITIONS[Event.RETRY]
+        return self.scripts.avoid(
+            keys=[*self._step_keys(token.job_id), self.keys.retries, self.keys.pool_nodes(pool)],
+            args=[token.job_id, token.attempt, token.dispatch, token.step, owner, node,
+                  live_ms, bad_after, sources_arg(Event.RETRY), retry.target])
+
+    def heartbeat(self, node: str, pools: Sequence[str], consuming: Iterable[str],
+                  running: Sequence[str]) -> bool:
+        """Say that ``node`` is alive, has ``pools``, takes steps of those it is
+        ``consuming`` (unless drained) and runs the steps ``running`` (task ids); True if
+        it is drained."""
+        keys = [self.keys.nodes, self.keys.node(node), self.keys.drained,
+                *(self.keys.pool_nodes(pool) for pool in pools)]
+        return bool(self.scripts.heartbeat(keys=keys, args=[
+            node, ",".join(pools), json.dumps(list(running)), ",".join(consuming)]))
 
     def due(self, limit: int = 100) -> list[str]:
         """Jobs whose retry is due, moved to the outbox for the caller to send."""

@@ -27,6 +27,8 @@ import click
 from .config import PREFIX, redact
 from .errors import FarmError
 from .jobs import RENDER_TYPES, JobRecord, describe_frames, parse_command
+from .progress import describe as describe_progress
+from .progress import frame_count, seconds_left
 from .records.states import JobState
 from .retries import bad_nodes, try_label
 from .session import Session, make_local_farm
@@ -356,6 +358,18 @@ def _wait_for(farm: Farm, job_id: str, poll_seconds: float = 0.5) -> JobRecord:
         time.sleep(poll_seconds)
 
 
+def _seconds_left(record: JobRecord) -> float | None:
+    """The estimated time left of a running job, from its pace so far (or None)."""
+    running_ms = (int(time.time() * 1000) - record.start_ms
+                  if record.start_ms and not record.finished else None)
+    return seconds_left(record.frames_done, frame_count(record.spec.frames), running_ms)
+
+
+def _progress(record: JobRecord) -> str:
+    return describe_progress(record.frames_done, frame_count(record.spec.frames),
+                             _seconds_left(record))
+
+
 def _as_json(session: Session, record: JobRecord) -> dict[str, Any]:
     spec = record.spec
     return {
@@ -367,6 +381,8 @@ def _as_json(session: Session, record: JobRecord) -> dict[str, Any]:
         "try": record.failures + 1, "retries": spec.retries,
         "licence_waits": record.licence_waits, "node_losses": record.lost,
         "bad_nodes": bad_nodes(record.bad_nodes),
+        "frames_done": record.frames_done, "frames_total": frame_count(spec.frames),
+        "seconds_left": _seconds_left(record),
         "steps": len(spec.commands) or None,  # None in listings, which skip the commands
         "step": None if record.step is None else record.step + 1, "node": record.node,
         "submitted": record.submitted_ms, "started": record.start_ms,
@@ -398,13 +414,13 @@ def jobs(session: Session, states: tuple[str, ...], user: str | None, mine: bool
             click.echo(json.dumps(_as_json(session, record)))
         return
     rows = [
-        [r.job_id[:8], r.spec.name, r.state, describe_frames(r.spec.frames),
+        [r.job_id[:8], r.spec.name, r.state, describe_frames(r.spec.frames), _progress(r),
          when(r.submitted_ms, True), when(r.end_ms, True), r.node or "-",
          session.farm.log_path(r) or "-"]
         for r in records
     ]
-    table(["ID", "NAME", "STATE", "FRAMES", "SUBMITTED", "FINISHED", "NODE", "LOG"], rows,
-          state_col=2)
+    table(["ID", "NAME", "STATE", "FRAMES", "PROGRESS", "SUBMITTED", "FINISHED", "NODE", "LOG"],
+          rows, state_col=2)
 
 
 @cli.command()
@@ -422,6 +438,7 @@ def status(session: Session, job_id: str, as_json: bool) -> None:
     lines = [
         ("id", record.job_id), ("name", record.spec.name), ("state", styled_state(record.state)),
         ("frames", describe_frames(record.spec.frames)),
+        ("progress", _progress(record)),
         ("step", step), ("node", record.node or "-"),
         ("attempt", str(record.attempt)),
         ("try", _tries(record)),

@@ -97,6 +97,9 @@ class Settings:
     fatal_pattern: str = ""
     #: How long a step that found no licence waits before it runs again.
     licence_backoff_seconds: float = 60.0
+    #: Matches a render's output line that says a frame is done; group 1 is the frame
+    #: number (see :mod:`celeryfarm.progress`).
+    frame_pattern: str = r"(?i)\bframe\s+(-?\d+)\s+(?:rendered|done|finished|completed|written)\b"
 
     @property
     def results_url(self) -> str:
@@ -204,6 +207,8 @@ class Settings:
             fatal_pattern=_pattern("FATAL_PATTERN", get("FATAL_PATTERN")),
             licence_backoff_seconds=number("LICENCE_BACKOFF_SECONDS",
                                            defaults.licence_backoff_seconds),
+            frame_pattern=_pattern("FRAME_PATTERN", get("FRAME_PATTERN"), groups=1)
+            or defaults.frame_pattern,
         )
 
 
@@ -216,14 +221,16 @@ def _read_secret(name: str, path: str) -> str:
         raise ConfigError(f"{PREFIX}{name}_FILE: cannot read {path}: {error.strerror}") from None
 
 
-def _pattern(name: str, text: str) -> str:
-    """A failure rule's regular expression, checked here so a bad one stops the node at
-    start, not at a render's failure."""
+def _pattern(name: str, text: str, groups: int = 0) -> str:
+    """A regular expression (failure rules, frame progress), checked here so a bad one
+    stops the node at start, not in the middle of a render."""
     try:
-        re.compile(text)
+        compiled = re.compile(text)
     except re.error as error:
         raise ConfigError(f"{PREFIX}{name}: invalid regular expression {text!r}: {error}") \
             from None
+    if text and compiled.groups < groups:
+        raise ConfigError(f"{PREFIX}{name}: needs a group () around the frame number")
     return text
 
 

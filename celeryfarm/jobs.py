@@ -223,6 +223,7 @@ class JobRecord:
     failures: int = 0  # tries of the current step that failed and used a retry
     licence_waits: int = 0  # tries of the current step that found no licence
     bad_nodes: dict[str, int] = dataclasses.field(default_factory=dict)  # node -> failed tries
+    frames_done: int = 0  # frames the render's output reported done (celeryfarm.progress)
     task_ids: tuple[str, ...] = ()  # Celery ids of the current dispatch's steps
     submitted_ms: int = 0
     start_ms: int | None = None

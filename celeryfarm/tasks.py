@@ -23,7 +23,7 @@ import redis
 from celery import states
 from celery.exceptions import Ignore
 
-from . import process, renderenv, retries
+from . import process, progress, renderenv, retries
 from .config import Settings
 from .errors import StepFailed
 from .jobs import JobRecord
@@ -142,7 +142,9 @@ def render_step(
     spec = record.spec
     rules = retries.FailureRules.of((settings.licence_pattern, settings.fatal_pattern),
                                     (spec.licence_pattern, spec.fatal_pattern))
-    output = retries.OutputWatcher(GatedLog(log, lease), rules)
+    frames = progress.FrameWatcher(GatedLog(log, lease), settings.frame_pattern, spec.frames,
+                                   done=lambda frame: _frame_done(store, lease, frame))
+    output = retries.OutputWatcher(frames, rules)
     started = time.monotonic()
     with log, lease.keep(), stop_signals(lease.stop_reason) as should_stop, \
             renderenv.private_folders(user, self.request.id) as folders:
@@ -200,6 +202,16 @@ def _after_stop(task: Any, lease: StepLease, reason: str, what: str) -> NoReturn
         lease.finish(StepOutcome.ABANDONED)  # re-dispatched: its Celery state must not say REVOKED
         _skip(task, f"{what}: {reason}; given up for another node")
     _skip(task, f"{what}: {reason}", revoked=True)
+
+
+def _frame_done(store: Any, lease: StepLease, frame: int) -> None:
+    """Count a frame the render reported done; progress is for people, so an unreachable
+    Redis only costs a count (the lease's own renewals say when it matters)."""
+    try:
+        store.frame_done(lease.token, lease.owner, frame)
+    except redis.RedisError as error:
+        logger.warning("job %s: cannot count frame %s done: %s", lease.token.job_id, frame,
+                       error)
 
 
 def _failed_try(task: Any, lease: StepLease, record: JobRecord, log: RenderLog, what: str,

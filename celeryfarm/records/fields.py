@@ -18,6 +18,7 @@ SUMMARY_FIELDS = (
     "submitted", "start", "end", "log", "step", "node", "reason", "queue", "priority",
     "frames",  # listings show them
     "retries", "failures", "licence_waits",  # listings show the try
+    "frames_done",  # and the progress
 )
 #: Where the state is in a ``SUMMARY_FIELDS`` read (no state: the record is gone).
 STATE_AT = SUMMARY_FIELDS.index("state")
@@ -52,6 +53,7 @@ def encode(record: JobRecord) -> dict[str, str]:
         "failures": str(record.failures),
         "licence_waits": str(record.licence_waits),
         "bad_nodes": json.dumps(record.bad_nodes) if record.bad_nodes else "",
+        "frames_done": str(record.frames_done),
         "submitted": str(record.submitted_ms),
         "start": text(record.start_ms),
         "end": text(record.end_ms),
@@ -122,6 +124,7 @@ def decode(job_id: str, fields: dict[str, str]) -> JobRecord:
         failures=int(fields.get("failures") or 0),
         licence_waits=int(fields.get("licence_waits") or 0),
         bad_nodes=json.loads(fields.get("bad_nodes") or "{}"),
+        frames_done=int(fields.get("frames_done") or 0),
         task_ids=tuple(json.loads(fields.get("task_ids") or "[]")),
         submitted_ms=int(fields.get("submitted") or 0),
         start_ms=_int_or_none(fields.get("start")),

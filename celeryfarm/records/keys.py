@@ -60,3 +60,7 @@ class Keys:
     def drained(self) -> str:
         """Set: render nodes drained by a wrangler; they take no step until enabled."""
         return f"{self.prefix}:drained"
+
+    def frames_done(self, job_id: str, attempt: int) -> str:
+        """Set: the frames an attempt of the job has reported done."""
+        return f"{self.prefix}:frames:{job_id}:{attempt}"

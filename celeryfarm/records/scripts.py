@@ -17,7 +17,7 @@ COMMON = "common.lua"
 #: Scripts by name: each is ``lua/<name>.lua``.
 NAMES = ("claim", "renew", "finish", "abandon", "resume", "expired", "reap", "rescue",
          "stale_outbox", "transition", "retry", "due",
-         "avoid", "heartbeat")
+         "avoid", "heartbeat", "progress")
 
 
 @functools.cache
@@ -45,6 +45,7 @@ class Scripts:
         self.transition = load("transition")
         self.retry, self.due = load("retry"), load("due")
         self.avoid, self.heartbeat = load("avoid"), load("heartbeat")
+        self.progress = load("progress")
 
 
 def _register(client: redis.Redis, name: str) -> Script:

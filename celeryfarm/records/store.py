@@ -218,6 +218,13 @@ class JobStore:
         return bool(self.scripts.heartbeat(keys=keys, args=[
             node, ",".join(pools), json.dumps(list(running)), ",".join(consuming)]))
 
+    def frame_done(self, token: Token, owner: str, frame: int) -> int:
+        """Count a frame of the job as done (once per attempt); the frames done so far, 0
+        if the execution is no longer current."""
+        return int(self.scripts.progress(
+            keys=[self.keys.job(token.job_id), self.keys.frames_done(token.job_id, token.attempt)],
+            args=[token.attempt, owner, frame]))
+
     def due(self, limit: int = 100) -> list[str]:
         """Jobs whose retry is due, moved to the outbox for the caller to send."""
         return self.scripts.due(keys=[self.keys.retries, self.keys.outbox], args=[limit])
@@ -276,6 +283,7 @@ class JobStore:
         """Start a finished job again as ``record``'s (new) attempt and dispatch, and put it
         in the outbox; False if it was not finished or someone restarted it first."""
         fresh = {**codec.attempt_fields(record), "lost": 0, "failures": 0, "licence_waits": 0,
+                 "frames_done": 0,
                  "submitted": record.submitted_ms,
                  "start": None, "end": None, "step": None, "node": None, "reason": None}
         return self._transition(Event.RESTART, record.job_id, previous_attempt, fresh,

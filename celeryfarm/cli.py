@@ -314,6 +314,8 @@ def _parse_frames(_ctx: Any, _param: Any, text: str | None) -> list[int]:
               "matching this found no licence: it backs off, no retry used.")
 @click.option("--fatal-pattern", metavar="REGEX",
               help="A failed step with an output line matching this is never retried.")
+@click.option("--limit", "limits", multiple=True, metavar="NAME",
+              help="A limit (licence) each step holds one unit of while it runs (repeatable).")
 @click.option("--wait", is_flag=True, help="Wait for the job to end; exit 1 unless Completed.")
 @pass_session
 def submit(session: Session, command: tuple[str, ...], commands: tuple[str, ...],
@@ -332,7 +334,7 @@ def submit(session: Session, command: tuple[str, ...], commands: tuple[str, ...]
         raise click.UsageError("nothing to run: give `-- CMD ARGS...` or --cmd")
     farm = session.farm
     context = farm.create_context(files)
-    farm_settings.update(pool=pool, priority=priority)
+    farm_settings.update(pool=pool, priority=priority, limits=farm_settings["limits"] or None)
     settings = {SETTING_OF_OPTION.get(k, k): v for k, v in farm_settings.items()
                 if v is not None}
     job_id = farm.submit_commands(
@@ -497,6 +499,39 @@ def _quiet_interrupt() -> Iterator[None]:
         yield
     except KeyboardInterrupt:
         sys.exit(130)
+
+
+# -- limits ----------------------------------------------------------------------------------
+@cli.group()
+def limit() -> None:
+    """Limits: how many running steps may hold a unit (a licence) at once."""
+
+
+@limit.command(name="set")
+@click.argument("name")
+@click.argument("units", type=click.IntRange(0))
+@pass_session
+def limit_set(session: Session, name: str, units: int) -> None:
+    """Let at most UNITS running steps hold limit NAME (jobs ask with --limit NAME)."""
+    from .jobs import limit_names
+
+    (name,) = limit_names([name])
+    session.farm.store.set_limit(name, units)
+    click.echo(f"limit {name}: {units} unit(s)")
+
+
+@limit.command(name="list")
+@pass_session
+def limit_list(session: Session) -> None:
+    """List the limits: units, and units held by running steps now."""
+    limits = session.farm.store.limits()
+    if not limits:
+        click.echo("(no limits)")
+        return
+    width = max(len(name) for name in limits)
+    click.echo(f"{'NAME':<{width}}  UNITS  IN USE")
+    for name, (units, held) in limits.items():
+        click.echo(f"{name:<{width}}  {units:<5}  {held}")
 
 
 # -- render nodes ----------------------------------------------------------------------------

@@ -72,6 +72,7 @@ class JobSpec:
     retry_delay_seconds: int = 0
     licence_pattern: str = ""  # failure rules of the job: regular expressions over output
     fatal_pattern: str = ""
+    limits: tuple[str, ...] = ()  # each running step holds one unit of each (celeryfarm limit)
     user: str = ""
     host: str = ""
     session: str = ""
@@ -116,6 +117,7 @@ class JobSpec:
                     for setting in ("licencePattern", "fatalPattern")}
         for setting, pattern in patterns.items():
             compile_pattern(pattern, setting)
+        limits = limit_names(settings.pop("limits", ""))
         if settings:
             raise FarmError(f"unknown farm settings: {', '.join(sorted(map(str, settings)))}")
         return cls(
@@ -133,8 +135,20 @@ class JobSpec:
             retry_delay_seconds=retry_delay,
             licence_pattern=patterns["licencePattern"],
             fatal_pattern=patterns["fatalPattern"],
+            limits=limits,
             **identity,
         )
+
+
+def limit_names(value: Any) -> tuple[str, ...]:
+    """Limit names from a comma-separated string (Katana's string setting) or a list;
+    each a name like a pool's."""
+    names = value.split(",") if isinstance(value, str) else list(value or ())
+    found = tuple(dict.fromkeys(str(name).strip() for name in names if str(name).strip()))
+    for name in found:
+        if not _QUEUE_NAME.match(name):
+            raise FarmError(f"invalid limit name {name!r}: use letters, digits, '_', '.', '-'")
+    return found
 
 
 def _environment(environment: Mapping[str, Any] | None) -> dict[str, str]:

@@ -63,7 +63,8 @@ class StepLease:
     def claim(self, node: str) -> tuple[ClaimStatus, str, JobRecord | None]:
         """Try to start the step: (OK, '', the job's record) or (why not, detail, None)."""
         sent = time.monotonic()
-        status, detail, record = self.store.claim(self.token, self.owner, node, self.lease_ms)
+        status, detail, record = self.store.claim(self.token, self.owner, node, self.lease_ms,
+                                                  int(self.settings.reap_seconds * 1000))
         if status == ClaimStatus.OK:
             self._valid_until = sent + self.settings.lease_seconds
         return status, detail, record

@@ -52,6 +52,9 @@ RETRY_SETTINGS = (
     _setting("fatalPattern", "Fatal Pattern", "",
              "Regular expression: a failed step with an output line matching it is never "
              "retried"),
+    _setting("limits", "Limits", "",
+             "Limits (licences) each step holds one unit of while it runs, comma-separated; "
+             "a wrangler sets them with `celeryfarm limit set`"),
 )
 
 #: The farm settings artists set on Render nodes: (name, AddFarmSetting* function, default,

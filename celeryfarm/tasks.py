@@ -123,6 +123,8 @@ def render_step(
         # Nothing has started: try again once Redis is back, rather than fail the job.
         raise self.retry(exc=error, countdown=min(2 ** self.request.retries, 10),
                          max_retries=MAX_CLAIM_RETRIES) from None
+    if status == ClaimStatus.LIMITED:  # sent again by a reaper; the slot is free meanwhile
+        _handed_on(self, f"job {job_id} {label} waits for a limit ({detail})")
     if status != ClaimStatus.OK:
         # A duplicate or already-done delivery shares its id with the real execution,
         # whose Celery state must not be overwritten.

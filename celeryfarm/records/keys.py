@@ -64,3 +64,13 @@ class Keys:
     def frames_done(self, job_id: str, attempt: int) -> str:
         """Set: the frames an attempt of the job has reported done."""
         return f"{self.prefix}:frames:{job_id}:{attempt}"
+
+    @property
+    def limits(self) -> str:
+        """Hash: limit name -> the units steps may hold at once (licences, say)."""
+        return f"{self.prefix}:limits"
+
+    @property
+    def limit_holders(self) -> str:
+        """Sorted set (by name): ``limit|job id`` for each unit a running step holds."""
+        return f"{self.prefix}:limit-holders"

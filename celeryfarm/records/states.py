@@ -58,6 +58,7 @@ class ClaimStatus(_Text):
     FINISHED = "finished"  # the job has ended
     DONE = "done"  # the step already ran
     DUPLICATE = "duplicate"  # another execution holds a live lease on it
+    LIMITED = "limited"  # one of the job's limits is in full use: sent again later
 
 
 class FailureKind(_Text):

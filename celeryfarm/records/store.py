@@ -141,15 +141,17 @@ class JobStore:
         return [self.keys.job(job_id), self.keys.leases, self.keys.events(job_id)]
 
     def claim(
-        self, token: Token, owner: str, node: str, lease_ms: int
+        self, token: Token, owner: str, node: str, lease_ms: int, limit_wait_ms: int = 0,
     ) -> tuple[states.ClaimStatus, str, JobRecord | None]:
         """Start an execution of a step: (OK, "", the job's record) or (why not, detail,
-        None)."""
+        None). A step over one of its job's limits is re-dispatched ``limit_wait_ms`` later
+        (LIMITED)."""
         claim = TRANSITIONS[Event.CLAIM]
         status, detail, *record = self.scripts.claim(
-            keys=self._step_keys(token.job_id),
+            keys=[*self._step_keys(token.job_id), self.keys.limits, self.keys.limit_holders,
+                  self.keys.retries],
             args=[token.job_id, token.attempt, token.dispatch, token.step, owner, node,
-                  lease_ms, sources_arg(Event.CLAIM), claim.target])
+                  lease_ms, sources_arg(Event.CLAIM), claim.target, limit_wait_ms])
         if status != states.ClaimStatus.OK:
             return states.ClaimStatus(status), detail, None
         return states.ClaimStatus.OK, detail, codec.decode_flat(token.job_id, record[0])
@@ -224,6 +226,27 @@ class JobStore:
         return int(self.scripts.progress(
             keys=[self.keys.job(token.job_id), self.keys.frames_done(token.job_id, token.attempt)],
             args=[token.attempt, owner, frame]))
+
+    # -- limits ------------------------------------------------------------------------------
+    def set_limit(self, name: str, units: int) -> None:
+        """Let steps hold at most ``units`` of limit ``name`` at once."""
+        self.redis.hset(self.keys.limits, name, units)
+
+    def limits(self) -> dict[str, tuple[int, int]]:
+        """Each limit's (units, units held by steps whose lease is live now)."""
+        units = {name: int(value) for name, value in self.redis.hgetall(self.keys.limits).items()}
+        holders = self.redis.zrange(self.keys.limit_holders, 0, -1)
+        pipe = self.redis.pipeline(transaction=False)
+        for holder in holders:
+            pipe.zscore(self.keys.leases, holder.split("|", 1)[1])
+        seconds, micros = self.redis.time()
+        now_ms = seconds * 1000 + micros // 1000
+        held = dict.fromkeys(units, 0)
+        for holder, deadline in zip(holders, pipe.execute()):
+            name = holder.split("|", 1)[0]
+            if deadline is not None and deadline > now_ms and name in held:
+                held[name] += 1
+        return {name: (units[name], held[name]) for name in sorted(units)}
 
     def due(self, limit: int = 100) -> list[str]:
         """Jobs whose retry is due, moved to the outbox for the caller to send."""

@@ -534,6 +534,26 @@ def limit_list(session: Session) -> None:
         click.echo(f"{name:<{width}}  {units:<5}  {held}")
 
 
+# -- metrics -----------------------------------------------------------------------------------
+@cli.command()
+@click.option("--port", "-p", default=9808, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on: loopback unless told (the metrics need no login).")
+@pass_session
+def metrics(session: Session, port: int, host: str) -> None:
+    """Serve the farm's Prometheus metrics on http://HOST:PORT/metrics until Ctrl-C."""
+    from .metrics import serve
+
+    try:
+        serve(session.farm, session.settings.lease_seconds, port, host)
+    except OSError as error:
+        raise FarmError(f"cannot listen on {host}:{port}: {error.strerror}") from None
+    click.echo(f"serving the farm's metrics on http://{host}:{port}/metrics", err=True)
+    with _quiet_interrupt():
+        while True:
+            signal.pause()
+
+
 # -- render nodes ----------------------------------------------------------------------------
 def _nodes(session: Session) -> Any:
     from .nodes import Nodes

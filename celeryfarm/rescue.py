@@ -56,3 +56,12 @@ def stranded(broker: redis.Redis, set_aside_before: float) -> Iterator[tuple[str
 def drop(broker: redis.Redis, tag: str) -> None:
     """Forget a message set aside whose step no longer needs it."""
     broker.pipeline().zrem(UNACKED_INDEX, tag).hdel(UNACKED, tag).execute()
+
+
+def queue_depth(client: redis.Redis, pool: str, priorities: int = 10) -> int:
+    """Messages waiting in a pool's queue: kombu keeps one Redis list per priority step
+    (``pool`` for 0, ``pool:N`` for the others, with celeryfarm's ``sep``)."""
+    pipe = client.pipeline(transaction=False)
+    for priority in range(priorities):
+        pipe.llen(f"{pool}:{priority}" if priority else pool)
+    return sum(pipe.execute())

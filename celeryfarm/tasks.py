@@ -28,6 +28,7 @@ from .config import Settings
 from .errors import StepFailed
 from .jobs import JobRecord
 from .lease import StepLease, lease_owner
+from .metrics import STEP_BUCKETS
 from .paths import SharedRoot
 from .records.states import ClaimStatus, FailureKind, StepOutcome
 from .records.store import Token
@@ -174,6 +175,7 @@ def render_step(
         if outcome.survivors:
             logger.error("job %s %s: processes outlived SIGKILL: %s", job_id, label,
                          outcome.survivors)
+        _observe(store, time.monotonic() - started)
         if lease.valid():
             log.step_ended(step, steps, outcome.describe(), time.monotonic() - started)
         if outcome.stop_reason:
@@ -204,6 +206,14 @@ def _after_stop(task: Any, lease: StepLease, reason: str, what: str) -> NoReturn
         lease.finish(StepOutcome.ABANDONED)  # re-dispatched: its Celery state must not say REVOKED
         _skip(task, f"{what}: {reason}; given up for another node")
     _skip(task, f"{what}: {reason}", revoked=True)
+
+
+def _observe(store: Any, seconds: float) -> None:
+    """Add the step's duration to the farm's histogram (``celeryfarm metrics``)."""
+    try:
+        store.observe_step(seconds, STEP_BUCKETS)
+    except redis.RedisError as error:
+        logger.warning("cannot record a step's duration: %s", error)
 
 
 def _frame_done(store: Any, lease: StepLease, frame: int) -> None:

@@ -74,3 +74,8 @@ class Keys:
     def limit_holders(self) -> str:
         """Sorted set (by name): ``limit|job id`` for each unit a running step holds."""
         return f"{self.prefix}:limit-holders"
+
+    @property
+    def stats(self) -> str:
+        """Hash of farm-wide counters and the step-duration histogram (celeryfarm metrics)."""
+        return f"{self.prefix}:stats"

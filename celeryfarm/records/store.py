@@ -194,7 +194,7 @@ class JobStore:
         execution was no longer current or the job was stopped meanwhile."""
         retry = TRANSITIONS[Event.RETRY]
         return int(self.scripts.retry(
-            keys=[*self._step_keys(token.job_id), self.keys.retries],
+            keys=[*self._step_keys(token.job_id), self.keys.retries, self.keys.stats],
             args=[token.job_id, token.attempt, token.dispatch, token.step, owner, delay_ms,
                   "failures" if counted else "licence_waits", sources_arg(Event.RETRY),
                   retry.target, why]))
@@ -226,6 +226,34 @@ class JobStore:
         return int(self.scripts.progress(
             keys=[self.keys.job(token.job_id), self.keys.frames_done(token.job_id, token.attempt)],
             args=[token.attempt, owner, frame]))
+
+    # -- farm statistics (celeryfarm metrics) ------------------------------------------------
+    def observe_step(self, seconds: float, buckets: Sequence[float]) -> None:
+        """Add a step's duration to the farm's histogram (cumulative ``le`` buckets)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for bound in buckets:
+            if seconds <= bound:
+                pipe.hincrby(self.keys.stats, f"step_le_{bound:g}", 1)
+        pipe.hincrby(self.keys.stats, "step_count", 1)
+        pipe.hincrbyfloat(self.keys.stats, "step_sum", seconds)
+        pipe.execute()
+
+    def stats(self) -> dict[str, float]:
+        """The farm's counters and histogram fields."""
+        return {name: float(value) for name, value in self.redis.hgetall(self.keys.stats).items()}
+
+    def states(self) -> dict[str, int]:
+        """How many jobs are in each state."""
+        ids = self.ids()
+        counts: dict[str, int] = {}
+        for start in range(0, len(ids), BATCH):
+            pipe = self.redis.pipeline(transaction=False)
+            for job_id in ids[start:start + BATCH]:
+                pipe.hget(self.keys.job(job_id), "state")
+            for state in pipe.execute():
+                if state is not None:
+                    counts[state] = counts.get(state, 0) + 1
+        return counts
 
     # -- limits ------------------------------------------------------------------------------
     def set_limit(self, name: str, units: int) -> None:
@@ -277,7 +305,7 @@ class JobStore:
         ``max_losses`` in a row. None if its lease was renewed or another reaper took it."""
         reply = self.scripts.reap(
             keys=[self.keys.leases, self.keys.job(job_id), self.keys.events(job_id),
-                  self.keys.outbox],
+                  self.keys.outbox, self.keys.stats],
             args=[job_id, max_losses, sources_arg(Event.LOSE), TRANSITIONS[Event.FAIL].target,
                   cause])
         return Loss.parse(reply) if reply else None
@@ -287,7 +315,8 @@ class JobStore:
         no longer current (STALE) or the step runs after all (LEASED)."""
         job_id = token.job_id
         return Loss.parse(self.scripts.rescue(
-            keys=[self.keys.job(job_id), self.keys.events(job_id), self.keys.outbox],
+            keys=[self.keys.job(job_id), self.keys.events(job_id), self.keys.outbox,
+                  self.keys.stats],
             args=[job_id, token.attempt, token.dispatch, token.step, max_losses,
                   sources_arg(Event.LOSE), TRANSITIONS[Event.FAIL].target, cause]))
 

@@ -1,12 +1,14 @@
 -- Prepended to the scripts that lose a step (reap.lua, rescue.lua).
--- lose(job, events, outbox, id, f, max_lost, failed, cause) records that the job's current
--- step was lost: an event, and either a new dispatch in the outbox (the caller sends it)
--- or, after max_lost losses in a row, the job in state `failed`.
+-- lose(job, events, outbox, id, f, max_lost, failed, cause, stats) records that the job's
+-- current step was lost: an event, a count in stats ('lease_losses'), and either a new
+-- dispatch in the outbox (the caller sends it) or, after max_lost losses in a row, the job
+-- in state `failed`.
 -- f holds LOSE_FIELDS of the job hash. Returns {id, outcome, step, node, lost, cause}.
 local LOSE_FIELDS = {'state', 'dispatch', 'next_step', 'lost', 'node', 'lease_owner', 'attempt'}
 
-local function lose(job, events, outbox, id, f, max_lost, failed, cause)
+local function lose(job, events, outbox, id, f, max_lost, failed, cause, stats)
   local lost = tonumber(f[4] or '0') + 1
+  redis.call('HINCRBY', stats, 'lease_losses', 1)
   local node = f[5] or ''
   redis.call('RPUSH', events, cjson.encode({event = 'lost',
     step = tonumber(f[3]), dispatch = tonumber(f[2]), attempt = tonumber(f[7]),

@@ -2,7 +2,8 @@
 -- still the current one, release its lease, count the try, and put the job in the
 -- retries set for a reaper to send a new dispatch of the same step when it is due.
 -- KEYS[1] job hash          KEYS[2] leases (zset)      KEYS[3] the job's events (list)
--- KEYS[4] retries (zset)
+-- KEYS[4] retries (zset)    KEYS[5] stats (hash: the try counts there too, as
+--                                    'retries_failures' or 'retries_licence_waits')
 -- ARGV[1] job id            ARGV[2] attempt            ARGV[3] dispatch
 -- ARGV[4] step              ARGV[5] lease owner        ARGV[6] delay (ms)
 -- ARGV[7] the counter the try adds to: 'failures' (a retry used) or 'licence_waits'
@@ -22,6 +23,7 @@ redis.call('RPUSH', KEYS[3], cjson.encode({event = 'end', outcome = 'failed',
   attempt = tonumber(ARGV[2]), owner = ARGV[5], at = now}))
 if not is_one_of(ARGV[8], f[1]) then return 0 end
 local count = redis.call('HINCRBY', KEYS[1], ARGV[7], 1)
+redis.call('HINCRBY', KEYS[5], 'retries_' .. ARGV[7], 1)
 if ARGV[7] == 'failures' and f[5] and f[5] ~= '' then
   local bad = cjson.decode(f[6] or '{}')
   bad[f[5]] = (bad[f[5]] or 0) + 1

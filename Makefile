@@ -15,7 +15,7 @@ setup: $(VENV)/.installed redis-server
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test,flower,cli]'
+	$(BIN)/pip install --quiet -e '.[test,flower,cli,metrics]'
 	touch $@
 
 redis-server:

@@ -2,8 +2,9 @@
 
 Put the folder that holds this ``Plugins/`` folder on ``KATANA_RESOURCES`` and make the
 ``celeryfarm`` package importable by Katana's Python (see the README). Loading this file adds
-the farm's settings (pool, priority, maxStepSeconds, stallSeconds, renderType) to the
-``farmSettings`` of Render nodes, where artists set them per render.
+the farm's settings (``celeryfarm.plugin.FARM_SETTINGS``: pool, priority, step limits,
+retries and failure rules, limits, renderType) to the ``farmSettings`` of Render nodes, where
+artists set them per render.
 """
 
 from celeryfarm.plugin import CeleryFarmPlugin, register_farm_settings

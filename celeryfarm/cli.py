@@ -27,7 +27,10 @@ import click
 from .config import PREFIX, redact
 from .errors import FarmError
 from .jobs import RENDER_TYPES, JobRecord, describe_frames, parse_command
+from .progress import describe as describe_progress
+from .progress import frame_count, seconds_left
 from .records.states import JobState
+from .retries import bad_nodes, try_label
 from .session import Session, make_local_farm
 from .terminal import styled_state, table, when
 
@@ -265,6 +268,10 @@ def _parse_env(_ctx: Any, _param: Any, items: Sequence[str]) -> dict[str, str]:
     return env
 
 
+#: The farm setting (as on Katana's Render node) of each ``submit`` option that sets one.
+SETTING_OF_OPTION = {"retry_delay": "retryDelaySeconds", "licence_pattern": "licencePattern",
+                     "fatal_pattern": "fatalPattern"}
+
 #: Most frames one ``--frames`` may name.
 MAX_FRAMES = 1_000_000
 
@@ -299,12 +306,22 @@ def _parse_frames(_ctx: Any, _param: Any, text: str | None) -> list[int]:
               metavar="NAME=VALUE", help="Environment variable for the job (repeatable).")
 @click.option("--file", "files", multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="A local file to copy to the job's folder on the shared mount.")
+@click.option("--retries", type=click.IntRange(0), help="Run a step that exits non-zero again, "
+              "up to this many times (0).")
+@click.option("--retry-delay", "retry_delay", type=click.IntRange(0), metavar="SECONDS",
+              help="Wait this long before a failed step runs again (0).")
+@click.option("--licence-pattern", metavar="REGEX", help="A failed step with an output line "
+              "matching this found no licence: it backs off, no retry used.")
+@click.option("--fatal-pattern", metavar="REGEX",
+              help="A failed step with an output line matching this is never retried.")
+@click.option("--limit", "limits", multiple=True, metavar="NAME",
+              help="A limit (licence) each step holds one unit of while it runs (repeatable).")
 @click.option("--wait", is_flag=True, help="Wait for the job to end; exit 1 unless Completed.")
 @pass_session
 def submit(session: Session, command: tuple[str, ...], commands: tuple[str, ...],
            name: str | None, pool: str | None, priority: int | None,
            frames: list[int], render_type: str, environment: dict[str, str],
-           files: tuple[str, ...], wait: bool) -> None:
+           files: tuple[str, ...], wait: bool, **farm_settings: Any) -> None:
     """Submit a job: `celeryfarm submit [OPTIONS] -- CMD ARGS...` or `--cmd` steps.
 
     Like a Katana render, the job gets a render context: a folder on the shared mount (its
@@ -317,7 +334,9 @@ def submit(session: Session, command: tuple[str, ...], commands: tuple[str, ...]
         raise click.UsageError("nothing to run: give `-- CMD ARGS...` or --cmd")
     farm = session.farm
     context = farm.create_context(files)
-    settings = {k: v for k, v in (("pool", pool), ("priority", priority)) if v is not None}
+    farm_settings.update(pool=pool, priority=priority, limits=farm_settings["limits"] or None)
+    settings = {SETTING_OF_OPTION.get(k, k): v for k, v in farm_settings.items()
+                if v is not None}
     job_id = farm.submit_commands(
         steps, context=context.name, name=name or Path(steps[0][0]).name,
         environment=environment, frames=frames, render_type=render_type, settings=settings,
@@ -341,6 +360,18 @@ def _wait_for(farm: Farm, job_id: str, poll_seconds: float = 0.5) -> JobRecord:
         time.sleep(poll_seconds)
 
 
+def _seconds_left(record: JobRecord) -> float | None:
+    """The estimated time left of a running job, from its pace so far (or None)."""
+    running_ms = (int(time.time() * 1000) - record.start_ms
+                  if record.start_ms and not record.finished else None)
+    return seconds_left(record.frames_done, frame_count(record.spec.frames), running_ms)
+
+
+def _progress(record: JobRecord) -> str:
+    return describe_progress(record.frames_done, frame_count(record.spec.frames),
+                             _seconds_left(record))
+
+
 def _as_json(session: Session, record: JobRecord) -> dict[str, Any]:
     spec = record.spec
     return {
@@ -349,6 +380,11 @@ def _as_json(session: Session, record: JobRecord) -> dict[str, Any]:
         "render_type": spec.render_type, "pool": spec.queue, "priority": spec.priority,
         "frames": describe_frames(spec.frames),
         "attempt": record.attempt,
+        "try": record.failures + 1, "retries": spec.retries,
+        "licence_waits": record.licence_waits, "node_losses": record.lost,
+        "bad_nodes": bad_nodes(record.bad_nodes),
+        "frames_done": record.frames_done, "frames_total": frame_count(spec.frames),
+        "seconds_left": _seconds_left(record),
         "steps": len(spec.commands) or None,  # None in listings, which skip the commands
         "step": None if record.step is None else record.step + 1, "node": record.node,
         "submitted": record.submitted_ms, "started": record.start_ms,
@@ -380,13 +416,13 @@ def jobs(session: Session, states: tuple[str, ...], user: str | None, mine: bool
             click.echo(json.dumps(_as_json(session, record)))
         return
     rows = [
-        [r.job_id[:8], r.spec.name, r.state, describe_frames(r.spec.frames),
+        [r.job_id[:8], r.spec.name, r.state, describe_frames(r.spec.frames), _progress(r),
          when(r.submitted_ms, True), when(r.end_ms, True), r.node or "-",
          session.farm.log_path(r) or "-"]
         for r in records
     ]
-    table(["ID", "NAME", "STATE", "FRAMES", "SUBMITTED", "FINISHED", "NODE", "LOG"], rows,
-          state_col=2)
+    table(["ID", "NAME", "STATE", "FRAMES", "PROGRESS", "SUBMITTED", "FINISHED", "NODE", "LOG"],
+          rows, state_col=2)
 
 
 @cli.command()
@@ -404,8 +440,12 @@ def status(session: Session, job_id: str, as_json: bool) -> None:
     lines = [
         ("id", record.job_id), ("name", record.spec.name), ("state", styled_state(record.state)),
         ("frames", describe_frames(record.spec.frames)),
+        ("progress", _progress(record)),
         ("step", step), ("node", record.node or "-"),
         ("attempt", str(record.attempt)),
+        ("try", _tries(record)),
+        ("bad nodes", ", ".join(f"{node} ({record.bad_nodes[node]} failed tries)"
+                                for node in bad_nodes(record.bad_nodes)) or "-"),
         ("submitted", f"{when(record.submitted_ms)} by {record.spec.user}@{record.spec.host}"),
         ("started", when(record.start_ms)), ("finished", when(record.end_ms)),
         ("pool", f"{record.spec.queue}, priority {record.spec.priority}"),
@@ -415,6 +455,16 @@ def status(session: Session, job_id: str, as_json: bool) -> None:
         lines.append(("reason", record.reason))
     for label, value in lines:
         click.echo(f"{label + ':':<13}{value}")
+
+
+def _tries(record: JobRecord) -> str:
+    """``try 2 of 4, 1 licence wait, 1 node lost`` for the current step."""
+    parts = [try_label(record.failures, record.spec.retries)]
+    for count, one, many in ((record.licence_waits, "licence wait", "licence waits"),
+                             (record.lost, "node lost", "nodes lost")):
+        if count:
+            parts.append(f"{count} {one if count == 1 else many}")
+    return ", ".join(parts)
 
 
 @cli.command()
@@ -449,6 +499,115 @@ def _quiet_interrupt() -> Iterator[None]:
         yield
     except KeyboardInterrupt:
         sys.exit(130)
+
+
+# -- limits ----------------------------------------------------------------------------------
+@cli.group()
+def limit() -> None:
+    """Limits: how many running steps may hold a unit (a licence) at once."""
+
+
+@limit.command(name="set")
+@click.argument("name")
+@click.argument("units", type=click.IntRange(0))
+@pass_session
+def limit_set(session: Session, name: str, units: int) -> None:
+    """Let at most UNITS running steps hold limit NAME (jobs ask with --limit NAME)."""
+    from .jobs import limit_names
+
+    (name,) = limit_names([name])
+    session.farm.store.set_limit(name, units)
+    click.echo(f"limit {name}: {units} unit(s)")
+
+
+@limit.command(name="list")
+@pass_session
+def limit_list(session: Session) -> None:
+    """List the limits: units, and units held by running steps now."""
+    limits = session.farm.store.limits()
+    if not limits:
+        click.echo("(no limits)")
+        return
+    width = max(len(name) for name in limits)
+    click.echo(f"{'NAME':<{width}}  UNITS  IN USE")
+    for name, (units, held) in limits.items():
+        click.echo(f"{name:<{width}}  {units:<5}  {held}")
+
+
+# -- metrics -----------------------------------------------------------------------------------
+@cli.command()
+@click.option("--port", "-p", default=9808, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on: loopback unless told (the metrics need no login).")
+@pass_session
+def metrics(session: Session, port: int, host: str) -> None:
+    """Serve the farm's Prometheus metrics on http://HOST:PORT/metrics until Ctrl-C."""
+    from .metrics import serve
+
+    try:
+        serve(session.farm, session.settings.lease_seconds, port, host)
+    except OSError as error:
+        raise FarmError(f"cannot listen on {host}:{port}: {error.strerror}") from None
+    click.echo(f"serving the farm's metrics on http://{host}:{port}/metrics", err=True)
+    with _quiet_interrupt():
+        while True:
+            signal.pause()
+
+
+# -- render nodes ----------------------------------------------------------------------------
+def _nodes(session: Session) -> Any:
+    from .nodes import Nodes
+
+    farm = session.farm
+    return Nodes(farm.store, farm.app, session.settings.lease_seconds)
+
+
+def _steps(task_ids: Sequence[str]) -> str:
+    """``3fa2c1d0 step 2`` for each running step's task id (``JOB-ATTEMPT.DISPATCH-STEP``)."""
+    from .dispatch import step_of
+
+    return ", ".join(f"{task_id[:8]} step {step_of(task_id) + 1}" for task_id in task_ids)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="JSON lines, one node per line.")
+@pass_session
+def nodes(session: Session, as_json: bool) -> None:
+    """List the render nodes: pools, running steps, last seen, state (up, drained, lost)."""
+    found = _nodes(session).list()
+    if as_json:
+        for node in found:
+            click.echo(json.dumps({"name": node.name, "pools": list(node.pools),
+                                   "running": list(node.running), "last_seen": node.last_seen_ms,
+                                   "state": node.state}))
+        return
+    if not found:
+        click.echo("(no render nodes)")
+        return
+    table(["NAME", "POOLS", "RUNNING", "LAST SEEN", "STATE"],
+          [[n.name, ",".join(n.pools), _steps(n.running) or "-", when(n.last_seen_ms, True),
+            n.state] for n in found], state_col=4)
+
+
+def _node_control(name: str, done: str, help_text: str) -> click.Command:
+    """``drain`` and ``enable``: change a node's drained state, then say what became of it."""
+
+    @cli.command(name=name, help=help_text)
+    @click.argument("node")
+    @pass_session
+    def command(session: Session, node: str) -> None:
+        info, answered = getattr(_nodes(session), name)(node)
+        click.echo(f"{info.name} {done}" + ("" if answered else
+                   " (it did not answer: it applies this when it next starts)"))
+
+    return command
+
+
+drain = _node_control("drain", "drained: it finishes what it runs and takes nothing new",
+                      "Drain a render node (NAME or NAME@HOST): it finishes its running steps "
+                      "and takes no new ones, also after a restart, until `enable`.")
+enable = _node_control("enable", "enabled: it takes steps again",
+                       "Let a drained render node take steps again.")
 
 
 def _job_control(name: str, method: str, help_text: str) -> click.Command:

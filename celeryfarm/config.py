@@ -95,6 +95,16 @@ class Settings:
     allowed_programs: tuple[str, ...] = ()
     #: Whether a render node may run as root (``--allow-root``); it refuses to otherwise.
     allow_root: bool = False
+    #: Farm-wide failure rules (see :mod:`celeryfarm.retries`): a failed step whose output
+    #: has a line matching ``licence_pattern`` backs off and runs again without using a
+    #: retry; one matching ``fatal_pattern`` is never retried.
+    licence_pattern: str = ""
+    fatal_pattern: str = ""
+    #: How long a step that found no licence waits before it runs again.
+    licence_backoff_seconds: float = 60.0
+    #: Matches a render's output line that says a frame is done; group 1 is the frame
+    #: number (see :mod:`celeryfarm.progress`).
+    frame_pattern: str = r"(?i)\bframe\s+(-?\d+)\s+(?:rendered|done|finished|completed|written)\b"
 
     @property
     def results_url(self) -> str:
@@ -208,6 +218,12 @@ class Settings:
             render_env=_list(get("RENDER_ENV")),
             allowed_programs=_list(get("ALLOWED_PROGRAMS")),
             allow_root=get("ALLOW_ROOT").lower() in ("1", "true", "yes"),
+            licence_pattern=_pattern("LICENCE_PATTERN", get("LICENCE_PATTERN")),
+            fatal_pattern=_pattern("FATAL_PATTERN", get("FATAL_PATTERN")),
+            licence_backoff_seconds=number("LICENCE_BACKOFF_SECONDS",
+                                           defaults.licence_backoff_seconds),
+            frame_pattern=_pattern("FRAME_PATTERN", get("FRAME_PATTERN"), groups=1)
+            or defaults.frame_pattern,
         )
 
 
@@ -230,6 +246,19 @@ def _memory(text: str) -> str:
         raise ConfigError(f"{PREFIX}REDIS_MAXMEMORY: expected a size such as 512mb or 2gb, "
                           f"got {text!r}")
     return text.lower()
+
+
+def _pattern(name: str, text: str, groups: int = 0) -> str:
+    """A regular expression (failure rules, frame progress), checked here so a bad one
+    stops the node at start, not in the middle of a render."""
+    try:
+        compiled = re.compile(text)
+    except re.error as error:
+        raise ConfigError(f"{PREFIX}{name}: invalid regular expression {text!r}: {error}") \
+            from None
+    if text and compiled.groups < groups:
+        raise ConfigError(f"{PREFIX}{name}: needs a group () around the frame number")
+    return text
 
 
 def _port(text: str) -> int:

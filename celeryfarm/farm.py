@@ -132,6 +132,10 @@ class Farm:
 
     def submit(self, spec: JobSpec) -> JobRecord:
         """Record and enqueue a job; returns at once with the record."""
+        unknown = set(spec.limits) - set(self.store.limits()) if spec.limits else ()
+        if unknown:
+            raise FarmError(f"unknown limit(s) {', '.join(sorted(unknown))}: a wrangler sets "
+                            f"them with `celeryfarm limit set NAME UNITS`")
         job_id = uuid.uuid4().hex
         context = spec.context or job_id
         record = JobRecord(

@@ -13,9 +13,10 @@ import shlex
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Union
 
-from . import limits
+from . import sizes
 from .errors import FarmError
 from .records.states import FINISHED, JobState
+from .retries import compile_pattern
 
 RENDER_TYPES = ("Disk", "Preview", "Live")
 _QUEUE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
@@ -68,6 +69,11 @@ class JobSpec:
     max_step_seconds: int = 0  # 0: only the farm-wide limit
     stall_seconds: int = 0  # 0: no stall detection
     max_memory_mb: int = 0  # 0: no memory cap
+    retries: int = 0  # runs again of a step that exits non-zero (see celeryfarm.retries)
+    retry_delay_seconds: int = 0
+    licence_pattern: str = ""  # failure rules of the job: regular expressions over output
+    fatal_pattern: str = ""
+    limits: tuple[str, ...] = ()  # each running step holds one unit of each (celeryfarm limit)
     user: str = ""
     host: str = ""
     session: str = ""
@@ -94,9 +100,9 @@ class JobSpec:
         if not commands:
             raise FarmError("the job has no commands to run")
         argvs = tuple(tuple(parse_command(command)) for command in commands)
-        limits.check_commands(argvs)
+        sizes.check_commands(argvs)
         env = _environment(environment)
-        limits.check_environment(env)
+        sizes.check_environment(env)
         render_type = render_type or "Disk"
         if render_type not in RENDER_TYPES:
             raise FarmError(f"unknown render type {render_type!r}; expected one of {RENDER_TYPES}")
@@ -108,10 +114,17 @@ class JobSpec:
         max_step_seconds = _seconds(settings.pop("maxStepSeconds", 0), "maxStepSeconds")
         stall_seconds = _seconds(settings.pop("stallSeconds", 0), "stallSeconds")
         max_memory_mb = _not_negative(settings.pop("maxMemoryMB", 0), "maxMemoryMB", "megabytes")
+        retries = _not_negative(settings.pop("retries", 0), "retries", "runs again")
+        retry_delay = _seconds(settings.pop("retryDelaySeconds", 0), "retryDelaySeconds")
+        patterns = {setting: str(settings.pop(setting, "") or "")
+                    for setting in ("licencePattern", "fatalPattern")}
+        for setting, pattern in patterns.items():
+            compile_pattern(pattern, setting)
+        limits = limit_names(settings.pop("limits", ""))
         if settings:
             raise FarmError(f"unknown farm settings: {', '.join(sorted(map(str, settings)))}")
         return cls(
-            name=limits.check_name(str(name or "render")),
+            name=sizes.check_name(str(name or "render")),
             commands=argvs,
             environment=env,
             render_type=render_type,
@@ -121,8 +134,24 @@ class JobSpec:
             max_step_seconds=max_step_seconds,
             stall_seconds=stall_seconds,
             max_memory_mb=max_memory_mb,
+            retries=retries,
+            retry_delay_seconds=retry_delay,
+            licence_pattern=patterns["licencePattern"],
+            fatal_pattern=patterns["fatalPattern"],
+            limits=limits,
             **identity,
         )
+
+
+def limit_names(value: Any) -> tuple[str, ...]:
+    """Limit names from a comma-separated string (Katana's string setting) or a list;
+    each a name like a pool's."""
+    names = value.split(",") if isinstance(value, str) else list(value or ())
+    found = tuple(dict.fromkeys(str(name).strip() for name in names if str(name).strip()))
+    for name in found:
+        if not _QUEUE_NAME.match(name):
+            raise FarmError(f"invalid limit name {name!r}: use letters, digits, '_', '.', '-'")
+    return found
 
 
 def _environment(environment: Mapping[str, Any] | None) -> dict[str, str]:
@@ -208,6 +237,10 @@ class JobRecord:
     dispatch: int = 1  # bumped by each (re)dispatch: with attempt and step, the fencing token
     next_step: int = 0  # index of the step to run next
     lost: int = 0  # nodes lost in a row while running the current step
+    failures: int = 0  # tries of the current step that failed and used a retry
+    licence_waits: int = 0  # tries of the current step that found no licence
+    bad_nodes: dict[str, int] = dataclasses.field(default_factory=dict)  # node -> failed tries
+    frames_done: int = 0  # frames the render's output reported done (celeryfarm.progress)
     task_ids: tuple[str, ...] = ()  # Celery ids of the current dispatch's steps
     submitted_ms: int = 0
     start_ms: int | None = None

@@ -63,7 +63,8 @@ class StepLease:
     def claim(self, node: str) -> tuple[ClaimStatus, str, JobRecord | None]:
         """Try to start the step: (OK, '', the job's record) or (why not, detail, None)."""
         sent = time.monotonic()
-        status, detail, record = self.store.claim(self.token, self.owner, node, self.lease_ms)
+        status, detail, record = self.store.claim(self.token, self.owner, node, self.lease_ms,
+                                                  int(self.settings.reap_seconds * 1000))
         if status == ClaimStatus.OK:
             self._valid_until = sent + self.settings.lease_seconds
         return status, detail, record
@@ -130,3 +131,8 @@ class StepLease:
     def finish(self, outcome: StepOutcome, last: bool = False, reason: str = "") -> bool:
         """Record the execution's outcome; False if it was no longer current (ignored)."""
         return self.store.finish(self.token, self.owner, outcome, last, reason)
+
+    def retry(self, delay_ms: int, counted: bool, why: str) -> bool:
+        """Record a failed try whose step runs again in ``delay_ms``; False if this
+        execution was no longer current or the job was stopped (see ``JobStore.retry``)."""
+        return self.store.retry(self.token, self.owner, delay_ms, counted, why) > 0

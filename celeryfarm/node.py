@@ -5,6 +5,7 @@ it), made once per worker in its main process before the pool processes fork, so
 it. It owns the node's job store and its :class:`~celeryfarm.reaper.Reaper`, registers the
 render step task, and wires the worker's signals:
 
+* a node drained by a wrangler stays drained when it restarts (:mod:`celeryfarm.nodes`);
 * its main process runs the reaper, and when one of its pool processes dies mid-step it
   gives the step up at once and kills the render left behind;
 * its pool processes become child subreapers (so renders that detach are still found), and
@@ -25,10 +26,12 @@ from typing import Any
 from billiard.exceptions import WorkerLostError
 from billiard.util import set_pdeathsig
 from celery import bootsteps, signals
+from celery.worker import state as worker_state
 
 from . import process, renderenv, tasks
 from .celery import RENDER_STEP, FarmApp
 from .lease import owner_prefix
+from .nodes import drained_at_start
 from .reaper import Reaper
 from .records.store import JobStore, connect
 
@@ -69,7 +72,12 @@ class RenderNode(bootsteps.StartStopStep):
                            "user can read its environment, which holds the farm's credentials")
 
     def start(self, worker: Any) -> None:
-        self.reaper = Reaper(self.app, self.store, self.settings)
+        pools = tuple(self.app.amqp.queues.consume_from or ())  # before a drain empties it
+        if drained_at_start(self.app, self.store, self.hostname):
+            logger.warning("%s is drained: it takes no step until `celeryfarm enable %s`",
+                           self.hostname, self.hostname)
+        self.reaper = Reaper(self.app, self.store, self.settings, self.hostname, pools,
+                             running=_running_steps)
         self.reaper.start()
 
     def stop(self, worker: Any) -> None:
@@ -107,6 +115,11 @@ class RenderNode(bootsteps.StartStopStep):
         process.become_subreaper()
         signal.signal(tasks.PARENT_DIED, _exit_now)  # idle; a running step handles it itself
         set_pdeathsig(tasks.PARENT_DIED)
+
+
+def _running_steps() -> list[str]:
+    """Task ids of the steps this worker runs (its main process's view)."""
+    return [request.id for request in worker_state.active_requests]
 
 
 def _exit_now(_signum: int, _frame: Any) -> None:

@@ -32,6 +32,31 @@ except ImportError:  # tests, the command line, the demo
 JOB_REQUEST_ATTRIBUTES = ("nodeName", "renderContextName", "frames", "commands", "environment",
                           "tempDir")
 
+def _setting(name: str, label: str, default: int | str, help_text: str) -> tuple:
+    """A whole number (from 0) or a string farm setting, by its default's type."""
+    if isinstance(default, int):
+        return (name, "AddFarmSettingNumber", default,
+                {"label": label, "int": True, "min": 0, "help": help_text})
+    return (name, "AddFarmSettingString", default, {"label": label, "help": help_text})
+
+
+#: Retries and failure rules (:mod:`celeryfarm.retries`).
+RETRY_SETTINGS = (
+    _setting("retries", "Retries", 0,
+             "Run a step that exits non-zero again, up to this many times"),
+    _setting("retryDelaySeconds", "Retry Delay Seconds", 0,
+             "Wait this long before a failed step runs again"),
+    _setting("licencePattern", "Licence Pattern", "",
+             "Regular expression: a failed step with an output line matching it found no "
+             "licence; it backs off and runs again without using a retry"),
+    _setting("fatalPattern", "Fatal Pattern", "",
+             "Regular expression: a failed step with an output line matching it is never "
+             "retried"),
+    _setting("limits", "Limits", "",
+             "Limits (licences) each step holds one unit of while it runs, comma-separated; "
+             "a wrangler sets them with `celeryfarm limit set`"),
+)
+
 #: The farm settings artists set on Render nodes: (name, AddFarmSetting* function, default,
 #: hints). Katana's request carries no render type, and how renderboot's command line names
 #: the render method is not public (neither Foundry's guides nor public plug-ins spell out
@@ -51,6 +76,7 @@ FARM_SETTINGS = (
     ("maxMemoryMB", "AddFarmSettingNumber", 0,
      {"label": "Max Memory MB", "int": True, "min": 0,
       "help": "Kill and fail a step whose processes use more memory; 0: no cap"}),
+    *RETRY_SETTINGS,
     ("renderType", "AddFarmSettingString", "Disk",
      {"label": "Render Type", "widget": "popup", "options": list(RENDER_TYPES),
       "help": "What the farm records and shows: Disk, Preview or Live"}),

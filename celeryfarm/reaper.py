@@ -13,7 +13,8 @@ Every node runs one, so the farm keeps recovering whichever node dies. Each pass
   the next. Every step awaits a node from its sending (or its previous step's success)
   until a node claims it; the reaper looks for the messages of steps that have awaited one
   for a lease period, and a message missing from two looks in a row is lost;
-* sends again the dispatches recorded in the outbox whose sender died before sending them.
+* sends again the dispatches recorded in the outbox whose sender died before sending them;
+* sends the failed steps whose retry is due (:mod:`.retries`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import dataclasses
 import logging
 import threading
 import time
+from typing import Callable
 
 import redis
 from celery import Celery
@@ -48,9 +50,11 @@ VANISHED = "its message was lost before any node started it"
 class Reaper(threading.Thread):
     """Re-dispatches lost steps, every ``reap_seconds``, in a worker's main process."""
 
-    def __init__(self, app: Celery, store: JobStore, settings: Settings) -> None:
+    def __init__(self, app: Celery, store: JobStore, settings: Settings, node: str = "",
+                 pools: tuple[str, ...] = (), running: Callable[[], list[str]] = list) -> None:
         super().__init__(name="celeryfarm-reaper", daemon=True)
         self.app, self.store, self.settings = app, store, settings
+        self.node, self.pools, self.running = node, pools, running
         self.broker = connect(settings.broker_url)
         self.root = SharedRoot(settings.shared_root)
         self.lease_ms = int(settings.lease_seconds * 1000)
@@ -59,11 +63,20 @@ class Reaper(threading.Thread):
     def run(self) -> None:
         while not self._done.wait(self.settings.reap_seconds):
             try:
+                self._heartbeat()
                 self.reap_once()
             except redis.RedisError as error:
                 logger.warning("reaper: cannot reach Redis: %s", error)
             except Exception:
                 logger.exception("reaper: unexpected error")
+
+    def _heartbeat(self) -> None:
+        """Record this node as live: ``celeryfarm nodes`` lists it, and bad nodes hand
+        steps on to it (:mod:`.retries`). Its pools are those it started with and any it
+        was told to consume since (``add_consumer``)."""
+        consuming = list(self.app.amqp.queues.consume_from)
+        pools = tuple(dict.fromkeys([*self.pools, *consuming]))
+        self.store.heartbeat(self.node, pools, consuming, self.running())
 
     def stop(self) -> None:
         self._done.set()
@@ -78,9 +91,12 @@ class Reaper(threading.Thread):
             self._after_loss(loss)
         stale = self.store.stale_outbox(int(OUTBOX_SECONDS * 1000), BATCH)
         for job_id in stale:
-            self._resend(job_id)
+            self._resend(job_id, "re-sending job %s dispatch %s from the outbox")
+        due = self.store.due(BATCH)
+        for job_id in due:
+            self._resend(job_id, "job %s: a failed step runs again (dispatch %s)")
         return [(loss.job_id, loss.outcome.value) for loss in lost] + [
-            (job_id, "resent") for job_id in stale]
+            (job_id, "resent") for job_id in stale] + [(job_id, "retried") for job_id in due]
 
     def _lose(self, job_id: str) -> Loss | None:
         """Lose an expired lease's step; a record the script cannot read (corrupt) is
@@ -167,7 +183,7 @@ class Reaper(threading.Thread):
         else:
             self.store.fail_lost(loss, reason)
 
-    def _resend(self, job_id: str) -> None:
+    def _resend(self, job_id: str, message: str) -> None:
         try:
             record = self.store.get(job_id)
         except JobNotFound:
@@ -178,8 +194,7 @@ class Reaper(threading.Thread):
         if record is None or record.state not in ACTIVE:
             self.store.unsendable(job_id)
             return
-        logger.warning("reaper: re-sending job %s dispatch %s from the outbox",
-                       job_id, record.dispatch)
+        logger.warning("reaper: " + message, job_id, record.dispatch)
         dispatch.send(self.app, self.store, record)
 
     def _note(self, log_path: str, lines: list[str]) -> None:

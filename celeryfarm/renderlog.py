@@ -42,8 +42,11 @@ class RenderLog:
         prefix = b"\n" if self._line_open else b""
         self.write(prefix + f"==== celeryfarm | {text} ====\n".encode())
 
-    def step_started(self, index: int, steps: int, argv: list[str], node: str, attempt: int):
-        self.mark(f"step {index + 1}/{steps} | attempt {attempt} | node {node} | {stamp()}")
+    def step_started(self, index: int, steps: int, argv: list[str], node: str, attempt: int,
+                     tries: str = ""):
+        which = f" | {tries}" if tries else ""
+        self.mark(f"step {index + 1}/{steps} | attempt {attempt}{which} | node {node} | "
+                  f"{stamp()}")
         self.write(f"$ {shlex.join(argv)}\n".encode())
 
     def step_ended(self, index: int, steps: int, outcome: str, seconds: float) -> None:

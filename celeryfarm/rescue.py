@@ -72,8 +72,7 @@ def message_ids(broker: redis.Redis, queues: Iterable[str], prefix: str) -> set[
     holds it between the two: look twice)."""
     found = set()
     for queue in sorted(set(queues)):
-        for priority in PRIORITY_STEPS:
-            key = prefix + (f"{queue}{PRIORITY_SEP}{priority}" if priority else queue)
+        for key in queue_keys(queue, prefix):
             for start in range(0, broker.llen(key), BATCH):
                 found.update(_message_id(raw)
                              for raw in broker.lrange(key, start, start + BATCH - 1))
@@ -88,3 +87,18 @@ def _message_id(raw: str, set_aside: bool = False) -> str:
         return str((message[0] if set_aside else message)["headers"].get("id", ""))
     except (TypeError, ValueError, KeyError, IndexError, AttributeError):
         return ""
+
+
+def queue_keys(queue: str, prefix: str) -> list[str]:
+    """The Redis lists of a queue on the broker whose keys start with ``prefix``: kombu
+    keeps one per priority step (``queue`` for 0, ``queue<sep>N`` for the others)."""
+    return [prefix + (f"{queue}{PRIORITY_SEP}{priority}" if priority else queue)
+            for priority in PRIORITY_STEPS]
+
+
+def queue_depth(client: redis.Redis, pool: str, prefix: str) -> int:
+    """Messages waiting in a pool's queue, in all its priority lists."""
+    pipe = client.pipeline(transaction=False)
+    for key in queue_keys(pool, prefix):
+        pipe.llen(key)
+    return sum(pipe.execute())

@@ -23,11 +23,12 @@ import redis
 from celery import states
 from celery.exceptions import Ignore
 
-from . import admission, process, renderenv
+from . import admission, process, progress, renderenv, retries
 from .config import Settings
 from .errors import CorruptRecord, FarmError, StepFailed
 from .jobs import JobRecord
 from .lease import StepLease, lease_owner
+from .metrics import STEP_BUCKETS
 from .paths import SharedRoot
 from .records.states import ClaimStatus, FailureKind, StepOutcome
 from .records.store import Token
@@ -126,11 +127,19 @@ def render_step(
     except CorruptRecord as error:  # claimed, but what to run cannot be read
         logger.error("job %s %s: %s", job_id, label, error)
         _fail(lease, f"{label}: {error}")
+    if status == ClaimStatus.LIMITED:  # sent again by a reaper; the slot is free meanwhile
+        _handed_on(self, f"job {job_id} {label} waits for a limit ({detail})")
     if status != ClaimStatus.OK:
         # A duplicate or already-done delivery shares its id with the real execution,
         # whose Celery state must not be overwritten.
         _skip(self, f"job {job_id} {label} not run ({status}): {detail}",
               revoked=status in (ClaimStatus.SUPERSEDED, ClaimStatus.FINISHED))
+    if record.bad_nodes.get(node, 0) >= retries.BAD_NODE_FAILURES:
+        other = store.avoid(token, lease.owner, node, record.spec.queue,
+                            int(settings.lease_seconds * 1000), retries.BAD_NODE_FAILURES)
+        if other:
+            _handed_on(self, f"job {job_id} {label}: failed {record.bad_nodes[node]} times on "
+                             f"this node; left to {other} and the pool's other nodes")
     try:
         log_path = SharedRoot(settings.shared_root).join(record.log_path)
         log = RenderLog(log_path)
@@ -139,10 +148,17 @@ def render_step(
     except OSError as error:
         _fail(lease, f"{label}: cannot write the render log {log_path}: {error.strerror}")
     command = _admitted(lease, log, record, step, command, settings, label)
+    spec = record.spec
+    rules = retries.FailureRules.of((settings.licence_pattern, settings.fatal_pattern),
+                                    (spec.licence_pattern, spec.fatal_pattern))
+    frames = progress.FrameWatcher(GatedLog(log, lease), settings.frame_pattern, spec.frames,
+                                   done=lambda frame: _frame_done(store, lease, frame))
+    output = retries.OutputWatcher(frames, rules)
     started = time.monotonic()
     with log, lease.keep(), stop_signals(lease.stop_reason) as should_stop, \
             renderenv.private_folders(user, self.request.id) as folders:
-        log.step_started(step, steps, command, node, attempt)
+        log.step_started(step, steps, command, node, attempt,
+                         retries.try_label(record.failures, spec.retries))
         try:
             env = render_environment(record, folders, settings, user)
             outcome = process.run(
@@ -150,7 +166,7 @@ def render_step(
                 env=env,
                 spawn_options=renderenv.spawn_options(user),
                 cwd=str(log_path.parent),
-                output=GatedLog(log, lease),
+                output=output,
                 should_stop=should_stop,
                 poll_seconds=settings.poll_seconds,
                 grace_seconds=settings.stop_grace_seconds,
@@ -165,10 +181,14 @@ def render_step(
         if outcome.survivors:
             logger.error("job %s %s: processes outlived SIGKILL: %s", job_id, label,
                          outcome.survivors)
+        _observe(store, time.monotonic() - started)
         if lease.valid():
             log.step_ended(step, steps, outcome.describe(), time.monotonic() - started)
         if outcome.stop_reason:
             _after_stop(self, lease, outcome.stop_reason, f"job {job_id} {label}")
+        if retries.retryable(outcome):
+            _failed_try(self, lease, record, log, f"{label} failed: {outcome.describe()}",
+                        output.kind())
     if not outcome.succeeded:
         _fail(lease, f"{label} failed: {outcome.describe()}")
     if not lease.finish(StepOutcome.SUCCEEDED, last=step == steps - 1):
@@ -207,6 +227,49 @@ def _after_stop(task: Any, lease: StepLease, reason: str, what: str) -> NoReturn
         lease.finish(StepOutcome.ABANDONED)  # re-dispatched: its Celery state must not say REVOKED
         _skip(task, f"{what}: {reason}; given up for another node")
     _skip(task, f"{what}: {reason}", revoked=True)
+
+
+def _observe(store: Any, seconds: float) -> None:
+    """Add the step's duration to the farm's histogram (``celeryfarm metrics``)."""
+    try:
+        store.observe_step(seconds, STEP_BUCKETS)
+    except redis.RedisError as error:
+        logger.warning("cannot record a step's duration: %s", error)
+
+
+def _frame_done(store: Any, lease: StepLease, frame: int) -> None:
+    """Count a frame the render reported done; progress is for people, so an unreachable
+    Redis only costs a count (the lease's own renewals say when it matters)."""
+    try:
+        store.frame_done(lease.token, lease.owner, frame)
+    except redis.RedisError as error:
+        logger.warning("job %s: cannot count frame %s done: %s", lease.token.job_id, frame,
+                       error)
+
+
+def _failed_try(task: Any, lease: StepLease, record: JobRecord, log: RenderLog, what: str,
+                kind: retries.FailureKind) -> NoReturn:
+    """A try that failed: fail the job, or record that the step runs again later (a reaper
+    sends it when due) and end the task without continuing the chain."""
+    spec = record.spec
+    decision = retries.decide(kind, record.failures, spec.retries, spec.retry_delay_seconds,
+                              task.app.node.settings.licence_backoff_seconds)
+    if decision.delay is None:
+        _fail(lease, f"{what}; {decision.why}" if decision.why else what)
+    if lease.valid():
+        log.mark(f"{what}; {decision.why}; runs again in {decision.delay:g} s")
+    if not lease.retry(int(decision.delay * 1000), decision.counted, what):
+        _skip(task, f"job {record.job_id} {what}; not run again: the job was stopped or the "
+                    f"step given to another node", revoked=True)
+    _handed_on(task, f"job {record.job_id} {what}; {decision.why}")
+
+
+def _handed_on(task: Any, reason: str) -> NoReturn:
+    """End a task whose step runs again under a new dispatch. Its Celery state is RETRY:
+    not FAILURE, which would end the job, nor REVOKED, which would cancel it."""
+    logger.info(reason)
+    task.update_state(state=states.RETRY, meta={"reason": reason})
+    raise Ignore()
 
 
 def _revoked(task: Any) -> bool:

@@ -106,7 +106,7 @@ def test_submit_and_watch_a_job_to_completed(farm, tmp_path):
     assert job_id in [job["id"] for job in listed]
     table = ok(farm.env, "jobs", "--state", "Completed")
     assert table.splitlines()[0].split() == [
-        "ID", "NAME", "STATE", "FRAMES", "SUBMITTED", "FINISHED", "NODE", "LOG"]
+        "ID", "NAME", "STATE", "FRAMES", "PROGRESS", "SUBMITTED", "FINISHED", "NODE", "LOG"]
     row = next(line for line in table.splitlines() if line.startswith(job_id[:8]))
     assert "beauty" in row and "Completed" in row and status["log"] in row
     assert "frame 3 written" in ok(farm.env, "log", job_id[:6])  # a unique prefix is enough

@@ -82,6 +82,10 @@ def fail_lost(store: JobStore, token: Token) -> bool:
     return store.fail_lost(loss, "lost")
 
 
+def retry(store: JobStore, token: Token) -> bool:
+    return store.retry(token, OWNER, delay_ms=0, counted=True, why="exit status 1") > 0
+
+
 #: Each event, through each method that causes it: (event, name, action, needs a lease).
 ACTIONS = [
     (Event.CLAIM, "claim", claim, False),
@@ -93,9 +97,10 @@ ACTIONS = [
     (Event.CANCEL, "cancel", lambda store, t: store.cancel(t.job_id, 1, "why"), False),
     (Event.LOSE, "lose", lose, True),
     (Event.RESTART, "restart", restart, False),
+    (Event.RETRY, "retry", retry, True),
 ]
 # finish's own success is "the execution was current", so its refusals show in the state only.
-REPORTS_REFUSAL = {"claim", "fail", "fail lost", "cancel", "lose", "restart"}
+REPORTS_REFUSAL = {"claim", "fail", "fail lost", "cancel", "lose", "restart", "retry"}
 
 
 def test_every_event_of_the_table_is_tried():
@@ -117,7 +122,7 @@ def test_each_transition_is_applied_if_allowed_and_refused_otherwise(
     if allowed(event, state):
         assert applied
         assert after.state == (target or state)
-        if event == Event.LOSE:
+        if event in (Event.LOSE, Event.RETRY):
             assert after.dispatch == before.dispatch + 1
         if event == Event.RESTART:
             assert (after.attempt, after.dispatch, after.end_ms) == (2, 2, None)
@@ -225,3 +230,15 @@ def test_a_hold_on_a_job_restarted_meanwhile_does_not_fail_it(store: JobStore):
     assert not store.fail_lost(loss, "lost")
     assert store.state(token.job_id) == JobState.WAITING
     assert store.get_field(token.job_id, "lease_owner") is None  # the hold is released
+
+
+def test_a_retry_counts_its_try_and_is_sent_once_when_due(store: JobStore):
+    token = new_job(store, JobState.WAITING)
+    assert claim(store, token)
+    assert store.retry(token, OWNER, delay_ms=0, counted=False, why="no licence") == 1
+    record = store.get(token.job_id)
+    assert (record.failures, record.licence_waits, record.next_step) == (0, 1, 0)
+    assert token.job_id in store.due()
+    assert token.job_id not in store.due()  # taken once
+    assert token.job_id in store.stale_outbox(age_ms=0)  # the outbox covers its sender
+    assert store.retry(token, OWNER, delay_ms=0, counted=True, why="again") == 0  # stale

@@ -19,6 +19,8 @@ SUMMARY_FIELDS = (
     "name", "user", "host", "session", "render_type", "state", "attempt", "task_ids",
     "submitted", "start", "end", "log", "step", "node", "reason", "queue", "priority",
     "frames",  # listings show them
+    "retries", "failures", "licence_waits",  # listings show the try
+    "frames_done",  # and the progress
 )
 #: Where the state is in a ``SUMMARY_FIELDS`` read (no state: the record is gone).
 STATE_AT = SUMMARY_FIELDS.index("state")
@@ -40,12 +42,21 @@ def encode(record: JobRecord) -> dict[str, str]:
         "max_step_seconds": str(spec.max_step_seconds),
         "stall_seconds": str(spec.stall_seconds),
         "max_memory_mb": str(spec.max_memory_mb),
+        "retries": str(spec.retries),
+        "retry_delay_seconds": str(spec.retry_delay_seconds),
+        "licence_pattern": spec.licence_pattern,
+        "fatal_pattern": spec.fatal_pattern,
+        "limits": ",".join(spec.limits),
         "commands": json.dumps(spec.commands),
         "environment": json.dumps(dict(spec.environment)),
         "log": record.log_path,
         "state": JobState(record.state).value,
         **attempt_fields(record),
         "lost": str(record.lost),
+        "failures": str(record.failures),
+        "licence_waits": str(record.licence_waits),
+        "bad_nodes": json.dumps(record.bad_nodes) if record.bad_nodes else "",
+        "frames_done": str(record.frames_done),
         "submitted": str(record.submitted_ms),
         "start": text(record.start_ms),
         "end": text(record.end_ms),
@@ -110,6 +121,11 @@ def _decode(job_id: str, fields: dict[str, str]) -> JobRecord:
         max_step_seconds=int(fields.get("max_step_seconds") or 0),
         stall_seconds=int(fields.get("stall_seconds") or 0),
         max_memory_mb=int(fields.get("max_memory_mb") or 0),
+        retries=int(fields.get("retries") or 0),
+        retry_delay_seconds=int(fields.get("retry_delay_seconds") or 0),
+        licence_pattern=fields.get("licence_pattern", ""),
+        fatal_pattern=fields.get("fatal_pattern", ""),
+        limits=tuple(filter(None, fields.get("limits", "").split(","))),
         user=fields.get("user", ""),
         host=fields.get("host", ""),
         session=fields.get("session", ""),
@@ -123,6 +139,10 @@ def _decode(job_id: str, fields: dict[str, str]) -> JobRecord:
         dispatch=int(fields.get("dispatch") or 1),
         next_step=int(fields.get("next_step") or 0),
         lost=int(fields.get("lost") or 0),
+        failures=int(fields.get("failures") or 0),
+        licence_waits=int(fields.get("licence_waits") or 0),
+        bad_nodes=json.loads(fields.get("bad_nodes") or "{}"),
+        frames_done=int(fields.get("frames_done") or 0),
         task_ids=tuple(json.loads(fields.get("task_ids") or "[]")),
         submitted_ms=int(fields.get("submitted") or 0),
         start_ms=_int_or_none(fields.get("start")),

@@ -55,3 +55,45 @@ class Keys:
         """String with a time to live: held by the node whose reaper looks for missing
         messages this lease period."""
         return f"{self.prefix}:look-turn"
+
+    @property
+    def retries(self) -> str:
+        """Sorted set: job id -> when (ms) its failed step is due to run again."""
+        return f"{self.prefix}:retries"
+
+    def pool_nodes(self, pool: str) -> str:
+        """Sorted set: node name -> when (ms) it last said it serves ``pool``."""
+        return f"{self.prefix}:pool:{pool}:nodes"
+
+    @property
+    def nodes(self) -> str:
+        """Sorted set: render node name -> when (ms) it was last seen."""
+        return f"{self.prefix}:nodes"
+
+    def node(self, name: str) -> str:
+        """Hash: a render node's pools, running steps (JSON task ids) and last-seen time."""
+        return f"{self.prefix}:node:{name}"
+
+    @property
+    def drained(self) -> str:
+        """Set: render nodes drained by a wrangler; they take no step until enabled."""
+        return f"{self.prefix}:drained"
+
+    def frames_done(self, job_id: str, attempt: int) -> str:
+        """Set: the frames an attempt of the job has reported done."""
+        return f"{self.prefix}:frames:{job_id}:{attempt}"
+
+    @property
+    def limits(self) -> str:
+        """Hash: limit name -> the units steps may hold at once (licences, say)."""
+        return f"{self.prefix}:limits"
+
+    @property
+    def limit_holders(self) -> str:
+        """Sorted set (by name): ``limit|job id`` for each unit a running step holds."""
+        return f"{self.prefix}:limit-holders"
+
+    @property
+    def stats(self) -> str:
+        """Hash of farm-wide counters and the step-duration histogram (celeryfarm metrics)."""
+        return f"{self.prefix}:stats"

@@ -16,7 +16,8 @@ from redis.commands.core import Script
 COMMON = "common.lua"
 #: Scripts by name: each is ``lua/<name>.lua``.
 NAMES = ("claim", "renew", "finish", "abandon", "expired", "reap", "rescue", "stale_outbox",
-         "transition", "sent", "forget", "fail_lost")
+         "transition", "sent", "forget", "fail_lost", "retry", "due", "avoid", "heartbeat",
+         "progress")
 
 
 @functools.cache
@@ -44,6 +45,9 @@ class Scripts:
         self.fail_lost = load("fail_lost")
         self.transition, self.sent, self.forget = (
             load("transition"), load("sent"), load("forget"))
+        self.retry, self.due = load("retry"), load("due")
+        self.avoid, self.heartbeat = load("avoid"), load("heartbeat")
+        self.progress = load("progress")
 
 
 def _register(client: redis.Redis, name: str) -> Script:

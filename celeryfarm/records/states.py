@@ -58,6 +58,7 @@ class ClaimStatus(_Text):
     FINISHED = "finished"  # the job has ended
     DONE = "done"  # the step already ran
     DUPLICATE = "duplicate"  # another execution holds a live lease on it
+    LIMITED = "limited"  # one of the job's limits is in full use: sent again later
 
 
 class FailureKind(_Text):
@@ -86,6 +87,7 @@ class Event(_Text):
     CANCEL = "cancel"  # stopped through the farm, or revoked outside it
     LOSE = "lose"  # the running step's node was lost: the step is sent again
     RESTART = "restart"  # a finished job runs again as a new attempt
+    RETRY = "retry"  # a step failed and runs again later (see celeryfarm.retries)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +105,7 @@ TRANSITIONS: dict[Event, Transition] = {
     Event.CANCEL: Transition(ACTIVE, JobState.CANCELLED),
     Event.LOSE: Transition(ACTIVE, None),
     Event.RESTART: Transition(FINISHED, JobState.WAITING),
+    Event.RETRY: Transition(ACTIVE, JobState.WAITING),
 }
 
 

@@ -14,7 +14,7 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 import redis
 from redis.backoff import ExponentialBackoff
@@ -146,15 +146,17 @@ class JobStore:
                 self.keys.awaiting]
 
     def claim(
-        self, token: Token, owner: str, node: str, lease_ms: int
+        self, token: Token, owner: str, node: str, lease_ms: int, limit_wait_ms: int = 0,
     ) -> tuple[states.ClaimStatus, str, JobRecord | None]:
         """Start an execution of a step: (OK, "", the job's record) or (why not, detail,
-        None)."""
+        None). A step over one of its job's limits is re-dispatched ``limit_wait_ms`` later
+        (LIMITED)."""
         claim = TRANSITIONS[Event.CLAIM]
         status, detail, *record = self.scripts.claim(
-            keys=self._step_keys(token.job_id),
+            keys=[*self._step_keys(token.job_id), self.keys.limits, self.keys.limit_holders,
+                  self.keys.retries],
             args=[token.job_id, token.attempt, token.dispatch, token.step, owner, node,
-                  lease_ms, sources_arg(Event.CLAIM), claim.target])
+                  lease_ms, sources_arg(Event.CLAIM), claim.target, limit_wait_ms])
         if status != states.ClaimStatus.OK:
             return states.ClaimStatus(status), detail, None
         return states.ClaimStatus.OK, detail, codec.decode_flat(token.job_id, record[0])
@@ -193,6 +195,99 @@ class JobStore:
                   outcome, int(outcome == states.StepOutcome.ABANDONED), next_step, target or "",
                   sources_arg(event) if event else "", reason, awaited]))
 
+    def retry(self, token: Token, owner: str, delay_ms: int, counted: bool, why: str) -> int:
+        """Record a failed try of a step that runs again in ``delay_ms``: a new dispatch of
+        the same step, sent by a reaper when due (:meth:`due`). ``counted`` tries use a
+        retry, the others (no licence) do not. Returns the try's counter after it, 0 if the
+        execution was no longer current or the job was stopped meanwhile."""
+        retry = TRANSITIONS[Event.RETRY]
+        return int(self.scripts.retry(
+            keys=[*self._step_keys(token.job_id), self.keys.retries, self.keys.stats],
+            args=[token.job_id, token.attempt, token.dispatch, token.step, owner, delay_ms,
+                  "failures" if counted else "licence_waits", sources_arg(Event.RETRY),
+                  retry.target, why]))
+
+    def avoid(self, token: Token, owner: str, node: str, pool: str, live_ms: int,
+              bad_after: int) -> str:
+        """Hand a claimed step on if ``node`` is bad for the job (``bad_after`` failed
+        tries there) and another live node of ``pool`` is not: the step is re-dispatched
+        at once (a reaper sends it). Returns that other node, or "" to run the step here."""
+        retry = TRANSITIONS[Event.RETRY]
+        return self.scripts.avoid(
+            keys=[*self._step_keys(token.job_id), self.keys.retries, self.keys.pool_nodes(pool)],
+            args=[token.job_id, token.attempt, token.dispatch, token.step, owner, node,
+                  live_ms, bad_after, sources_arg(Event.RETRY), retry.target])
+
+    def heartbeat(self, node: str, pools: Sequence[str], consuming: Iterable[str],
+                  running: Sequence[str]) -> bool:
+        """Say that ``node`` is alive, has ``pools``, takes steps of those it is
+        ``consuming`` (unless drained) and runs the steps ``running`` (task ids); True if
+        it is drained."""
+        keys = [self.keys.nodes, self.keys.node(node), self.keys.drained,
+                *(self.keys.pool_nodes(pool) for pool in pools)]
+        return bool(self.scripts.heartbeat(keys=keys, args=[
+            node, ",".join(pools), json.dumps(list(running)), ",".join(consuming)]))
+
+    def frame_done(self, token: Token, owner: str, frame: int) -> int:
+        """Count a frame of the job as done (once per attempt); the frames done so far, 0
+        if the execution is no longer current."""
+        return int(self.scripts.progress(
+            keys=[self.keys.job(token.job_id), self.keys.frames_done(token.job_id, token.attempt)],
+            args=[token.attempt, owner, frame]))
+
+    # -- farm statistics (celeryfarm metrics) ------------------------------------------------
+    def observe_step(self, seconds: float, buckets: Sequence[float]) -> None:
+        """Add a step's duration to the farm's histogram (cumulative ``le`` buckets)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for bound in buckets:
+            if seconds <= bound:
+                pipe.hincrby(self.keys.stats, f"step_le_{bound:g}", 1)
+        pipe.hincrby(self.keys.stats, "step_count", 1)
+        pipe.hincrbyfloat(self.keys.stats, "step_sum", seconds)
+        pipe.execute()
+
+    def stats(self) -> dict[str, float]:
+        """The farm's counters and histogram fields."""
+        return {name: float(value) for name, value in self.redis.hgetall(self.keys.stats).items()}
+
+    def states(self) -> dict[str, int]:
+        """How many jobs are in each state."""
+        ids = self.ids()
+        counts: dict[str, int] = {}
+        for start in range(0, len(ids), BATCH):
+            pipe = self.redis.pipeline(transaction=False)
+            for job_id in ids[start:start + BATCH]:
+                pipe.hget(self.keys.job(job_id), "state")
+            for state in pipe.execute():
+                if state is not None:
+                    counts[state] = counts.get(state, 0) + 1
+        return counts
+
+    # -- limits ------------------------------------------------------------------------------
+    def set_limit(self, name: str, units: int) -> None:
+        """Let steps hold at most ``units`` of limit ``name`` at once."""
+        self.redis.hset(self.keys.limits, name, units)
+
+    def limits(self) -> dict[str, tuple[int, int]]:
+        """Each limit's (units, units held by steps whose lease is live now)."""
+        units = {name: int(value) for name, value in self.redis.hgetall(self.keys.limits).items()}
+        holders = self.redis.zrange(self.keys.limit_holders, 0, -1)
+        pipe = self.redis.pipeline(transaction=False)
+        for holder in holders:
+            pipe.zscore(self.keys.leases, holder.split("|", 1)[1])
+        seconds, micros = self.redis.time()
+        now_ms = seconds * 1000 + micros // 1000
+        held = dict.fromkeys(units, 0)
+        for holder, deadline in zip(holders, pipe.execute()):
+            name = holder.split("|", 1)[0]
+            if deadline is not None and deadline > now_ms and name in held:
+                held[name] += 1
+        return {name: (units[name], held[name]) for name in sorted(units)}
+
+    def due(self, limit: int = 100) -> list[str]:
+        """Jobs whose retry is due, moved to the outbox for the caller to send."""
+        return self.scripts.due(keys=[self.keys.retries, self.keys.outbox], args=[limit])
+
     def abandon(self, job_id: str, owner_prefix: str) -> bool:
         """Expire now the lease held by an execution whose owner starts with
         ``owner_prefix`` (its pool process was lost), so a reaper re-dispatches the step."""
@@ -224,7 +319,7 @@ class JobStore:
         reaper took it."""
         reply = self.scripts.reap(
             keys=[self.keys.leases, self.keys.job(job_id), self.keys.events(job_id),
-                  self.keys.outbox],
+                  self.keys.outbox, self.keys.stats],
             args=[job_id, max_losses, sources_arg(Event.LOSE), hold_ms, cause])
         return Loss.parse(reply) if reply else None
 
@@ -245,7 +340,7 @@ class JobStore:
         job_id = token.job_id
         return Loss.parse(self.scripts.rescue(
             keys=[self.keys.job(job_id), self.keys.events(job_id), self.keys.outbox,
-                  self.keys.leases],
+                  self.keys.leases, self.keys.stats],
             args=[job_id, token.attempt, token.dispatch, token.step, max_losses,
                   sources_arg(Event.LOSE), hold_ms, cause]))
 
@@ -263,7 +358,9 @@ class JobStore:
     def restart(self, record: JobRecord, previous_attempt: int) -> bool:
         """Start a finished job again as ``record``'s (new) attempt and dispatch, and put it
         in the outbox; False if it was not finished or someone restarted it first."""
-        fresh = {**codec.attempt_fields(record), "lost": 0, "submitted": record.submitted_ms,
+        fresh = {**codec.attempt_fields(record), "lost": 0, "failures": 0, "licence_waits": 0,
+                 "frames_done": 0,
+                 "submitted": record.submitted_ms,
                  "start": None, "end": None, "step": None, "node": None, "reason": None}
         return self._transition(Event.RESTART, record.job_id, previous_attempt, fresh,
                                 dispatching=True)

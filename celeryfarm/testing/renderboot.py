@@ -1,10 +1,11 @@
 """A stand-in for Katana's ``renderboot``, for tests and demos where Katana is not installed.
 
-It behaves like a render: runs for a while printing progress, writes one image per frame
-(small binary PPM files) into an output folder, and can be told to fail, to spawn helper
-processes (children and grandchildren, as renderers and licence checkers do), to leave them
-behind, to ignore SIGTERM, or to print bytes that are not UTF-8. Arguments it does not know
-(a real renderboot's) are ignored, so Katana-shaped command lines run unchanged.
+It behaves like a render: runs for a while printing progress (``Frame 3 rendered (1 of 5)``
+after each frame: what the farm's default ``CELERYFARM_FRAME_PATTERN`` matches), writes one
+image per frame (small binary PPM files) into an output folder, and can be told to fail, to
+spawn helper processes (children and grandchildren, as renderers and licence checkers do), to
+leave them behind, to ignore SIGTERM, or to print bytes that are not UTF-8. Arguments it does
+not know (a real renderboot's) are ignored, so Katana-shaped command lines run unchanged.
 
     python -m celeryfarm.testing.renderboot --frames 1-3 --seconds 2 --output /shared/ctx/img
 """
@@ -122,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             write_image(image, frame, args.size)
             say(f"frame {frame} written to {image}")
         say(f"progress {100 * number // len(frames)}% (frame {frame})")
+        say(f"Frame {frame} rendered ({number} of {len(frames)})")  # celeryfarm.progress
     while args.live:
         say("live render: waiting for scene edits")
         time.sleep(max(per_frame, 0.5))

@@ -23,7 +23,8 @@ end
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('HDEL', KEYS[1], 'lease_owner')
 if ARGV[8] ~= '' then
-  redis.call('HSET', KEYS[1], 'next_step', ARGV[8], 'lost', 0)
+  redis.call('HSET', KEYS[1], 'next_step', ARGV[8], 'lost', 0, 'failures', 0,
+             'licence_waits', 0)
 end
 if is_one_of(ARGV[12], f[1]) then redis.call('ZADD', KEYS[4], now, ARGV[1]) end
 if ARGV[9] ~= '' and is_one_of(ARGV[10], f[1]) then

@@ -1,6 +1,7 @@
 -- Prepended to the scripts that lose a step (reap.lua, rescue.lua).
--- lose(job, events, outbox, leases, id, f, max_lost, hold_ms, cause) records that the job's
--- current step was lost: an event and a new dispatch in the outbox (the caller sends it);
+-- lose(job, events, outbox, leases, id, f, max_lost, hold_ms, cause, stats) records that
+-- the job's current step was lost: a count in stats ('lease_losses'), an event and a new
+-- dispatch in the outbox (the caller sends it);
 -- or, after max_lost losses in a row, 'failing': the job fails only once the caller has
 -- said why in the render log (fail_lost.lua), because clients read the log as soon as a job
 -- has ended. Until then the caller holds the step's lease for hold_ms as the owner it is
@@ -11,8 +12,9 @@
 local LOSE_FIELDS = {'state', 'dispatch', 'next_step', 'lost', 'node', 'lease_owner', 'attempt'}
 local FAILING = 'failing:'
 
-local function lose(job, events, outbox, leases, id, f, max_lost, hold_ms, cause)
+local function lose(job, events, outbox, leases, id, f, max_lost, hold_ms, cause, stats)
   local lost = tonumber(f[4] or '0') + 1
+  redis.call('HINCRBY', stats, 'lease_losses', 1)
   local node = f[5] or ''
   if lost >= max_lost then
     local hold = f[6] or ''

@@ -142,6 +142,8 @@ class JobStore:
 
     # -- a step's execution (render nodes) ---------------------------------------------------
     def _step_keys(self, job_id: str) -> list[str]:
+        """KEYS[1..4] of the step scripts: job hash, leases, events, awaiting (the scripts
+        that need fewer take the first ones)."""
         return [self.keys.job(job_id), self.keys.leases, self.keys.events(job_id),
                 self.keys.awaiting]
 
@@ -202,7 +204,7 @@ class JobStore:
         execution was no longer current or the job was stopped meanwhile."""
         retry = TRANSITIONS[Event.RETRY]
         return int(self.scripts.retry(
-            keys=[*self._step_keys(token.job_id), self.keys.retries, self.keys.stats],
+            keys=[*self._step_keys(token.job_id)[:3], self.keys.retries, self.keys.stats],
             args=[token.job_id, token.attempt, token.dispatch, token.step, owner, delay_ms,
                   "failures" if counted else "licence_waits", sources_arg(Event.RETRY),
                   retry.target, why]))
@@ -214,7 +216,8 @@ class JobStore:
         at once (a reaper sends it). Returns that other node, or "" to run the step here."""
         retry = TRANSITIONS[Event.RETRY]
         return self.scripts.avoid(
-            keys=[*self._step_keys(token.job_id), self.keys.retries, self.keys.pool_nodes(pool)],
+            keys=[*self._step_keys(token.job_id)[:3], self.keys.retries,
+                  self.keys.pool_nodes(pool)],
             args=[token.job_id, token.attempt, token.dispatch, token.step, owner, node,
                   live_ms, bad_after, sources_arg(Event.RETRY), retry.target])
 

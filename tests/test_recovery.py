@@ -275,17 +275,25 @@ def test_every_job_survives_a_redis_restart(tmp_path, monkeypatch):
         farm.stop()
 
 
-def test_a_step_taken_by_a_worker_that_died_before_starting_it_runs(pool: Pool):
-    """What a worker killed between taking a message and starting the step leaves behind:
-    the message set aside as unacknowledged, which the broker would only give back after
-    the visibility timeout. The reapers give the step to another node instead."""
-    job_id = pool.submit([renderboot("--seconds", 0.2), ["true"]])  # no node serves it yet
+
+def take_queued_message(pool: Pool) -> tuple[redis.Redis, str, bytes]:
+    """Take the pool's one queued step message off the broker, as a worker's BRPOP does;
+    returns (the broker, its key prefix, the raw message)."""
     broker = redis.Redis.from_url(pool.plugin.farm.settings.broker_url)
     prefix = pool.plugin.farm.settings.broker_key_prefix  # kombu's keys start with it
     queued = wait_until(lambda: [key for key in broker.keys(f"{prefix}{pool.name}*")
                                  if broker.type(key) == b"list" and broker.llen(key)], 10,
                         "the step's message in its queue")
-    payload = json.loads(broker.rpop(queued[0]))
+    return broker, prefix, broker.rpop(queued[0])
+
+
+def test_a_step_taken_by_a_worker_that_died_before_starting_it_runs(pool: Pool):
+    """What a worker killed between taking a message and starting the step leaves behind:
+    the message set aside as unacknowledged, which the broker would only give back after
+    the visibility timeout. The reapers give the step to another node instead."""
+    job_id = pool.submit([renderboot("--seconds", 0.2), ["true"]])  # no node serves it yet
+    broker, prefix, raw = take_queued_message(pool)
+    payload = json.loads(raw)
     tag = uuid.uuid4().hex
     broker.hset(f"{prefix}unacked", tag, json.dumps([payload, pool.name, pool.name]))
     broker.zadd(f"{prefix}unacked_index", {tag: time.time() - 3600})
@@ -354,12 +362,7 @@ def test_a_step_whose_message_vanished_with_its_worker_runs(pool: Pool):
     unacknowledged leaves behind: nothing, anywhere. The reapers notice that the step's
     message is in no queue and set aside by no worker, and give the step to another node."""
     job_id = pool.submit([renderboot("--seconds", 0.2), ["true"]])  # no node serves it yet
-    broker = redis.Redis.from_url(pool.plugin.farm.settings.broker_url)
-    prefix = pool.plugin.farm.settings.broker_key_prefix  # kombu's keys start with it
-    queued = wait_until(lambda: [key for key in broker.keys(f"{prefix}{pool.name}*")
-                                 if broker.type(key) == b"list" and broker.llen(key)], 10,
-                        "the step's message in its queue")
-    assert broker.rpop(queued[0])  # taken, and gone with its worker
+    assert take_queued_message(pool)[2]  # taken, and gone with its worker
 
     pool.start(1)
     assert wait_for_state(pool.plugin, job_id, timeout=90) == State.kCompleted

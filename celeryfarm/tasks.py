@@ -201,7 +201,10 @@ def _admitted(lease: StepLease, log: RenderLog, record: JobRecord, step: int,
               shown: list[str], settings: Settings, label: str) -> list[str]:
     """The command the node runs for ``step`` (see :mod:`celeryfarm.admission`); a refusal
     is logged, noted in the render log and fails the step before anything runs."""
-    search_path = render_environment(record, {}, settings, None).get("PATH", os.defpath)
+    # The render's PATH matters only where programs are restricted (found there, then
+    # matched); elsewhere the command runs as the record has it.
+    search_path = (render_environment(record, {}, settings, None).get("PATH", os.defpath)
+                   if settings.allowed_programs else None)
     try:
         return admission.command_to_run(record, step, shown, settings.allowed_programs,
                                         search_path)

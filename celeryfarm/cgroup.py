@@ -65,6 +65,16 @@ def find(name: str) -> StepGroup | None:
     return group if group.folders and group.folders[0].is_dir() else None
 
 
+def names() -> list[str]:
+    """The names of the step groups under this process's cgroup (those of every node that
+    shares it): a node finds there the groups whose step's process died."""
+    try:
+        home = _v2_home() if _unified() else _v1_home("freezer")
+        return [entry.name for entry in (home / FOLDER).iterdir() if entry.is_dir()]
+    except (OSError, Unavailable):
+        return []
+
+
 class StepGroup:
     """One step's cgroup, in one or more hierarchies; the first folder tracks its processes."""
 
@@ -175,7 +185,7 @@ class _V2Group(StepGroup):
     """cgroup v2: one folder; ``cgroup.kill`` (Linux 5.14+) kills it all at once."""
 
     def __init__(self, name: str) -> None:
-        super().__init__(name, [MOUNT / _own_path("").lstrip("/")])
+        super().__init__(name, [_v2_home()])
 
     def make(self, memory_mb: int) -> None:
         super().make(memory_mb)
@@ -222,6 +232,10 @@ def _own_path(controller: str) -> str:
             if controller in controllers.split(","):
                 return path
     raise Unavailable(f"this process is in no {controller or 'v2'} cgroup")
+
+
+def _v2_home() -> Path:
+    return MOUNT / _own_path("").lstrip("/")
 
 
 def _v1_home(controller: str) -> Path:

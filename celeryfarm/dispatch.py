@@ -9,6 +9,8 @@ execution holds its lease.
 
 from __future__ import annotations
 
+import re
+
 from celery import Celery, chain
 
 from .celery import RENDER_STEP
@@ -37,6 +39,18 @@ def task_ids(record: JobRecord) -> tuple[str, ...]:
 #: Redis priority of a step resumed after its node was lost: the top bucket, so a job that
 #: was already running does not go to the back of the queue.
 RESUMED_PRIORITY = 0
+
+
+_TASK_ID = re.compile(r"(?P<job_id>.+)-(?P<attempt>\d+)\.(?P<dispatch>\d+)-(?P<step>\d+)")
+
+
+def token_of(task_id: str) -> Token | None:
+    """The step execution a task id of :func:`task_id` names, or None for any other name."""
+    match = _TASK_ID.fullmatch(task_id)
+    if not match:
+        return None
+    return Token(match["job_id"], int(match["attempt"]), int(match["dispatch"]),
+                 int(match["step"]))
 
 
 def step_of(task_id: str) -> int:

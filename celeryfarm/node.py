@@ -7,7 +7,8 @@ render step task, and wires the worker's signals:
 
 * a node drained by a wrangler stays drained when it restarts (:mod:`celeryfarm.nodes`);
 * its main process runs the reaper, and when one of its pool processes dies mid-step it
-  gives the step up at once and kills the render left behind;
+  gives the step up at once and kills the render left behind (should the worker die first,
+  a reaper on the host kills it: :mod:`celeryfarm.orphans`);
 * its pool processes become child subreapers (so renders that detach are still found), and
   their parent-death signal is :data:`~celeryfarm.tasks.PARENT_DIED` instead of Celery's
   SIGKILL: when the main process is killed, an idle pool process exits at once, and a busy
@@ -77,7 +78,7 @@ class RenderNode(bootsteps.StartStopStep):
             logger.warning("%s is drained: it takes no step until `celeryfarm enable %s`",
                            self.hostname, self.hostname)
         self.reaper = Reaper(self.app, self.store, self.settings, self.hostname, pools,
-                             running=_running_steps)
+                             running=_running_steps, render_user=self.render_user)
         self.reaper.start()
 
     def stop(self, worker: Any) -> None:

@@ -14,7 +14,8 @@ Every node runs one, so the farm keeps recovering whichever node dies. Each pass
   until a node claims it; the reaper looks for the messages of steps that have awaited one
   for a lease period, and a message missing from two looks in a row is lost;
 * sends again the dispatches recorded in the outbox whose sender died before sending them;
-* sends the failed steps whose retry is due (:mod:`.retries`).
+* sends the failed steps whose retry is due (:mod:`.retries`);
+* kills the renders on its host whose step's process is gone (:mod:`.orphans`).
 """
 
 from __future__ import annotations
@@ -28,12 +29,13 @@ from typing import Callable
 import redis
 from celery import Celery
 
-from . import dispatch, rescue
+from . import dispatch, orphans, rescue
 from .config import Settings
 from .errors import CorruptRecord, JobNotFound
 from .paths import SharedRoot
 from .records.states import ACTIVE, LossOutcome
 from .records.store import JobStore, Loss, Token, connect
+from .renderenv import RenderUser
 from .renderlog import append
 
 logger = logging.getLogger(__name__)
@@ -51,10 +53,12 @@ class Reaper(threading.Thread):
     """Re-dispatches lost steps, every ``reap_seconds``, in a worker's main process."""
 
     def __init__(self, app: Celery, store: JobStore, settings: Settings, node: str = "",
-                 pools: tuple[str, ...] = (), running: Callable[[], list[str]] = list) -> None:
+                 pools: tuple[str, ...] = (), running: Callable[[], list[str]] = list,
+                 render_user: RenderUser | None = None) -> None:
         super().__init__(name="celeryfarm-reaper", daemon=True)
         self.app, self.store, self.settings = app, store, settings
         self.node, self.pools, self.running = node, pools, running
+        self.render_user = render_user
         self.broker = connect(settings.broker_url)
         self.root = SharedRoot(settings.shared_root)
         self.lease_ms = int(settings.lease_seconds * 1000)
@@ -65,6 +69,7 @@ class Reaper(threading.Thread):
             try:
                 self._heartbeat()
                 self.reap_once()
+                orphans.sweep(self.store, self.render_user)
             except redis.RedisError as error:
                 logger.warning("reaper: cannot reach Redis: %s", error)
             except Exception:

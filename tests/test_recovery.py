@@ -141,6 +141,29 @@ def test_a_lost_pool_process_is_replaced_and_its_render_killed(pool: Pool, capsy
               f"{events[2]['at'] / 1000 - killed_at:.2f} s")
 
 
+def test_a_render_whose_pool_process_and_worker_died_together_is_killed(pool: Pool):
+    """The worker dies right after its pool process, before billiard tells it the pool
+    process is gone, so the worker's own hook never kills the render: a reaper on the host
+    finds the step's cgroup, whose lease no live process holds, and kills it."""
+    pool.start(2)
+    tag = uuid.uuid4().hex
+    job_id = pool.submit([renderboot("--seconds", 300, "--children", 1, "--tag", tag)])
+    first = wait_until(lambda: len(tagged_processes(tag)) == 3 and tagged_processes(tag), 30,
+                       "the render's 3 processes")
+    victim = pool.node_process(node_of_render(pool, first[0]))
+    psutil.Process(min(first, key=lambda p: p.pid).ppid()).send_signal(signal.SIGKILL)
+    victim.send_signal(signal.SIGKILL)
+
+    wait_until(lambda: all_gone(pids_of(first)), 30, "the orphaned render to be gone")
+    again = wait_until(lambda: (procs := [p for p in tagged_processes(tag)
+                                          if p.pid not in pids_of(first)])
+                       and len(procs) == 3 and procs, 30, "the step to run again")
+    pool.plugin.stopJob(job_id)
+    assert wait_for_state(pool.plugin, job_id, timeout=30) == State.kCancelled
+    wait_until(lambda: all_gone(pids_of(again)), 15, "the stopped render to be gone")
+    assert_never_two_current(pool.plugin.farm.events(job_id))
+
+
 def test_a_frozen_node_is_fenced_off_when_it_wakes(pool: Pool):
     """A node that stops answering (SIGSTOP: a hang or a network cut) loses its step; when
     it comes back it finds its token superseded, kills its render and records nothing."""

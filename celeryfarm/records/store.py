@@ -396,6 +396,15 @@ class JobStore:
         value = self.get_field(job_id, "state")
         return None if value is None else states.JobState(value)
 
+    def lease_owners(self, job_ids: Sequence[str]) -> list[str | None]:
+        """Who holds the lease of each job's running step (:func:`~celeryfarm.lease.lease_owner`):
+        "" when none does, None when there is no such job. One round trip."""
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hmget(self.keys.job(job_id), "state", "lease_owner")
+        return [None if state is None else owner or ""
+                for state, owner in pipe.execute()]
+
     def events(self, job_id: str) -> list[dict]:
         """The job's step executions (starts, ends, losses), oldest first."""
         return [json.loads(e) for e in self.redis.lrange(self.keys.events(job_id), 0, -1)]

@@ -40,6 +40,8 @@ up: setup
 # Starts its own Redis and workers, prints the table and updates BENCHMARKS.md (~5 minutes).
 bench: setup
 	$(BIN)/python -m benchmarks.run
+	$(BIN)/python -m benchmarks.nodecost
 
 bench-quick: setup
 	$(BIN)/python -m benchmarks.run --quick
+	$(BIN)/python -m benchmarks.nodecost --quick

@@ -29,6 +29,7 @@ from .errors import FarmError
 from .jobs import RENDER_TYPES, JobRecord, describe_frames, parse_command
 from .progress import describe as describe_progress
 from .progress import frame_count, seconds_left
+from .records.keys import short_id
 from .records.states import JobState
 from .retries import bad_nodes, try_label
 from .session import Session, make_local_farm
@@ -346,7 +347,7 @@ def submit(session: Session, command: tuple[str, ...], commands: tuple[str, ...]
         click.echo(f"copied {local} -> {remote}", err=True)
     if wait:
         record = _wait_for(session.farm, job_id)
-        click.echo(f"job {job_id[:8]} {styled_state(record.state)}"
+        click.echo(f"job {short_id(job_id)} {styled_state(record.state)}"
                    + (f": {record.reason}" if record.reason else ""), err=True)
         if record.state != JobState.COMPLETED:
             sys.exit(EXIT_JOB_FAILED)
@@ -409,14 +410,14 @@ def jobs(session: Session, states: tuple[str, ...], user: str | None, mine: bool
     if states:
         filters.append({"state": list(states)})
     if user or mine:
-        filters.append({"user": user or session.settings.user})
+        filters.append({"user": user or session.farm.user})
     records = session.farm.jobs(filters)[:limit]
     if as_json:
         for record in records:
             click.echo(json.dumps(_as_json(session, record)))
         return
     rows = [
-        [r.job_id[:8], r.spec.name, r.state, describe_frames(r.spec.frames), _progress(r),
+        [short_id(r.job_id), r.spec.name, r.state, describe_frames(r.spec.frames), _progress(r),
          when(r.submitted_ms, True), when(r.end_ms, True), r.node or "-",
          session.farm.log_path(r) or "-"]
         for r in records
@@ -630,7 +631,7 @@ start = _job_control("start", "start",
 
 
 def _report(record: JobRecord) -> None:
-    click.echo(f"job {record.job_id[:8]} '{record.spec.name}': {styled_state(record.state)}"
+    click.echo(f"job {short_id(record.job_id)} '{record.spec.name}': {styled_state(record.state)}"
                + (f" (attempt {record.attempt})" if record.attempt > 1 else ""))
 
 

@@ -188,7 +188,7 @@ class CeleryFarmPlugin(FarmAPI.BaseFarmPlugin):
         renderType."""
         with self._errors():
             if not filters:
-                filters = [{"user": self.farm.settings.user}]
+                filters = [{"user": self.farm.user}]
             elif isinstance(filters, Mapping):
                 filters = [filters]
             elif not isinstance(filters, (list, tuple)):

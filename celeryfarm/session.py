@@ -15,12 +15,16 @@ from typing import TYPE_CHECKING, Callable
 from .config import PREFIX, Settings
 from .errors import FarmError, JobNotFound
 from .jobs import JobRecord
+from .records.keys import owner_free
 
 if TYPE_CHECKING:
     from .farm import Farm
     from .localfarm import LocalFarm
 
-_HEX = re.compile(r"[0-9a-f]{1,32}")
+#: What may name a job: its id (its owner, then 32 hex digits) or a unique start of it or
+#: of its hex digits.
+_JOB_ID = re.compile(r"[^\s]{1,300}")
+_FULL_ID = re.compile(r".+\.[0-9a-f]{32}")
 
 
 class Session:
@@ -68,12 +72,13 @@ class Session:
 
     def resolve(self, text: str) -> str:
         """The full id of a job given by its id or a unique prefix of it (as git does)."""
-        wanted = text.strip().lower()
-        if not _HEX.fullmatch(wanted):
+        wanted = text.strip()
+        if not _JOB_ID.fullmatch(wanted):
             raise JobNotFound(text)
-        if len(wanted) == 32:
+        if _FULL_ID.fullmatch(wanted):
             return wanted
-        matches = [job_id for job_id in self.farm.job_ids() if job_id.startswith(wanted)]
+        matches = [job_id for job_id in self.farm.job_ids()
+                   if job_id.startswith(wanted) or owner_free(job_id).startswith(wanted)]
         if len(matches) == 1:
             return matches[0]
         if not matches:

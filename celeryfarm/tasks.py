@@ -25,6 +25,7 @@ from celery.exceptions import Ignore
 
 from . import admission, process, progress, renderenv, retries
 from .config import Settings
+from .dispatch import task_id as dispatch_task_id
 from .errors import CorruptRecord, FarmError, StepFailed
 from .jobs import JobRecord
 from .lease import StepLease, lease_owner
@@ -106,13 +107,49 @@ ORPHANED = "the worker's main process died"
 MAX_CLAIM_RETRIES = 20
 
 
-def render_step(
+#: A step message's arguments and their types (what :func:`dispatch.send` puts in it).
+MESSAGE = {"job_id": str, "attempt": int, "dispatch": int, "step": int, "steps": int,
+           "name": str, "command": list}
+
+
+def checked_message(task_id: str, args: tuple, kwargs: dict) -> str:
+    """Why a step message is not one the farm sent, or "". Anyone who can push to a queue
+    can forge one, so before anything else a node checks that it has a step's arguments,
+    that its task id is the one its token names (so it can neither mark another step's
+    Celery state nor pass for it), and that its command is the record's."""
+    if args or set(kwargs) != set(MESSAGE) or any(
+            type(kwargs[name]) is not kind for name, kind in MESSAGE.items()):
+        return "its arguments are not a render step's"
+    token = Token(kwargs["job_id"], kwargs["attempt"], kwargs["dispatch"], kwargs["step"])
+    if task_id != dispatch_task_id(token):
+        return f"its task id is not its step's ({dispatch_task_id(token)})"
+    return ""
+
+
+def render_step(self: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """Run the step a message names, if it is one the farm could have sent
+    (:func:`checked_message`); a forged one is dropped with a log line, and leaves no
+    state in Celery's results (which clients read) and the job as it was. Registered as
+    the bound task ``RENDER_STEP`` by the worker's render node."""
+    problem = checked_message(self.request.id, args, kwargs)
+    if not problem:
+        shown = self.app.node.store.step_command(kwargs["job_id"], kwargs["step"])
+        if shown is not None and shown != kwargs["command"]:
+            problem = ("its command is not the job record's (a forged or altered message?); "
+                       "the node runs only the record's")
+    if problem:
+        logger.error("refused the message of task %s: %s", self.request.id, problem)
+        raise Ignore()
+    return run_step(self, **kwargs)
+
+
+def run_step(
     self: Any, job_id: str, attempt: int, dispatch: int, step: int, steps: int, name: str,
     command: list[str],
 ) -> dict[str, Any]:
-    """Run step ``step`` (0-based) of ``steps`` of dispatch ``dispatch`` of job ``job_id``'s
-    ``attempt``. ``name`` and ``command`` are in the message so Flower shows what a task
-    renders. Registered as the bound task ``RENDER_STEP`` by the worker's render node."""
+    """Run step ``step`` (0-based) of dispatch ``dispatch`` of job ``job_id``'s
+    ``attempt``. ``name``, ``steps`` and ``command`` are in the message so Flower shows
+    what a task renders; the node goes by the job's record."""
     settings, store, user = self.app.node.settings, self.app.node.store, self.app.node.render_user
     node = self.request.hostname or "unknown node"
     label = f"step {step + 1}/{steps}"
@@ -134,6 +171,8 @@ def render_step(
         # whose Celery state must not be overwritten.
         _skip(self, f"job {job_id} {label} not run ({status}): {detail}",
               revoked=status in (ClaimStatus.SUPERSEDED, ClaimStatus.FINISHED))
+    steps = len(record.spec.commands)  # the record's, not the message's
+    label = f"step {step + 1}/{steps}"
     if record.bad_nodes.get(node, 0) >= retries.BAD_NODE_FAILURES:
         other = store.avoid(token, lease.owner, node, record.spec.queue,
                             int(settings.lease_seconds * 1000), retries.BAD_NODE_FAILURES)

@@ -20,6 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from celeryfarm.records.keys import short_id
 from celeryfarm.redisserver import free_port
 
 from .cli_fixtures import (
@@ -38,7 +39,7 @@ from .cli_fixtures import (
     wait_until,
 )
 
-HEX32 = re.compile(r"^[0-9a-f]{32}$")
+HEX32 = re.compile(r"^[^.]+(\.[^.]+)*\.[0-9a-f]{32}$")
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +108,7 @@ def test_submit_and_watch_a_job_to_completed(farm, tmp_path):
     table = ok(farm.env, "jobs", "--state", "Completed")
     assert table.splitlines()[0].split() == [
         "ID", "NAME", "STATE", "FRAMES", "PROGRESS", "SUBMITTED", "FINISHED", "NODE", "LOG"]
-    row = next(line for line in table.splitlines() if line.startswith(job_id[:8]))
+    row = next(line for line in table.splitlines() if line.startswith(short_id(job_id)))
     assert "beauty" in row and "Completed" in row and status["log"] in row
     assert "frame 3 written" in ok(farm.env, "log", job_id[:6])  # a unique prefix is enough
 

@@ -149,11 +149,16 @@ def artist_user(name: str, settings: Settings, wrangler: bool = False,
 
 def acl_file(users: Iterable[FarmUser], kept: Iterable[str] = ()) -> str:
     """A Redis ACL file: the default user off, ``users``, then the ``kept`` lines of other
-    users (artists added since)."""
+    users (artists added since).
+
+    No one can log in as the default user (it is off), but it keeps every permission:
+    Redis 7 replays the append-only file's transactions as that user and re-checks them at
+    EXEC, so a default user without rights loses every MULTI/EXEC write at a restart
+    (redis/redis#14541)."""
     users = list(users)
     names = {"default", *(user.name for user in users)}
     others = [line for line in kept if line.split()[1:2] and line.split()[1] not in names]
-    lines = ["user default off resetkeys resetchannels -@all",
+    lines = ["user default off resetpass ~* &* +@all",
              *(user.acl_line() for user in users), *others]
     return "\n".join(lines) + "\n"
 

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from .config import PREFIX, redact
+from .config import PREFIX, Settings, redact
 from .errors import FarmError
 from .jobs import RENDER_TYPES, JobRecord, describe_frames, parse_command
 from .progress import describe as describe_progress
@@ -208,7 +208,7 @@ def worker(session: Session, queues: str, concurrency: int, name: str, check: bo
     from .renderenv import root_problem
     from .worker import node_answers, node_name, run_node
 
-    settings = session.settings
+    settings = session.node_settings
     if not check and root_problem(settings):  # a health check runs nothing
         raise FarmError(root_problem(settings))
     check_redis(settings.broker_url)
@@ -503,6 +503,45 @@ def _quiet_interrupt() -> Iterator[None]:
 
 
 # -- limits ----------------------------------------------------------------------------------
+@cli.group()
+def user() -> None:
+    """Artists' Redis users, on a farm with ACL users (an admin's commands)."""
+
+
+@user.command(name="add")
+@click.argument("name")
+@click.option("--wrangler", is_flag=True,
+              help="Let the artist also stop and restart every other artist's job.")
+@pass_session
+def user_add(session: Session, name: str, wrangler: bool) -> None:
+    """Make artist NAME's Redis user (again, with a new password, if it exists), and
+    print the settings to hand to that artist's workstation: they hold the password.
+
+    A job's user is the Redis user its workstation authenticated as; the artist reads
+    every job and may stop or restart only their own (all, with --wrangler).
+    """
+    import redis
+
+    from . import acl
+
+    admin_url = session.admin_url()
+    settings = session.local_settings
+    artist = acl.artist_user(acl.check_name(name), settings, wrangler)
+    admin = redis.Redis.from_url(admin_url, socket_connect_timeout=5, socket_timeout=10)
+    try:
+        acl.set_user(admin, artist)
+    finally:
+        admin.close()
+    click.echo(f"# {name}'s settings{' (a wrangler)' if wrangler else ''}: hand them to "
+               f"that workstation only; they hold {name}'s password.")
+    values = {PREFIX + "BROKER_URL": artist.url(admin_url)}
+    if settings.key_prefix != Settings().key_prefix:
+        values[PREFIX + "KEY_PREFIX"] = settings.key_prefix
+    for variable, value in values.items():
+        click.echo(f"export {variable}={shlex.quote(value)}")
+    click.echo(f"# and {PREFIX}SHARED_ROOT: where that workstation mounts the shared folder")
+
+
 @cli.group()
 def limit() -> None:
     """Limits: how many running steps may hold a unit (a licence) at once."""

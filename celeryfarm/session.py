@@ -54,6 +54,14 @@ class Session:
         return Settings.from_env(self.client_environ)
 
     @cached_property
+    def node_settings(self) -> Settings:
+        """Settings for a render node: as :attr:`settings`, with the node user's
+        credential for the running local farm."""
+        from .localfarm import client_environment
+
+        return Settings.from_env(client_environment(self.environ, node=True))
+
+    @cached_property
     def farm(self) -> Farm:
         from .farm import Farm
         from .localfarm import check_redis
@@ -67,8 +75,20 @@ class Session:
     def point_at(self, env: dict[str, str]) -> None:
         """Use the farm these variables name from now on (the farm the demo started)."""
         self.environ.update(env)
-        for name in ("client_environ", "settings", "farm"):
+        for name in ("client_environ", "settings", "node_settings", "farm"):
             self.__dict__.pop(name, None)
+
+    def admin_url(self) -> str:
+        """The Redis URL with the admin user's credential: CELERYFARM_ADMIN_URL, or that
+        of the farm ``celeryfarm up`` runs here."""
+        from .localfarm import embedded_admin_url
+
+        url = self.local_settings.admin_url or embedded_admin_url(self.local_settings.data_dir)
+        if not url:
+            raise FarmError(f"no admin credential: set {PREFIX}ADMIN_URL (or "
+                            f"{PREFIX}ADMIN_URL_FILE) to the farm's Redis URL with the admin "
+                            f"user's password, or run this where `celeryfarm up` runs the farm")
+        return url
 
     def resolve(self, text: str) -> str:
         """The full id of a job given by its id or a unique prefix of it (as git does)."""

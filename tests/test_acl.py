@@ -130,6 +130,9 @@ def test_only_admin_may_administer_redis(acl_farm: LocalCluster):
     # The default user is off: no password, or the old shared one, gets in.
     with pytest.raises(redis.exceptions.AuthenticationError):
         redis.Redis(port=acl_farm.redis.port).ping()
+    for password in ("", "nopass", acl_farm.passwords[acl.ADMIN]):
+        with pytest.raises(redis.exceptions.AuthenticationError):
+            redis.Redis(port=acl_farm.redis.port, username="default", password=password).ping()
 
 
 def test_an_artist_cannot_write_another_artists_record(ann: CeleryFarmPlugin,
@@ -301,3 +304,22 @@ def test_a_node_and_flower_work_with_only_their_roles(acl_farm: LocalCluster,
         flower.terminate()
         flower.wait(30)
     assert "NOPERM" not in node_log(acl_farm)
+
+
+def test_an_artists_transactions_survive_a_redis_restart(tmp_path: Path):
+    """Redis 7 replays the append-only file's MULTI/EXEC blocks as its default user and
+    checks them again: the farm's ACL file keeps that user off but with its rights, or
+    every submission would be lost at a restart."""
+    farm = LocalCluster(tmp_path, acl_users=True).start()
+    try:
+        client = redis.Redis.from_url(farm.add_artist("dee"), decode_responses=True)
+        keys = Farm(Settings.from_env(farm.env)).store.keys
+        job = keys.job("dee.1")
+        client.pipeline(transaction=True).hset(job, "state", "Waiting") \
+            .rpush(keys.inbox, "dee.1").execute()
+        farm.redis.stop()
+        farm.redis.start()
+        assert client.hget(job, "state") == "Waiting"
+        assert client.lrange(keys.inbox, 0, -1) == ["dee.1"]
+    finally:
+        farm.stop()

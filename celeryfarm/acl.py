@@ -17,15 +17,22 @@ itself enforces what each may do (see the README's threat model):
 
 The rules are built from the farm's key prefix, so farms sharing a Redis get disjoint users'
 rights. A job's user is the authenticated Redis user (:func:`authenticated_user`).
+
+Run as ``python -m celeryfarm.acl PATH`` (the compose file's ``preflight`` service), it
+writes the roles' lines of a Redis ACL file to PATH, with the passwords of the variables
+``CELERYFARM_REDIS_{ADMIN,NODE,FLOWER}_PASSWORD`` as SHA-256 hashes.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 import re
 import secrets
-from collections.abc import Iterable
+import sys
+from collections.abc import Iterable, Mapping
+from pathlib import Path
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import redis
@@ -182,3 +189,29 @@ def authenticated_user(client: redis.Redis) -> str:
     except redis.ResponseError:  # a Redis without ACLs
         return ""
     return "" if name == "default" else name
+
+
+def password_variable(role: str) -> str:
+    """The variable the compose file gives ``role``'s password in."""
+    return f"CELERYFARM_REDIS_{role.upper()}_PASSWORD"
+
+
+def write_roles(path: Path, environ: Mapping[str, str]) -> None:
+    """Write the roles' ACL file lines (the default user off, then node, flower, admin)
+    with the passwords ``environ`` holds; readable by all: it holds only hashes."""
+    settings = Settings.from_env(environ)
+    passwords = {role: environ.get(password_variable(role), "") for role in ROLES}
+    missing = [password_variable(role) for role, password in passwords.items() if not password]
+    if missing:
+        raise ConfigError(f"{', '.join(missing)} not set")
+    partial = path.with_name(f".{path.name}.{os.getpid()}")
+    partial.write_text(acl_file(role_users(settings, passwords)))
+    partial.chmod(0o644)
+    partial.replace(path)
+
+
+if __name__ == "__main__":
+    try:
+        write_roles(Path(sys.argv[1]), os.environ)
+    except (ConfigError, OSError, IndexError) as error:
+        sys.exit(f"cannot write the farm's Redis users: {error}")

@@ -58,6 +58,9 @@ class FarmGroup(click.Group):
             return super().invoke(ctx)
         except FarmError as error:
             raise click.ClickException(_one_line(error)) from None
+        except redis.exceptions.NoPermissionError as error:
+            raise click.ClickException(f"not allowed to this farm user (an admin's or another "
+                                       f"artist's?): {_one_line(error)}") from None
         except (redis.RedisError, OperationalError) as error:
             raise click.ClickException(f"cannot reach the farm: {_one_line(error)}") from None
 
@@ -556,7 +559,7 @@ def limit_set(session: Session, name: str, units: int) -> None:
     from .jobs import limit_names
 
     (name,) = limit_names([name])
-    session.farm.store.set_limit(name, units)
+    session.admin_farm.store.set_limit(name, units)
     click.echo(f"limit {name}: {units} unit(s)")
 
 
@@ -598,7 +601,7 @@ def metrics(session: Session, port: int, host: str) -> None:
 def _nodes(session: Session) -> Any:
     from .nodes import Nodes
 
-    farm = session.farm
+    farm = session.admin_farm  # draining and enabling are an admin's
     return Nodes(farm.store, farm.app, session.settings.lease_seconds)
 
 

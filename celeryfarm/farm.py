@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import socket
 import time
@@ -68,13 +69,19 @@ class Farm:
         self.store = store or JobStore(connect(self.settings.records_url), self.settings.key_prefix)
         self.root = SharedRoot(self.settings.shared_root, self.settings.node_shared_root)
         self.host = socket.gethostname()
-        #: Whose jobs this client submits: the Redis user it is authenticated as on a farm
-        #: with ACL users (Redis enforces it); on a farm without, CELERYFARM_USER or the
-        #: login name, which nothing enforces.
-        self.user = authenticated_user(self.store.redis) or self.settings.user
-        self.who = f"{self.user}@{self.host}"
         #: Identifies this client's jobs (``getJobs({'session': ...})``).
         self.session = self.settings.session or f"{self.host}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+    @functools.cached_property
+    def user(self) -> str:
+        """Whose jobs this client submits: the Redis user it is authenticated as on a farm
+        with ACL users (Redis enforces it); on a farm without, CELERYFARM_USER or the login
+        name, which nothing enforces. Asked of Redis when first needed."""
+        return authenticated_user(self.store.redis) or self.settings.user
+
+    @property
+    def who(self) -> str:
+        return f"{self.user}@{self.host}"
 
     # -- before submission -------------------------------------------------------------------
     def prepare_context(self, context: str) -> Path:

@@ -158,8 +158,11 @@ def client_environment(environ: Mapping[str, str], node: bool = False) -> dict[s
 
 
 def embedded_admin_url(data_dir: Path) -> str:
-    """The admin user's URL of the embedded Redis ``up`` keeps in ``data_dir`` ("" if
-    none)."""
+    """The admin user's URL of the embedded Redis of the farm ``up`` runs from
+    ``data_dir`` ("" if none runs)."""
+    state = running_farm(data_dir)
+    if state is None or not state.embedded_redis:
+        return ""
     kept = _read_json(data_dir / KEEP_FILE)
     password = kept.get("acl_passwords", {}).get(acl.ADMIN)
     if not password or not kept.get("redis_port"):

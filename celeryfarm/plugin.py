@@ -246,6 +246,9 @@ class CeleryFarmPlugin(FarmAPI.BaseFarmPlugin):
                 from None
         except FarmError as error:
             raise FarmAPI.FarmPluginException(str(error)) from None
+        except redis.exceptions.NoPermissionError as error:
+            raise FarmAPI.FarmPluginException(f"not allowed to this farm user: {error}") \
+                from None
         except (redis.RedisError, OperationalError) as error:
             url = redact(self.farm.settings.records_url)
             raise FarmAPI.FarmPluginException(f"cannot reach the farm's Redis at {url}: "

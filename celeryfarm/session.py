@@ -75,15 +75,31 @@ class Session:
     def point_at(self, env: dict[str, str]) -> None:
         """Use the farm these variables name from now on (the farm the demo started)."""
         self.environ.update(env)
-        for name in ("client_environ", "settings", "node_settings", "farm"):
+        for name in ("client_environ", "settings", "node_settings", "farm", "admin_farm"):
             self.__dict__.pop(name, None)
+
+    @cached_property
+    def admin_farm(self) -> Farm:
+        """The farm as its admin, where this machine has the admin's credential (the farm
+        ``up`` runs here, or CELERYFARM_ADMIN_URL): for the farm-wide commands (drain,
+        enable, limit set) that artists may not run. Else as :attr:`farm`."""
+        from .farm import Farm
+
+        try:
+            url = self.admin_url()
+        except FarmError:
+            return self.farm
+        return Farm(dataclasses.replace(self.settings, broker_url=url, result_backend="",
+                                        store_url=""))
 
     def admin_url(self) -> str:
         """The Redis URL with the admin user's credential: CELERYFARM_ADMIN_URL, or that
         of the farm ``celeryfarm up`` runs here."""
         from .localfarm import embedded_admin_url
 
-        url = self.local_settings.admin_url or embedded_admin_url(self.local_settings.data_dir)
+        url = self.local_settings.admin_url
+        if not url and not self.environ.get(PREFIX + "BROKER_URL"):  # the farm `up` runs here
+            url = embedded_admin_url(self.local_settings.data_dir)
         if not url:
             raise FarmError(f"no admin credential: set {PREFIX}ADMIN_URL (or "
                             f"{PREFIX}ADMIN_URL_FILE) to the farm's Redis URL with the admin "

@@ -186,7 +186,7 @@ def run_step(
         _fail(lease, f"{label}: the record's render log is not usable: {error}")
     except OSError as error:
         _fail(lease, f"{label}: cannot write the render log {log_path}: {error.strerror}")
-    command = _admitted(lease, log, record, step, command, settings, label)
+    command = _admitted(lease, log, record, step, settings, label)
     spec = record.spec
     rules = retries.FailureRules.of((settings.licence_pattern, settings.fatal_pattern),
                                     (spec.licence_pattern, spec.fatal_pattern))
@@ -237,7 +237,7 @@ def run_step(
 
 
 def _admitted(lease: StepLease, log: RenderLog, record: JobRecord, step: int,
-              shown: list[str], settings: Settings, label: str) -> list[str]:
+              settings: Settings, label: str) -> list[str]:
     """The command the node runs for ``step`` (see :mod:`celeryfarm.admission`); a refusal
     is logged, noted in the render log and fails the step before anything runs."""
     # The render's PATH matters only where programs are restricted (found there, then
@@ -245,8 +245,7 @@ def _admitted(lease: StepLease, log: RenderLog, record: JobRecord, step: int,
     search_path = (render_environment(record, {}, settings, None).get("PATH", os.defpath)
                    if settings.allowed_programs else None)
     try:
-        return admission.command_to_run(record, step, shown, settings.allowed_programs,
-                                        search_path)
+        return admission.command_to_run(record, step, settings.allowed_programs, search_path)
     except admission.Refused as refusal:
         logger.error("job %s %s refused: %s", record.job_id, label, refusal)
         with log:

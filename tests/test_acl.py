@@ -25,7 +25,7 @@ from celeryfarm.config import Settings
 from celeryfarm.farm import Farm
 from celeryfarm.farmapi import FarmPluginException, Job
 from celeryfarm.plugin import CeleryFarmPlugin
-from celeryfarm.redisserver import free_port
+from celeryfarm.redisserver import RedisServer, free_port
 from celeryfarm.testing.cluster import LocalCluster
 
 from .conftest import WORKER_ENV
@@ -323,3 +323,29 @@ def test_an_artists_transactions_survive_a_redis_restart(tmp_path: Path):
         assert client.lrange(keys.inbox, 0, -1) == ["dee.1"]
     finally:
         farm.stop()
+
+
+def test_the_compose_preflight_writes_the_roles_for_redis(tmp_path: Path):
+    """``python -m celeryfarm.acl PATH`` (the compose file's preflight): the roles with the
+    passwords of its environment as hashes, which a Redis then loads."""
+    passwords = {role: uuid.uuid4().hex for role in acl.ROLES}
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("CELERYFARM_")},
+           **{acl.password_variable(role): password for role, password in passwords.items()}}
+    path = tmp_path / "roles.acl"
+    subprocess.run([sys.executable, "-m", "celeryfarm.acl", str(path)], env=env, check=True,
+                   timeout=60)
+    assert not any(password in path.read_text() for password in passwords.values())
+    server = RedisServer(tmp_path / "redis", password=passwords[acl.ADMIN], user=acl.ADMIN,
+                         acl_file=path).start()
+    try:
+        node = redis.Redis(port=server.port, username=acl.NODE, password=passwords[acl.NODE])
+        assert node.acl_whoami() == "node"
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            node.flushall()
+    finally:
+        server.stop()
+    del env[acl.password_variable(acl.FLOWER)]
+    refused = subprocess.run([sys.executable, "-m", "celeryfarm.acl", str(path)], env=env,
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode != 0 and "CELERYFARM_REDIS_FLOWER_PASSWORD not set" in \
+        refused.stderr

@@ -114,9 +114,9 @@ MESSAGE = {"job_id": str, "attempt": int, "dispatch": int, "step": int, "steps":
 
 def checked_message(task_id: str, args: tuple, kwargs: dict) -> str:
     """Why a step message is not one the farm sent, or "". Anyone who can push to a queue
-    can forge one, so before anything else a node checks that it has a step's arguments,
-    that its task id is the one its token names (so it can neither mark another step's
-    Celery state nor pass for it), and that its command is the record's."""
+    can forge one, so before anything else a node checks that it has a step's arguments
+    and that its task id is the one its token names (so it can neither mark another step's
+    Celery state nor pass for it); :func:`render_step` then checks its command."""
     if args or set(kwargs) != set(MESSAGE) or any(
             type(kwargs[name]) is not kind for name, kind in MESSAGE.items()):
         return "its arguments are not a render step's"
@@ -128,8 +128,9 @@ def checked_message(task_id: str, args: tuple, kwargs: dict) -> str:
 
 def render_step(self: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
     """Run the step a message names, if it is one the farm could have sent
-    (:func:`checked_message`); a forged one is dropped with a log line, and leaves no
-    state in Celery's results (which clients read) and the job as it was. Registered as
+    (:func:`checked_message`) and its command is the job record's; a forged one is dropped
+    with a log line, and leaves no state in Celery's results (which clients read) and the
+    job as it was. Registered as
     the bound task ``RENDER_STEP`` by the worker's render node."""
     problem = checked_message(self.request.id, args, kwargs)
     if not problem:

@@ -160,7 +160,7 @@ def test_user_add_makes_an_artist_who_may_stop_only_their_own_jobs(farm):
         wait_for_state(farm.env, job_id, ("Cancelled",))
     one_line_error(cli(farm.env, "user", "add", "Not A Name"), "user name 'Not A Name'")
     # Farm-wide settings are the admin's: on this machine the commands use its credential.
-    one_line_error(cli(ann, "limit", "set", f"lic{os.getpid()}", "2"), "NOPERM")
+    one_line_error(cli(ann, "limit", "set", f"lic{os.getpid()}", "2"), "not allowed")
     assert "2 unit(s)" in ok(farm.env, "limit", "set", f"lic{os.getpid()}", "2")
 
 

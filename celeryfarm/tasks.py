@@ -24,6 +24,7 @@ from celery import states
 from celery.exceptions import Ignore
 
 from . import admission, process, progress, renderenv, retries
+from .celery import RENDER_STEP
 from .config import Settings
 from .dispatch import task_id as dispatch_task_id
 from .errors import CorruptRecord, FarmError, StepFailed
@@ -116,8 +117,9 @@ def checked_message(task_id: str, args: tuple, kwargs: dict) -> str:
     """Why a step message is not one the farm sent, or "". Anyone who can push to a queue
     can forge one, so before anything else a node checks that it has a step's arguments
     and that its task id is the one its token names (so it can neither mark another step's
-    Celery state nor pass for it); :func:`render_step` then checks its command."""
-    if args or set(kwargs) != set(MESSAGE) or any(
+    Celery state nor pass for it); :func:`checked_dispatch` then checks it against the
+    record."""
+    if args or not isinstance(kwargs, dict) or set(kwargs) != set(MESSAGE) or any(
             type(kwargs[name]) is not kind for name, kind in MESSAGE.items()):
         return "its arguments are not a render step's"
     token = Token(kwargs["job_id"], kwargs["attempt"], kwargs["dispatch"], kwargs["step"])
@@ -126,18 +128,45 @@ def checked_message(task_id: str, args: tuple, kwargs: dict) -> str:
     return ""
 
 
+def checked_dispatch(request: Any, commands: list | None, kwargs: dict) -> str:
+    """Why a well-formed step message is not its job's dispatch as the farm sends it, or
+    "": its command must be the record's, and it must carry the rest of the job's steps
+    (Celery's chain, which a node sends on when the step succeeds) as the farm would, with
+    no callback of its own. A message that passes is the same as the farm's own; one that
+    ran a step without the rest would leave the job's next step with no message."""
+    step = kwargs["step"]
+    if commands is None or not 0 <= step < len(commands):
+        return ""  # no such job or step: the claim says so
+    if list(commands[step]) != kwargs["command"]:
+        return ("its command is not the job record's (a forged or altered message?); the "
+                "node runs only the record's")
+    if request.callbacks or request.errbacks or request.chord:
+        return "it carries callbacks, which the farm's messages never do"
+    chain = list(reversed(request.chain or []))  # Celery keeps the next task last
+    if len(chain) != len(commands) - step - 1:
+        return "it does not carry the job's remaining steps"
+    for later, signature in enumerate(chain, start=step + 1):
+        try:
+            options, arguments = signature["options"], signature["kwargs"]
+            problem = "" if signature["task"] == RENDER_STEP else "another task"
+        except (KeyError, TypeError):
+            return "its chain is not the job's remaining steps"
+        problem = problem or checked_message(options.get("task_id", ""), (), arguments)
+        expected = {**kwargs, "step": later, "command": list(commands[later])}
+        if problem or {k: arguments[k] for k in ("job_id", "attempt", "dispatch", "step",
+                                                 "command")} != \
+                {k: expected[k] for k in ("job_id", "attempt", "dispatch", "step", "command")}:
+            return f"its chain's step {later + 1} is not the job's"
+    return ""
+
+
 def render_step(self: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
     """Run the step a message names, if it is one the farm could have sent
-    (:func:`checked_message`) and its command is the job record's; a forged one is dropped
-    with a log line, and leaves no state in Celery's results (which clients read) and the
-    job as it was. Registered as
-    the bound task ``RENDER_STEP`` by the worker's render node."""
-    problem = checked_message(self.request.id, args, kwargs)
-    if not problem:
-        shown = self.app.node.store.step_command(kwargs["job_id"], kwargs["step"])
-        if shown is not None and shown != kwargs["command"]:
-            problem = ("its command is not the job record's (a forged or altered message?); "
-                       "the node runs only the record's")
+    (:func:`checked_message`, :func:`checked_dispatch`); a forged one is dropped with a log
+    line, and leaves no state in Celery's results (which clients read) and the job as it
+    was. Registered as the bound task ``RENDER_STEP`` by the worker's render node."""
+    problem = checked_message(self.request.id, args, kwargs) or checked_dispatch(
+        self.request, self.app.node.store.step_commands(kwargs["job_id"]), kwargs)
     if problem:
         logger.error("refused the message of task %s: %s", self.request.id, problem)
         raise Ignore()

@@ -204,21 +204,24 @@ def test_forged_step_messages_cannot_run_or_end_another_artists_job(
     acl_farm: LocalCluster, ann: CeleryFarmPlugin, bob: CeleryFarmPlugin, tmp_path: Path
 ):
     """Bob may push to the queue, so he can forge a step message for Ann's job: with
-    another command, with another task id than its step's, with bad arguments, or for a
-    task no node has. None runs anything, and none fails or cancels her job, which then
-    runs as she submitted it."""
+    another command, with another task id than its step's, with bad arguments, without the
+    rest of the job's steps, or for a task no node has. None runs anything, and none fails
+    or cancels her job, which stays as she submitted it."""
     marker = tmp_path / "forged-ran"
     pool = unique("held")
-    job_id, _ = submit(ann.farm, [renderboot("--seconds", 0.1)], settings={"pool": pool})
+    job_id, _ = submit(ann.farm, [renderboot("--seconds", 0.1)] * 2, settings={"pool": pool})
     record = ann.farm.get(job_id)
     task_id = record.task_ids[0]
+    real = list(record.spec.commands[0])
     kwargs = {"job_id": job_id, "attempt": record.attempt, "dispatch": record.dispatch,
-              "step": 0, "steps": 1, "name": record.spec.name, "command": ["touch", str(marker)]}
+              "step": 0, "steps": 2, "name": record.spec.name, "command": ["touch", str(marker)]}
     app = bob.farm.app
     forged = [
         (RENDER_STEP, task_id, kwargs),
-        (RENDER_STEP, f"{job_id}-1.1-7", {**kwargs, "command": list(record.spec.commands[0])}),
+        (RENDER_STEP, f"{job_id}-1.1-7", {**kwargs, "command": real}),
         (RENDER_STEP, task_id, {"job_id": job_id}),
+        # Its real first step alone, as if the last: it would leave the second unsent.
+        (RENDER_STEP, task_id, {**kwargs, "command": real, "steps": 1}),
         ("celeryfarm.no_such_task", task_id, {}),
     ]
     for name, forged_id, arguments in forged:
@@ -226,11 +229,12 @@ def test_forged_step_messages_cannot_run_or_end_another_artists_job(
     backend = ann.farm.app.backend
     # The node refused each (Celery itself records the unregistered one as FAILURE) ...
     refused = f"refused the message of task {task_id}: "
-    wait_until(lambda: node_log(acl_farm).count(refused) == 2
+    wait_until(lambda: node_log(acl_farm).count(refused) == 3
                and f"refused the message of task {job_id}-1.1-7: " in node_log(acl_farm)
                and backend.get_task_meta(task_id)["status"] == states.FAILURE, 60,
                "the node to refuse every forged message")
     assert f"{refused}its command is not the job record's" in node_log(acl_farm)
+    assert f"{refused}it does not carry the job's remaining steps" in node_log(acl_farm)
     # ... and Ann's job is as it was: Waiting, and it runs when a node of its pool comes.
     assert ann.getJobState(job_id) == State.kWaiting
     assert not marker.exists()

@@ -421,14 +421,14 @@ class JobStore:
             raise JobNotFound(job_id)
         return codec.decode(job_id, fields)
 
-    def step_command(self, job_id: str, step: int) -> list[str] | None:
-        """The command the job's record holds for ``step``; None if there is no such job
-        or step, or the record cannot be read (the claim says why then)."""
+    def step_commands(self, job_id: str) -> list | None:
+        """The commands the job's record holds (a list of argv lists); None if there is no
+        such job or the record cannot be read (the claim says why then)."""
         try:
             commands = json.loads(self.get_field(job_id, "commands") or "null")
-            return list(commands[step]) if 0 <= step < len(commands) else None
-        except (ValueError, TypeError, IndexError):
+        except ValueError:
             return None
+        return commands if isinstance(commands, list) else None
 
     def get_field(self, job_id: str, name: str) -> str | None:
         return self.redis.hget(self.keys.job(job_id), name)

@@ -24,11 +24,12 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from .config import PREFIX, redact
+from .config import PREFIX, Settings, redact
 from .errors import FarmError
 from .jobs import RENDER_TYPES, JobRecord, describe_frames, parse_command
 from .progress import describe as describe_progress
 from .progress import frame_count, seconds_left
+from .records.keys import short_id
 from .records.states import JobState
 from .retries import bad_nodes, try_label
 from .session import Session, make_local_farm
@@ -57,6 +58,9 @@ class FarmGroup(click.Group):
             return super().invoke(ctx)
         except FarmError as error:
             raise click.ClickException(_one_line(error)) from None
+        except redis.exceptions.NoPermissionError as error:
+            raise click.ClickException(f"not allowed to this farm user (an admin's or another "
+                                       f"artist's?): {_one_line(error)}") from None
         except (redis.RedisError, OperationalError) as error:
             raise click.ClickException(f"cannot reach the farm: {_one_line(error)}") from None
 
@@ -207,7 +211,7 @@ def worker(session: Session, queues: str, concurrency: int, name: str, check: bo
     from .renderenv import root_problem
     from .worker import node_answers, node_name, run_node
 
-    settings = session.settings
+    settings = session.node_settings
     if not check and root_problem(settings):  # a health check runs nothing
         raise FarmError(root_problem(settings))
     check_redis(settings.broker_url)
@@ -346,7 +350,7 @@ def submit(session: Session, command: tuple[str, ...], commands: tuple[str, ...]
         click.echo(f"copied {local} -> {remote}", err=True)
     if wait:
         record = _wait_for(session.farm, job_id)
-        click.echo(f"job {job_id[:8]} {styled_state(record.state)}"
+        click.echo(f"job {short_id(job_id)} {styled_state(record.state)}"
                    + (f": {record.reason}" if record.reason else ""), err=True)
         if record.state != JobState.COMPLETED:
             sys.exit(EXIT_JOB_FAILED)
@@ -409,14 +413,14 @@ def jobs(session: Session, states: tuple[str, ...], user: str | None, mine: bool
     if states:
         filters.append({"state": list(states)})
     if user or mine:
-        filters.append({"user": user or session.settings.user})
+        filters.append({"user": user or session.farm.user})
     records = session.farm.jobs(filters)[:limit]
     if as_json:
         for record in records:
             click.echo(json.dumps(_as_json(session, record)))
         return
     rows = [
-        [r.job_id[:8], r.spec.name, r.state, describe_frames(r.spec.frames), _progress(r),
+        [short_id(r.job_id), r.spec.name, r.state, describe_frames(r.spec.frames), _progress(r),
          when(r.submitted_ms, True), when(r.end_ms, True), r.node or "-",
          session.farm.log_path(r) or "-"]
         for r in records
@@ -503,6 +507,45 @@ def _quiet_interrupt() -> Iterator[None]:
 
 # -- limits ----------------------------------------------------------------------------------
 @cli.group()
+def user() -> None:
+    """Artists' Redis users, on a farm with ACL users (an admin's commands)."""
+
+
+@user.command(name="add")
+@click.argument("name")
+@click.option("--wrangler", is_flag=True,
+              help="Let the artist also stop and restart every other artist's job.")
+@pass_session
+def user_add(session: Session, name: str, wrangler: bool) -> None:
+    """Make artist NAME's Redis user (again, with a new password, if it exists), and
+    print the settings to hand to that artist's workstation: they hold the password.
+
+    A job's user is the Redis user its workstation authenticated as; the artist reads
+    every job and may stop or restart only their own (all, with --wrangler).
+    """
+    import redis
+
+    from . import acl
+
+    admin_url = session.admin_url()
+    settings = session.local_settings
+    artist = acl.artist_user(acl.check_name(name), settings, wrangler)
+    admin = redis.Redis.from_url(admin_url, socket_connect_timeout=5, socket_timeout=10)
+    try:
+        acl.set_user(admin, artist)
+    finally:
+        admin.close()
+    click.echo(f"# {name}'s settings{' (a wrangler)' if wrangler else ''}: hand them to "
+               f"that workstation only; they hold {name}'s password.")
+    values = {PREFIX + "BROKER_URL": artist.url(admin_url)}
+    if settings.key_prefix != Settings().key_prefix:
+        values[PREFIX + "KEY_PREFIX"] = settings.key_prefix
+    for variable, value in values.items():
+        click.echo(f"export {variable}={shlex.quote(value)}")
+    click.echo(f"# and {PREFIX}SHARED_ROOT: where that workstation mounts the shared folder")
+
+
+@cli.group()
 def limit() -> None:
     """Limits: how many running steps may hold a unit (a licence) at once."""
 
@@ -516,7 +559,7 @@ def limit_set(session: Session, name: str, units: int) -> None:
     from .jobs import limit_names
 
     (name,) = limit_names([name])
-    session.farm.store.set_limit(name, units)
+    session.admin_farm.store.set_limit(name, units)
     click.echo(f"limit {name}: {units} unit(s)")
 
 
@@ -558,7 +601,7 @@ def metrics(session: Session, port: int, host: str) -> None:
 def _nodes(session: Session) -> Any:
     from .nodes import Nodes
 
-    farm = session.farm
+    farm = session.admin_farm  # draining and enabling are an admin's
     return Nodes(farm.store, farm.app, session.settings.lease_seconds)
 
 
@@ -630,7 +673,7 @@ start = _job_control("start", "start",
 
 
 def _report(record: JobRecord) -> None:
-    click.echo(f"job {record.job_id[:8]} '{record.spec.name}': {styled_state(record.state)}"
+    click.echo(f"job {short_id(record.job_id)} '{record.spec.name}': {styled_state(record.state)}"
                + (f" (attempt {record.attempt})" if record.attempt > 1 else ""))
 
 

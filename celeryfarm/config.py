@@ -19,7 +19,7 @@ from .errors import ConfigError
 
 PREFIX = "CELERYFARM_"
 #: Settings that hold credentials; each may instead come from a file named by ``NAME_FILE``.
-SECRETS = ("BROKER_URL", "RESULT_BACKEND", "STORE_URL", "FLOWER_PASSWORD")
+SECRETS = ("BROKER_URL", "RESULT_BACKEND", "STORE_URL", "FLOWER_PASSWORD", "ADMIN_URL")
 
 
 def _parse_dso_paths(text: str) -> dict[str, str]:
@@ -84,6 +84,9 @@ class Settings:
     redis_maxmemory: str = "1gb"
     #: Port of the Flower that ``celeryfarm up`` starts (0: 5555 if free, else any free port).
     flower_port: int = 0
+    #: Redis URL with the ``admin`` ACL user's credential, for ``celeryfarm user add`` (""
+    #: on the machine that runs ``celeryfarm up``: it keeps its own).
+    admin_url: str = ""
     #: Flower's basic-auth login; an empty password makes ``up`` generate and keep one.
     flower_user: str = "admin"
     flower_password: str = ""
@@ -212,6 +215,7 @@ class Settings:
             session=get("SESSION"),
             redis_maxmemory=_memory(get("REDIS_MAXMEMORY") or defaults.redis_maxmemory),
             flower_port=_port(get("FLOWER_PORT")),
+            admin_url=secret("ADMIN_URL"),
             flower_user=_login_part("FLOWER_USER", get("FLOWER_USER") or defaults.flower_user),
             flower_password=_login_part("FLOWER_PASSWORD", secret("FLOWER_PASSWORD")),
             render_user=get("RENDER_USER"),

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from .config import PREFIX, redact
 from .errors import FarmError
+from .records.keys import short_id
 from .records.states import FINISHED, JobState
 from .terminal import rich_state
 
@@ -154,14 +155,14 @@ def _show(session: Session, console: Any, timeout: float) -> bool:
         scene.write_text("<!-- a stand-in for Katana's serialised Op Tree -->\n")
         for job in jobs:
             submit(session.farm, job, scene)
-            console.print(f"submitted [bold]{job.job_id[:8]}[/] {job.name} "
+            console.print(f"submitted [bold]{short_id(job.job_id)}[/] {job.name} "
                           f"({len(job.steps)} steps)")
     columns = [TextColumn("{task.fields[id]}"), TextColumn("{task.description}"),
                BarColumn(bar_width=24), TextColumn("{task.percentage:>3.0f}%"),
                TextColumn("{task.fields[status]}"), TimeElapsedColumn()]
     deadline = time.monotonic() + timeout
     with Progress(*columns, console=console) as progress:
-        bars = {job.job_id: progress.add_task(job.name, total=1.0, id=job.job_id[:8],
+        bars = {job.job_id: progress.add_task(job.name, total=1.0, id=short_id(job.job_id),
                                               status="") for job in jobs}
         while not all(job.state in FINISHED for job in jobs):
             if time.monotonic() > deadline:
@@ -171,7 +172,7 @@ def _show(session: Session, console: Any, timeout: float) -> bool:
             for job in jobs:
                 status = _update(session, job)
                 if status and not console.is_terminal:  # a log, not a screen: print changes
-                    console.print(f"{job.job_id[:8]} {job.name}: {status} "
+                    console.print(f"{short_id(job.job_id)} {job.name}: {status} "
                                   f"({job.fraction:.0%})")
                 progress.update(bars[job.job_id], completed=job.fraction, status=job.status)
     for job in jobs:
@@ -202,7 +203,7 @@ def _report(console: Any, job: DemoJob) -> None:
     mark = "[green]ok[/]" if ok else "[red]NOT AS INTENDED[/]"
     intent = "as intended" if ok else f"expected {job.expected}"
     reason = f": {job.reason}" if job.reason else ""
-    console.print(f"{mark} [bold]{job.job_id[:8]}[/] {job.name}: "
+    console.print(f"{mark} [bold]{short_id(job.job_id)}[/] {job.name}: "
                   f"{rich_state(job.state)} ({intent}){reason}", soft_wrap=True)
     console.print(f"     render log  {job.log_path}", soft_wrap=True)
     if job.writes_frames:

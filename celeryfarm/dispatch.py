@@ -58,12 +58,14 @@ def step_of(task_id: str) -> int:
     return int(task_id.rsplit("-", 1)[1])
 
 
-def send(app: Celery, store: JobStore, record: JobRecord, resumed: bool = False) -> None:
+def send(app: Celery, store: JobStore, record: JobRecord, resumed: bool = False,
+         by_node: bool = True) -> None:
     """Send the chain of steps ``next_step..`` of the record's current dispatch.
 
     Queue and priority go on every signature: options given to the chain itself would apply
     to its first task only. A ``resumed`` step (re-dispatched after a node loss) goes first.
-    Records the ids sent in ``record.task_ids`` and in the job's record.
+    Records the ids sent in ``record.task_ids`` and in the job's record (a client's
+    ``by_node=False`` send writes only that record; see ``JobStore.sent``).
     """
     spec, steps = record.spec, len(record.spec.commands)
     priority = celery_priority(spec.priority)
@@ -85,4 +87,4 @@ def send(app: Celery, store: JobStore, record: JobRecord, resumed: bool = False)
     ]
     chain(*signatures).apply_async()
     record.task_ids = task_ids(record)
-    store.sent(record.job_id, record.task_ids)
+    store.sent(record.job_id, record.dispatch, record.task_ids, by_node)

@@ -43,3 +43,8 @@ class LocalFarmError(FarmError):
 
 class StepFailed(FarmError):
     """A render step did not succeed; the message says why (also in the log and record)."""
+
+
+class NotAllowed(FarmError):
+    """Redis refused a change: the user's ACL role does not allow it (another artist's
+    job, say)."""

@@ -9,24 +9,29 @@ records (in pipelined batches) and, for jobs still active, Celery's task states.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import os
 import socket
 import time
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Callable
 
+import redis
 from celery import Celery, states
 from kombu.exceptions import OperationalError
 
 from . import dispatch
+from .acl import authenticated_user
 from .celery import create_app
 from .config import Settings
-from .errors import FarmError
+from .errors import FarmError, NotAllowed
 from .jobs import Command, JobRecord, JobSpec, describe_frames
 from .paths import SharedRoot
+from .records.keys import new_job_id
 from .records.states import ACTIVE, JobState
 from .records.store import JobStore, connect
 from .renderlog import append
@@ -64,9 +69,19 @@ class Farm:
         self.store = store or JobStore(connect(self.settings.records_url), self.settings.key_prefix)
         self.root = SharedRoot(self.settings.shared_root, self.settings.node_shared_root)
         self.host = socket.gethostname()
-        self.who = f"{self.settings.user}@{self.host}"
         #: Identifies this client's jobs (``getJobs({'session': ...})``).
         self.session = self.settings.session or f"{self.host}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+    @functools.cached_property
+    def user(self) -> str:
+        """Whose jobs this client submits: the Redis user it is authenticated as on a farm
+        with ACL users (Redis enforces it); on a farm without, CELERYFARM_USER or the login
+        name, which nothing enforces. Asked of Redis when first needed."""
+        return authenticated_user(self.store.redis) or self.settings.user
+
+    @property
+    def who(self) -> str:
+        return f"{self.user}@{self.host}"
 
     # -- before submission -------------------------------------------------------------------
     def prepare_context(self, context: str) -> Path:
@@ -124,7 +139,7 @@ class Farm:
             settings=settings,
             default_queue=self.settings.default_queue,
             context=context,
-            user=self.settings.user,
+            user=self.user,
             host=self.host,
             session=self.session,
         )
@@ -136,7 +151,7 @@ class Farm:
         if unknown:
             raise FarmError(f"unknown limit(s) {', '.join(sorted(unknown))}: a wrangler sets "
                             f"them with `celeryfarm limit set NAME UNITS`")
-        job_id = uuid.uuid4().hex
+        job_id = new_job_id(spec.user or self.user)
         context = spec.context or job_id
         record = JobRecord(
             job_id=job_id,
@@ -156,17 +171,22 @@ class Farm:
         return record
 
     def stop(self, job_id: str) -> JobRecord:
-        """Stop a waiting or running job: flag it Cancelled, then revoke all its tasks.
+        """Stop a waiting or running job: record it Cancelled. A finished job is left as it
+        is.
 
-        The flag is what every step checks; the revoke (with terminate) kills the running
-        step's render tree at once. A finished job is left as it is.
+        The record is what stops it, not a Celery revoke (which artists may not send):
+        the running step's lease renewal sees the cancel within a poll and kills its
+        render tree, and a step not yet started refuses to claim. On a farm with ACL users,
+        Redis refuses the write unless the job is this user's or the user is a wrangler
+        (:class:`~celeryfarm.errors.NotAllowed`).
         """
         record = self.get(job_id)
         if record.finished:
             return record
-        if not self.store.cancel(job_id, record.attempt, f"stopped by {self.who}"):
+        with allowed(f"stop job {job_id}", self.user):
+            cancelled = self.store.cancel(job_id, record.attempt, f"stopped by {self.who}")
+        if not cancelled:
             return self.get(job_id)  # it finished, or was restarted, meanwhile
-        self.app.control.revoke(list(record.task_ids), terminate=True, signal="SIGTERM")
         self._note(record, f"stop requested by {self.who}")
         return self.get(job_id)
 
@@ -179,7 +199,9 @@ class Farm:
         previous = record.attempt
         record.attempt, record.dispatch, record.next_step = previous + 1, record.dispatch + 1, 0
         record.task_ids, record.submitted_ms = dispatch.task_ids(record), now_ms()
-        if not self.store.restart(record, previous):
+        with allowed(f"restart job {job_id}", self.user):
+            restarted = self.store.restart(record, previous)
+        if not restarted:
             return self.get(job_id)  # someone else restarted it first
         self._note(record, f"restart by {self.who}: attempt {record.attempt}, "
                            f"after attempt {previous} ended {record.state}")
@@ -218,7 +240,7 @@ class Farm:
 
     def job_ids(self) -> list[str]:
         """Every job's id, newest first."""
-        return self.store.ids()
+        return self.store.ids_with(self.user)
 
     def jobs(self, filters: Sequence[Mapping[str, Any]] = ()) -> list[JobRecord]:
         """Jobs matching every filter, newest first. See ``FILTER_KEYS``."""
@@ -227,7 +249,10 @@ class Farm:
             ((k, merged[k]) for k in ("session", "user") if isinstance(merged.get(k), str)),
             ("all", ""),
         )
-        records = list(self.store.summaries(self.store.ids(kind, value)))
+        if (kind, value) == ("session", self.session):  # in this user's index at once
+            kind, value = "user", self.user
+        ids = self.store.ids_with(self.user) if kind == "all" else self.store.ids(kind, value)
+        records = list(self.store.summaries(ids))
         self._settle(records)
         matches = _matcher(merged)
         return [record for record in records if matches(record)]
@@ -237,7 +262,7 @@ class Farm:
         """Send the record's dispatch; it is in the outbox already, so if the broker cannot
         be reached the job still runs once a node's reaper can send it."""
         try:
-            dispatch.send(self.app, self.store, record)
+            dispatch.send(self.app, self.store, record, by_node=False)
         except OperationalError as error:
             raise FarmError(
                 f"job {record.job_id} is recorded but the broker could not be reached to "
@@ -253,45 +278,48 @@ class Farm:
                             f"{error.strerror}") from None
 
     def _settle(self, records: Sequence[JobRecord]) -> None:
-        """Bring active records up to date with Celery: a step that Celery saw fail without
-        the farm recording it (a crash before the step could claim its lease), or revoked
-        outside the farm (from Flower), ends the job, and the record keeps that for when
-        Celery's results have expired. A lost worker is not an end: the step's lease
-        expires and it is re-dispatched (see :mod:`celeryfarm.reaper`)."""
+        """Bring active records up to date with Celery: a step revoked outside the farm
+        (from Flower) ends the job, and the record keeps that for when Celery's results
+        have expired. A failure Celery recorded is not trusted: a message forged with a
+        step's task id (an unregistered task, bad arguments) makes the worker record one,
+        and a step that failed before it could claim its lease is re-dispatched by the
+        reapers as any vanished step is. A lost worker is not an end either: the step's
+        lease expires and it is re-dispatched (see :mod:`celeryfarm.reaper`)."""
         active = [record for record in records if record.state in ACTIVE]
         if not active:
             return
         task_ids = [task_id for record in active for task_id in record.task_ids]
         task_states = dict(zip(task_ids, self._task_states(task_ids)))
+        reason = "a step was revoked outside celeryfarm (Flower?)"
         for record in active:
-            seen = [task_states[task_id] for task_id in record.task_ids]
-            failures = [(task_id, error) for task_id, (state, error) in zip(record.task_ids, seen)
-                        if state == states.FAILURE and error != "WorkerLostError"]
-            if failures:
-                task_id, error = failures[0]
-                step = dispatch.step_of(task_id) + 1
-                end, reason = self.store.fail, f"step {step} failed in the worker: {error}"
-            elif any(state == states.REVOKED for state, _ in seen):
-                end, reason = self.store.cancel, "a step was revoked outside celeryfarm (Flower?)"
-            else:
+            if not any(task_states[task_id] == states.REVOKED for task_id in record.task_ids):
                 continue
-            if end(record.job_id, record.attempt, reason):
+            try:
+                cancelled = self.store.cancel(record.job_id, record.attempt, reason)
+            except redis.exceptions.NoPermissionError:
+                continue  # another artist's job: its owner's client or a wrangler records it
+            if cancelled:
                 self._note(record, reason)
             fresh = self.store.get(record.job_id)
             record.state, record.end_ms, record.reason = fresh.state, fresh.end_ms, fresh.reason
 
-    def _task_states(self, task_ids: list[str]) -> list[tuple[str, str]]:
-        """Celery (state, exception type) of many tasks in one round trip; unknown ids are
-        PENDING."""
+    def _task_states(self, task_ids: list[str]) -> list[str]:
+        """Celery states of many tasks in one round trip; unknown ids are PENDING."""
         backend = self.app.backend
         values = backend.mget([backend.get_key_for_task(task_id) for task_id in task_ids])
-        found = []
-        for value in values:
-            meta = backend.decode(value) if value else {"status": states.PENDING}
-            result = meta.get("result")
-            error = result.get("exc_type", "") if isinstance(result, dict) else ""
-            found.append((meta["status"], error))
-        return found
+        return [backend.decode(value)["status"] if value else states.PENDING
+                for value in values]
+
+
+@contextlib.contextmanager
+def allowed(what: str, user: str) -> Iterator[None]:
+    """Turn Redis's refusal of a write (an ACL user's key permissions) into a clear
+    :class:`NotAllowed`; the refused script changed nothing."""
+    try:
+        yield
+    except redis.exceptions.NoPermissionError:
+        raise NotAllowed(f"{user} may not {what}: it is another artist's job (a wrangler "
+                         f"may)") from None
 
 
 def _merge_filters(filters: Sequence[Mapping[str, Any]]) -> dict[str, Any]:

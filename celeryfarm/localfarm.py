@@ -6,10 +6,15 @@ a growing delay, as Katana Queue's local agents are restarted), and on :meth:`Lo
 ends them all and every process they left behind.
 
 The data folder holds what must outlive one run, readable by its owner only: the embedded
-Redis's append-only data, its password and port (so nodes and Katana sessions that joined
-keep working after a restart), Flower's password, the children's logs, and while the farm
-runs, ``farm.json``, which tells the other commands (``env``, ``jobs``, ``demo``...) how to
-reach it.
+Redis's append-only data, its ACL users' passwords and port (so nodes and Katana sessions
+that joined keep working after a restart), Flower's password, the children's logs, and while
+the farm runs, ``farm.json``, which tells the other commands (``env``, ``jobs``, ``demo``...)
+how to reach it.
+
+The embedded Redis has the farm's ACL roles (:mod:`celeryfarm.acl`) and no default user:
+the nodes use ``node``, Flower ``flower``, and the commands and Katana sessions of this
+machine the artist user of its owner (a wrangler, named after the login); ``celeryfarm user
+add`` makes the other artists' users, which the ACL file keeps across restarts.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import dataclasses
 import fcntl
 import json
 import os
+import re
 import secrets
 import signal
 import socket
@@ -32,10 +38,12 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Callable
+from urllib.parse import urlsplit
 
 import psutil
 import redis
 
+from . import acl
 from .celery import create_app
 from .config import PREFIX, Settings, redact
 from .errors import FarmError, LocalFarmError
@@ -44,6 +52,8 @@ from .process import become_subreaper
 from .redisserver import RedisServer, free_port
 from .worker import node_command, node_name, wait_for_workers
 
+#: The key of the machine owner's artist user in :func:`embedded_users`.
+OWNER = "owner"
 STATE_FILE = "farm.json"
 KEEP_FILE = "embedded.json"
 LOCK_FILE = "up.lock"
@@ -66,6 +76,15 @@ def write_private(path: Path, data: Mapping[str, object]) -> None:
     os.replace(partial, path)
 
 
+def write_text_private(path: Path, text: str) -> None:
+    """Write ``text`` readable by the owner only, atomically (see :func:`write_private`)."""
+    partial = path.with_name(f".{path.name}.{os.getpid()}")
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as file:
+        file.write(text)
+    os.replace(partial, path)
+
+
 def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
@@ -84,12 +103,20 @@ class FarmState:
     flower_url: str = ""
     flower_user: str = ""
     embedded_redis: bool = True
+    #: The broker URL with the ``node`` user's credentials, for nodes joining from this
+    #: machine ("": the farm has no ACL users, nodes use ``broker_url``).
+    node_broker_url: str = ""
 
     @property
     def env(self) -> dict[str, str]:
         """The variables a Katana session or another process needs to use this farm."""
         return Settings(broker_url=self.broker_url,
                         shared_root=Path(self.shared_root)).client_environment()
+
+    @property
+    def node_env(self) -> dict[str, str]:
+        """The variables a render node of this machine needs to join this farm."""
+        return {**self.env, PREFIX + "BROKER_URL": self.node_broker_url or self.broker_url}
 
 
 def _locked(path: Path) -> bool:
@@ -116,17 +143,51 @@ def running_farm(data_dir: Path) -> FarmState | None:
         return None
 
 
-def client_environment(environ: Mapping[str, str]) -> dict[str, str]:
-    """``environ`` completed with the running local farm's variables, for commands run
-    without ``CELERYFARM_BROKER_URL``: with it set, that farm is the one meant."""
+def client_environment(environ: Mapping[str, str], node: bool = False) -> dict[str, str]:
+    """``environ`` completed with the running local farm's variables (a ``node``'s, with
+    the node user's credential), for commands run without ``CELERYFARM_BROKER_URL``: with
+    it set, that farm is the one meant."""
     env = dict(environ)
     if env.get(PREFIX + "BROKER_URL") or env.get(PREFIX + "BROKER_URL_FILE"):
         return env
     state = running_farm(Settings.from_env(env).data_dir)
     if state is not None:
-        for name, value in state.env.items():
+        for name, value in (state.node_env if node else state.env).items():
             env.setdefault(name, value)
     return env
+
+
+def embedded_admin_url(data_dir: Path) -> str:
+    """The admin user's URL of the embedded Redis of the farm ``up`` runs from
+    ``data_dir`` ("" if none runs)."""
+    state = running_farm(data_dir)
+    if state is None or not state.embedded_redis:
+        return ""
+    kept = _read_json(data_dir / KEEP_FILE)
+    password = kept.get("acl_passwords", {}).get(acl.ADMIN)
+    if not password or not kept.get("redis_port"):
+        return ""
+    return RedisServer(data_dir, kept["redis_port"], password, user=acl.ADMIN).url
+
+
+def owner_name(login: str) -> str:
+    """The artist user of the machine's owner, named after the login where it can be."""
+    name = re.sub(r"[^a-z0-9_-]", "-", login.lower())[:32].strip("-") or "owner"
+    if not re.match(r"[a-z0-9]", name) or name in (*acl.ROLES, "default"):
+        name = f"owner-{name}"[:32]
+    return acl.check_name(name)
+
+
+def embedded_users(settings: Settings, kept: dict) -> dict[str, acl.FarmUser]:
+    """The embedded Redis's users by role (``owner``: the machine owner's artist user),
+    their passwords made once and kept in ``kept``."""
+    passwords = kept.setdefault("acl_passwords", {})
+    owner = kept.setdefault("owner", owner_name(settings.user))
+    for role in (*acl.ROLES, owner):
+        passwords.setdefault(role, acl.new_password())
+    users = {user.name: user for user in acl.role_users(settings, passwords)}
+    users[OWNER] = acl.artist_user(owner, settings, wrangler=True, password=passwords[owner])
+    return users
 
 
 def wants_embedded_redis(settings: Settings, environ: Mapping[str, str]) -> bool:
@@ -137,8 +198,8 @@ def wants_embedded_redis(settings: Settings, environ: Mapping[str, str]) -> bool
     kept = _read_json(settings.data_dir / KEEP_FILE)
     if not url or not kept.get("redis_port"):
         return not url
-    embedded = RedisServer(settings.data_dir, kept["redis_port"], kept.get("redis_password", ""))
-    return url == embedded.url
+    parts = urlsplit(url)
+    return (parts.hostname, parts.port) == ("127.0.0.1", kept["redis_port"])
 
 
 def check_redis(url: str, timeout: float = 3.0) -> None:
@@ -253,6 +314,8 @@ class LocalFarm:
         self.children: list[Child] = []
         self.redis: RedisServer | None = None
         self.broker_url = settings.broker_url
+        #: The broker URL with each role's credentials (the embedded Redis's ACL users).
+        self.role_urls: dict[str, str] = {}
         self.flower_port = 0
         self.flower_password = settings.flower_password
         self.state: FarmState | None = None
@@ -288,7 +351,7 @@ class LocalFarm:
         if self.with_flower:
             self._start_flower(kept)
         self._keep(kept)
-        app = create_app(self.client_settings)
+        app = create_app(self.settings_as(acl.ADMIN))  # artists may not ping nodes
         try:
             wait_for_workers(
                 app, names, timeout=timeout, hint=f"see {self.log_dir}/node*.log",
@@ -308,6 +371,7 @@ class LocalFarm:
             flower_url=self.flower_url,
             flower_user=self.settings.flower_user if self.with_flower else "",
             embedded_redis=self.embedded,
+            node_broker_url=self.role_urls.get(acl.NODE, ""),
         )
         write_private(self.data_dir / STATE_FILE, dataclasses.asdict(self.state))
         return self.state
@@ -326,17 +390,25 @@ class LocalFarm:
         self._lock = lock
 
     def _start_redis(self, kept: dict) -> None:
-        kept.setdefault("redis_password", secrets.token_urlsafe(24))
+        kept.pop("redis_password", None)  # the default user's, before ACL users
+        users = embedded_users(self.settings, kept)
         port = kept.get("redis_port") or 0
         if not port or not _port_free(port):
             port = free_port()
         kept["redis_port"] = port
-        self.redis = RedisServer(self.data_dir / "redis", port=port,
-                                 password=kept["redis_password"],
+        folder = self.data_dir / "redis"
+        folder.mkdir(mode=0o700, exist_ok=True)
+        acl_file = folder / "users.acl"
+        # The roles as this version defines them; artists added since are kept.
+        others = acl_file.read_text().splitlines() if acl_file.exists() else []
+        write_text_private(acl_file, acl.acl_file(users.values(), others))
+        self.redis = RedisServer(folder, port=port, password=users[acl.ADMIN].password,
+                                 user=acl.ADMIN, acl_file=acl_file,
                                  maxmemory=self.settings.redis_maxmemory)
         self._add(Child("redis-server", lambda: self.redis.start().process,
                         lambda _process: self.redis.stop()))
-        self.broker_url = self.redis.url
+        self.role_urls = {role: user.url(self.redis.url) for role, user in users.items()}
+        self.broker_url = self.role_urls[OWNER]
 
     def _start_flower(self, kept: dict) -> None:
         if not self.flower_password:
@@ -354,18 +426,20 @@ class LocalFarm:
         self.children.append(child)
         child.start()
 
-    @property
-    def client_settings(self) -> Settings:
-        return dataclasses.replace(self.settings, broker_url=self.broker_url)
+    def settings_as(self, role: str) -> Settings:
+        """The settings with ``role``'s credential (the client's on a Redis of another's)."""
+        return dataclasses.replace(self.settings,
+                                   broker_url=self.role_urls.get(role, self.broker_url))
 
     @property
     def flower_url(self) -> str:
         return f"http://127.0.0.1:{self.flower_port}" if self.with_flower else ""
 
-    def _environment(self) -> dict[str, str]:
-        """The children's environment: this one, pointed at this farm."""
+    def _environment(self, role: str) -> dict[str, str]:
+        """The children's environment: this one, pointed at this farm with ``role``'s
+        credential."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("FLOWER_")}
-        env = {**env, **self.client_settings.client_environment()}
+        env = {**env, **self.settings_as(role).client_environment()}
         if self.settings.allow_root:
             env[PREFIX + "ALLOW_ROOT"] = "1"
         return env
@@ -381,10 +455,10 @@ class LocalFarm:
 
     def _start_worker(self, name: str) -> subprocess.Popen:
         return self._spawn(name, node_command(name, self.concurrency, self.queues),
-                           self._environment())
+                           self._environment(acl.NODE))
 
     def _spawn_flower(self) -> subprocess.Popen:
-        env = self._environment()
+        env = self._environment(acl.FLOWER)
         # From the environment, not argv: the process list would show the password.
         env["FLOWER_BASIC_AUTH"] = f"{self.settings.flower_user}:{self.flower_password}"
         env["FLOWER_TASKS_COLUMNS"] = "name,uuid,state,kwargs,received,started,runtime,worker"

@@ -188,7 +188,7 @@ class CeleryFarmPlugin(FarmAPI.BaseFarmPlugin):
         renderType."""
         with self._errors():
             if not filters:
-                filters = [{"user": self.farm.settings.user}]
+                filters = [{"user": self.farm.user}]
             elif isinstance(filters, Mapping):
                 filters = [filters]
             elif not isinstance(filters, (list, tuple)):
@@ -246,6 +246,9 @@ class CeleryFarmPlugin(FarmAPI.BaseFarmPlugin):
                 from None
         except FarmError as error:
             raise FarmAPI.FarmPluginException(str(error)) from None
+        except redis.exceptions.NoPermissionError as error:
+            raise FarmAPI.FarmPluginException(f"not allowed to this farm user: {error}") \
+                from None
         except (redis.RedisError, OperationalError) as error:
             url = redact(self.farm.settings.records_url)
             raise FarmAPI.FarmPluginException(f"cannot reach the farm's Redis at {url}: "

@@ -87,13 +87,18 @@ class Reaper(threading.Thread):
         self._done.set()
 
     def reap_once(self) -> list[tuple[str, str]]:
-        """One pass: expired leases, stranded messages, stale outbox entries. Returns the
+        """One pass: expired leases, stranded messages, the inbox of clients' jobs, stale
+        outbox entries. Returns the
         (job, what was done) of each step it acted on."""
         lost = [loss for loss in map(self._lose, self.store.expired(BATCH)) if loss]
         lost += self._rescue_stranded()
         lost += self._rescue_vanished()
         for loss in lost:
             self._after_loss(loss)
+        for job_id, outcome in self.store.adopt(int(OUTBOX_SECONDS * 1000), BATCH):
+            if outcome == "stale":
+                logger.warning("reaper: job %s was recorded by a client that never sent it",
+                               job_id)
         stale = self.store.stale_outbox(int(OUTBOX_SECONDS * 1000), BATCH)
         for job_id in stale:
             self._resend(job_id, "re-sending job %s dispatch %s from the outbox")

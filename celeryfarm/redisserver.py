@@ -1,4 +1,5 @@
-"""A private ``redis-server`` child process: loopback only, optional password, append-only.
+"""A private ``redis-server`` child process: loopback only, optional password or ACL users
+(an ACL file, see :mod:`celeryfarm.acl`), append-only.
 
 ``celeryfarm up`` runs the farm's Redis this way, and the tests and benchmarks run theirs.
 """
@@ -35,18 +36,24 @@ class RedisServer:
         appendonly: bool = True,
         executable: str = "redis-server",
         maxmemory: str = "1gb",
+        acl_file: Path | None = None,
+        user: str = "",
     ) -> None:
+        """With ``acl_file``, Redis's users come from that file (and ``ACL SAVE`` writes
+        there), and ``user`` and ``password`` are those this object connects as."""
         self.data_dir = Path(data_dir)
         self.port = port or free_port()
         self.password = password
         self.appendonly = appendonly
         self.executable = executable
         self.maxmemory = maxmemory
+        self.acl_file = acl_file
+        self.user = user
         self.process: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
-        auth = f":{self.password}@" if self.password else ""
+        auth = f"{self.user}:{self.password}@" if self.password else ""
         return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def command(self) -> list[str]:
@@ -71,7 +78,9 @@ class RedisServer:
             "loglevel warning",
             f"logfile {self.data_dir / 'redis.log'}",
         ]
-        if self.password:
+        if self.acl_file is not None:
+            lines.append(f"aclfile {self.acl_file}")
+        elif self.password:
             lines.append(f"requirepass {self.password}")
         return "\n".join(lines) + "\n"
 

@@ -15,12 +15,16 @@ from typing import TYPE_CHECKING, Callable
 from .config import PREFIX, Settings
 from .errors import FarmError, JobNotFound
 from .jobs import JobRecord
+from .records.keys import owner_free
 
 if TYPE_CHECKING:
     from .farm import Farm
     from .localfarm import LocalFarm
 
-_HEX = re.compile(r"[0-9a-f]{1,32}")
+#: What may name a job: its id (its owner, then 32 hex digits) or a unique start of it or
+#: of its hex digits.
+_JOB_ID = re.compile(r"[^\s]{1,300}")
+_FULL_ID = re.compile(r".+\.[0-9a-f]{32}")
 
 
 class Session:
@@ -50,6 +54,14 @@ class Session:
         return Settings.from_env(self.client_environ)
 
     @cached_property
+    def node_settings(self) -> Settings:
+        """Settings for a render node: as :attr:`settings`, with the node user's
+        credential for the running local farm."""
+        from .localfarm import client_environment
+
+        return Settings.from_env(client_environment(self.environ, node=True))
+
+    @cached_property
     def farm(self) -> Farm:
         from .farm import Farm
         from .localfarm import check_redis
@@ -63,17 +75,46 @@ class Session:
     def point_at(self, env: dict[str, str]) -> None:
         """Use the farm these variables name from now on (the farm the demo started)."""
         self.environ.update(env)
-        for name in ("client_environ", "settings", "farm"):
+        for name in ("client_environ", "settings", "node_settings", "farm", "admin_farm"):
             self.__dict__.pop(name, None)
+
+    @cached_property
+    def admin_farm(self) -> Farm:
+        """The farm as its admin, where this machine has the admin's credential (the farm
+        ``up`` runs here, or CELERYFARM_ADMIN_URL): for the farm-wide commands (drain,
+        enable, limit set) that artists may not run. Else as :attr:`farm`."""
+        from .farm import Farm
+
+        try:
+            url = self.admin_url()
+        except FarmError:
+            return self.farm
+        return Farm(dataclasses.replace(self.settings, broker_url=url, result_backend="",
+                                        store_url=""))
+
+    def admin_url(self) -> str:
+        """The Redis URL with the admin user's credential: CELERYFARM_ADMIN_URL, or that
+        of the farm ``celeryfarm up`` runs here."""
+        from .localfarm import embedded_admin_url
+
+        url = self.local_settings.admin_url
+        if not url and not self.environ.get(PREFIX + "BROKER_URL"):  # the farm `up` runs here
+            url = embedded_admin_url(self.local_settings.data_dir)
+        if not url:
+            raise FarmError(f"no admin credential: set {PREFIX}ADMIN_URL (or "
+                            f"{PREFIX}ADMIN_URL_FILE) to the farm's Redis URL with the admin "
+                            f"user's password, or run this where `celeryfarm up` runs the farm")
+        return url
 
     def resolve(self, text: str) -> str:
         """The full id of a job given by its id or a unique prefix of it (as git does)."""
-        wanted = text.strip().lower()
-        if not _HEX.fullmatch(wanted):
+        wanted = text.strip()
+        if not _JOB_ID.fullmatch(wanted):
             raise JobNotFound(text)
-        if len(wanted) == 32:
+        if _FULL_ID.fullmatch(wanted):
             return wanted
-        matches = [job_id for job_id in self.farm.job_ids() if job_id.startswith(wanted)]
+        matches = [job_id for job_id in self.farm.job_ids()
+                   if job_id.startswith(wanted) or owner_free(job_id).startswith(wanted)]
         if len(matches) == 1:
             return matches[0]
         if not matches:

@@ -24,7 +24,9 @@ from celery import states
 from celery.exceptions import Ignore
 
 from . import admission, process, progress, renderenv, retries
+from .celery import RENDER_STEP
 from .config import Settings
+from .dispatch import task_id as dispatch_task_id
 from .errors import CorruptRecord, FarmError, StepFailed
 from .jobs import JobRecord
 from .lease import StepLease, lease_owner
@@ -106,13 +108,78 @@ ORPHANED = "the worker's main process died"
 MAX_CLAIM_RETRIES = 20
 
 
-def render_step(
+#: A step message's arguments and their types (what :func:`dispatch.send` puts in it).
+MESSAGE = {"job_id": str, "attempt": int, "dispatch": int, "step": int, "steps": int,
+           "name": str, "command": list}
+
+
+def checked_message(task_id: str, args: tuple, kwargs: dict) -> str:
+    """Why a step message is not one the farm sent, or "". Anyone who can push to a queue
+    can forge one, so before anything else a node checks that it has a step's arguments
+    and that its task id is the one its token names (so it can neither mark another step's
+    Celery state nor pass for it); :func:`checked_dispatch` then checks it against the
+    record."""
+    if args or not isinstance(kwargs, dict) or set(kwargs) != set(MESSAGE) or any(
+            type(kwargs[name]) is not kind for name, kind in MESSAGE.items()):
+        return "its arguments are not a render step's"
+    token = Token(kwargs["job_id"], kwargs["attempt"], kwargs["dispatch"], kwargs["step"])
+    if task_id != dispatch_task_id(token):
+        return f"its task id is not its step's ({dispatch_task_id(token)})"
+    return ""
+
+
+def checked_dispatch(request: Any, commands: list | None, kwargs: dict) -> str:
+    """Why a well-formed step message is not its job's dispatch as the farm sends it, or
+    "": its command must be the record's, and it must carry the rest of the job's steps
+    (Celery's chain, which a node sends on when the step succeeds) as the farm would, with
+    no callback of its own. A message that passes is the same as the farm's own; one that
+    ran a step without the rest would leave the job's next step with no message."""
+    step = kwargs["step"]
+    if commands is None or not 0 <= step < len(commands):
+        return ""  # no such job or step: the claim says so
+    if list(commands[step]) != kwargs["command"]:
+        return ("its command is not the job record's (a forged or altered message?); the "
+                "node runs only the record's")
+    if request.callbacks or request.errbacks or request.chord:
+        return "it carries callbacks, which the farm's messages never do"
+    chain = list(reversed(request.chain or []))  # Celery keeps the next task last
+    if len(chain) != len(commands) - step - 1:
+        return "it does not carry the job's remaining steps"
+    for later, signature in enumerate(chain, start=step + 1):
+        try:
+            options, arguments = signature["options"], signature["kwargs"]
+            problem = "" if signature["task"] == RENDER_STEP else "another task"
+        except (KeyError, TypeError):
+            return "its chain is not the job's remaining steps"
+        problem = problem or checked_message(options.get("task_id", ""), (), arguments)
+        expected = {**kwargs, "step": later, "command": list(commands[later])}
+        if problem or {k: arguments[k] for k in ("job_id", "attempt", "dispatch", "step",
+                                                 "command")} != \
+                {k: expected[k] for k in ("job_id", "attempt", "dispatch", "step", "command")}:
+            return f"its chain's step {later + 1} is not the job's"
+    return ""
+
+
+def render_step(self: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """Run the step a message names, if it is one the farm could have sent
+    (:func:`checked_message`, :func:`checked_dispatch`); a forged one is dropped with a log
+    line, and leaves no state in Celery's results (which clients read) and the job as it
+    was. Registered as the bound task ``RENDER_STEP`` by the worker's render node."""
+    problem = checked_message(self.request.id, args, kwargs) or checked_dispatch(
+        self.request, self.app.node.store.step_commands(kwargs["job_id"]), kwargs)
+    if problem:
+        logger.error("refused the message of task %s: %s", self.request.id, problem)
+        raise Ignore()
+    return run_step(self, **kwargs)
+
+
+def run_step(
     self: Any, job_id: str, attempt: int, dispatch: int, step: int, steps: int, name: str,
     command: list[str],
 ) -> dict[str, Any]:
-    """Run step ``step`` (0-based) of ``steps`` of dispatch ``dispatch`` of job ``job_id``'s
-    ``attempt``. ``name`` and ``command`` are in the message so Flower shows what a task
-    renders. Registered as the bound task ``RENDER_STEP`` by the worker's render node."""
+    """Run step ``step`` (0-based) of dispatch ``dispatch`` of job ``job_id``'s
+    ``attempt``. ``name``, ``steps`` and ``command`` are in the message so Flower shows
+    what a task renders; the node goes by the job's record."""
     settings, store, user = self.app.node.settings, self.app.node.store, self.app.node.render_user
     node = self.request.hostname or "unknown node"
     label = f"step {step + 1}/{steps}"
@@ -134,6 +201,8 @@ def render_step(
         # whose Celery state must not be overwritten.
         _skip(self, f"job {job_id} {label} not run ({status}): {detail}",
               revoked=status in (ClaimStatus.SUPERSEDED, ClaimStatus.FINISHED))
+    steps = len(record.spec.commands)  # the record's, not the message's
+    label = f"step {step + 1}/{steps}"
     if record.bad_nodes.get(node, 0) >= retries.BAD_NODE_FAILURES:
         other = store.avoid(token, lease.owner, node, record.spec.queue,
                             int(settings.lease_seconds * 1000), retries.BAD_NODE_FAILURES)
@@ -147,7 +216,7 @@ def render_step(
         _fail(lease, f"{label}: the record's render log is not usable: {error}")
     except OSError as error:
         _fail(lease, f"{label}: cannot write the render log {log_path}: {error.strerror}")
-    command = _admitted(lease, log, record, step, command, settings, label)
+    command = _admitted(lease, log, record, step, settings, label)
     spec = record.spec
     rules = retries.FailureRules.of((settings.licence_pattern, settings.fatal_pattern),
                                     (spec.licence_pattern, spec.fatal_pattern))
@@ -198,7 +267,7 @@ def render_step(
 
 
 def _admitted(lease: StepLease, log: RenderLog, record: JobRecord, step: int,
-              shown: list[str], settings: Settings, label: str) -> list[str]:
+              settings: Settings, label: str) -> list[str]:
     """The command the node runs for ``step`` (see :mod:`celeryfarm.admission`); a refusal
     is logged, noted in the render log and fails the step before anything runs."""
     # The render's PATH matters only where programs are restricted (found there, then
@@ -206,8 +275,7 @@ def _admitted(lease: StepLease, log: RenderLog, record: JobRecord, step: int,
     search_path = (render_environment(record, {}, settings, None).get("PATH", os.defpath)
                    if settings.allowed_programs else None)
     try:
-        return admission.command_to_run(record, step, shown, settings.allowed_programs,
-                                        search_path)
+        return admission.command_to_run(record, step, settings.allowed_programs, search_path)
     except admission.Refused as refusal:
         logger.error("job %s %s refused: %s", record.job_id, label, refusal)
         with log:

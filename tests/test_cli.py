@@ -20,6 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from celeryfarm.records.keys import short_id
 from celeryfarm.redisserver import free_port
 
 from .cli_fixtures import (
@@ -38,7 +39,7 @@ from .cli_fixtures import (
     wait_until,
 )
 
-HEX32 = re.compile(r"^[0-9a-f]{32}$")
+HEX32 = re.compile(r"^[^.]+(\.[^.]+)*\.[0-9a-f]{32}$")
 
 
 @pytest.fixture(scope="module")
@@ -73,14 +74,15 @@ def test_up_prints_how_to_join_and_keeps_the_password_private(farm):
     output = farm.output.text
     exports = dict(re.findall(r"^export (\w+)=(.*)$", ok(farm.env, "env"), re.M))
     url = shlex.split(exports["CELERYFARM_BROKER_URL"])[0]
-    password = re.match(r"redis://:([^@]+)@127\.0\.0\.1:\d+/0$", url).group(1)
+    user, password = re.match(r"redis://([^:]+):([^@]+)@127\.0\.0\.1:\d+/0$", url).groups()
     assert password not in output  # up prints it redacted
-    assert "redis://:***@127.0.0.1" in output
+    assert f"redis://{user}:***@127.0.0.1" in output
     assert shlex.split(exports["CELERYFARM_SHARED_ROOT"])[0] == str(farm.base / "shared")
     assert re.search(r"flower +http://127\.0\.0\.1:\d+ +login admin / \S+", output)
     data = farm.base / "data"
-    for name in ("farm.json", "embedded.json"):
+    for name in ("farm.json", "embedded.json", "redis/users.acl"):
         assert stat.S_IMODE((data / name).stat().st_mode) == 0o600, name
+    assert password not in (data / "redis" / "users.acl").read_text()  # only its hash
     redis = [p for p in farm.descendants() if p.name() == "redis-server"]
     assert len(redis) == 1
     listening = {c.laddr.ip for c in redis[0].net_connections() if c.status == "LISTEN"}
@@ -107,14 +109,14 @@ def test_submit_and_watch_a_job_to_completed(farm, tmp_path):
     table = ok(farm.env, "jobs", "--state", "Completed")
     assert table.splitlines()[0].split() == [
         "ID", "NAME", "STATE", "FRAMES", "PROGRESS", "SUBMITTED", "FINISHED", "NODE", "LOG"]
-    row = next(line for line in table.splitlines() if line.startswith(job_id[:8]))
+    row = next(line for line in table.splitlines() if line.startswith(short_id(job_id)))
     assert "beauty" in row and "Completed" in row and status["log"] in row
     assert "frame 3 written" in ok(farm.env, "log", job_id[:6])  # a unique prefix is enough
 
 
 def test_submit_steps_with_cmd_and_wait_for_the_outcome(farm, tmp_path):
     boot = shlex.join(RENDERBOOT)
-    env = {**farm.env, "CELERYFARM_USER": f"td{os.getpid()}"}
+    env = farm.env
     passing = cli(env, "submit", "--name", "two steps", "--wait", "--frames", "1-10,20",
                   "--cmd", f"{boot} --seconds 0.2 --output {tmp_path}/a",
                   "--cmd", f"{boot} --seconds 0.2 --output {tmp_path}/b")
@@ -131,10 +133,35 @@ def test_submit_steps_with_cmd_and_wait_for_the_outcome(farm, tmp_path):
     assert failing.returncode == 1
     assert "Failed: step 1/2 failed: exit status 3" in failing.stderr
     assert not (tmp_path / "never").exists()
-    mine = [json.loads(line)["id"] for line in ok(env, "jobs", "--mine", "--json").splitlines()]
-    assert mine == [failing.stdout.strip(), passing.stdout.strip()]  # newest first
-    assert ok(farm.env, "jobs", "--user", env["CELERYFARM_USER"], "--state", "Failed",
+    mine = [json.loads(line) for line in ok(env, "jobs", "--mine", "--json").splitlines()]
+    assert [job["id"] for job in mine[:2]] == [failing.stdout.strip(),
+                                              passing.stdout.strip()]  # newest first
+    assert ok(farm.env, "jobs", "--user", mine[0]["user"], "--state", "Failed",
               "--json").count("\n") == 1
+
+
+def test_user_add_makes_an_artist_who_may_stop_only_their_own_jobs(farm):
+    """The printed settings join a workstation as that artist: its jobs are the artist's
+    (the Redis user, whatever CELERYFARM_USER says), and Redis refuses the artist a stop
+    of the owner's job; the owner (a wrangler) may stop the artist's."""
+    name = f"ann{os.getpid()}"
+    printed = ok(farm.env, "user", "add", name)
+    exports = dict(re.findall(r"^export (\w+)=(.*)$", printed, re.M))
+    url = shlex.split(exports["CELERYFARM_BROKER_URL"])[0]
+    assert url.startswith(f"redis://{name}:")
+    ann = {**farm.env, "CELERYFARM_BROKER_URL": url, "CELERYFARM_USER": "someone-else"}
+    theirs = submit(ann, *RENDERBOOT, "--live", name="anns")
+    assert job_status(farm.env, theirs)["user"] == name and theirs.startswith(f"{name}.")
+    owners = submit(farm.env, *RENDERBOOT, "--live", name="owners")
+    one_line_error(cli(ann, "stop", owners), f"{name} may not stop job")
+    assert job_status(farm.env, owners)["state"] in ("Waiting", "Running")
+    for job_id in (owners, theirs):  # the owner of the farm is a wrangler
+        ok(farm.env, "stop", job_id)
+        wait_for_state(farm.env, job_id, ("Cancelled",))
+    one_line_error(cli(farm.env, "user", "add", "Not A Name"), "user name 'Not A Name'")
+    # Farm-wide settings are the admin's: on this machine the commands use its credential.
+    one_line_error(cli(ann, "limit", "set", f"lic{os.getpid()}", "2"), "not allowed")
+    assert "2 unit(s)" in ok(farm.env, "limit", "set", f"lic{os.getpid()}", "2")
 
 
 def test_log_follow_prints_lines_as_they_come(farm):

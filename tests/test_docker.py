@@ -410,12 +410,13 @@ class ComposeFarm:
         self.project = f"cfarmtest{uuid.uuid4().hex[:10]}"
         self.shared = shared
         self.redis_port, self.flower_port = free_port(), free_port()
-        self.redis_password = secrets.token_hex(16)
+        self.passwords = {role: secrets.token_hex(16) for role in ("admin", "node", "flower")}
         self.flower_auth = ("admin", secrets.token_hex(12))
         katana = tmp_path / "katana"
         katana.mkdir()
         values = {
-            "CELERYFARM_REDIS_PASSWORD": self.redis_password,
+            **{f"CELERYFARM_REDIS_{role.upper()}_PASSWORD": password
+               for role, password in self.passwords.items()},
             "CELERYFARM_FLOWER_USER": self.flower_auth[0],
             "CELERYFARM_FLOWER_PASSWORD": self.flower_auth[1],
             "CELERYFARM_REDIS_PORT": self.redis_port,
@@ -446,7 +447,8 @@ class ComposeFarm:
 
     @property
     def broker_url(self) -> str:
-        return f"redis://:{self.redis_password}@127.0.0.1:{self.redis_port}/0"
+        """The host's URL of the farm's Redis, as its admin (who may ping the nodes)."""
+        return f"redis://admin:{self.passwords['admin']}@127.0.0.1:{self.redis_port}/0"
 
     def containers(self, service: str = "") -> list:
         labels = [f"com.docker.compose.project={self.project}"]
@@ -608,7 +610,7 @@ def test_compose_studio_set_up_with_a_submitter_umask_of_022(tmp_path: Path):
                   "--output", f"/shared/{context}/img"]
         who = ["python", "-c", f"import os; print('scene:', open({node_scene!r}).read().strip())"
                "; print('ids', os.getuid(), os.stat(f'/proc/{os.getppid()}').st_uid)"]
-        hunt = ["python", "-c", HUNT, farm.redis_password[::-1]]
+        hunt = ["python", "-c", HUNT, farm.passwords["node"][::-1]]
         job_id = plugin.submitJob(KatanaJobRequest(
             "Render", context, [1, 2, 3], [command_line(c) for c in (frames, who, hunt)],
             environment, temp_dir))

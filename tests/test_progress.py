@@ -8,6 +8,7 @@ import json
 from celeryfarm.farmapi import Job
 from celeryfarm.plugin import CeleryFarmPlugin
 from celeryfarm.progress import describe, seconds_left
+from celeryfarm.records.keys import short_id
 
 from .cli_fixtures import base_env, ok
 from .helpers import renderboot, submit, wait_for_state, wait_until
@@ -27,7 +28,7 @@ def test_a_running_job_shows_frames_done_and_the_time_left(
     assert status["frames_total"] == 40 and status["state"] == "Running"
     assert status["seconds_left"] > 0
     assert "/40 frames, about" in ok(env, "status", job_id)
-    row = next(line for line in ok(env, "jobs").splitlines() if line.startswith(job_id[:8]))
+    row = next(line for line in ok(env, "jobs").splitlines() if line.startswith(short_id(job_id)))
     assert "/40 frames" in row
     plugin.stopJob(job_id)
 

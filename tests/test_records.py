@@ -8,6 +8,7 @@ table says, the others are refused and change nothing.
 from __future__ import annotations
 
 import itertools
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -182,8 +183,8 @@ def test_a_step_awaits_a_node_from_its_sending_until_a_node_claims_it(store: Job
         return [(token, queue) for token, queue in store.awaiting(age_ms=0)
                 if token.job_id == job_id]
 
-    assert awaiting() == []  # recorded, not yet sent: the outbox covers it
-    store.sent(job_id, ["a", "b"])
+    assert awaiting() == []  # recorded, not yet sent: the inbox covers it
+    store.sent(job_id, 1, ["a", "b"])
     assert awaiting() == [(first, "p")] and job_id not in store.stale_outbox(age_ms=0)
     assert job_id not in {token.job_id for token, _ in store.awaiting(age_ms=60_000)}
     assert claim(store, first)
@@ -193,6 +194,33 @@ def test_a_step_awaits_a_node_from_its_sending_until_a_node_claims_it(store: Job
     assert store.cancel(job_id, 1, "stopped")
     assert awaiting() == []
     assert store.redis.zscore(store.keys.awaiting, job_id) is None  # forgotten
+
+
+def test_nodes_take_a_clients_jobs_from_the_inbox_into_the_shared_sets(store: JobStore):
+    """A client writes only its job's record, its own index and the inbox; a node indexes
+    the job for everyone, and makes its step await a node once the client has sent it, or
+    puts it in the outbox if the client never did (it died)."""
+    spec = JobSpec.build(name="t", commands=["true"], settings={"pool": "p"}, user="ann",
+                         session="ann-s")
+    sent, unsent = (f"ann.{uuid.uuid4().hex}" for _ in range(2))
+    for job_id in (sent, unsent):
+        store.create(JobRecord(job_id=job_id, spec=spec, log_path=f"{job_id}/render.log",
+                               state=JobState.WAITING, submitted_ms=int(time.time() * 1000)))
+    ours = {sent, unsent}
+
+    def adopt(age_ms: int) -> dict[str, str]:
+        return {job_id: done for job_id, done in store.adopt(age_ms) if job_id in ours}
+
+    assert not ours & set(store.ids()) and set(store.ids("user", "ann")) == ours
+    store.sent(sent, 1, [f"{sent}-1.1-0"], by_node=False)
+    assert store.redis.zscore(store.keys.awaiting, sent) is None  # a client's send
+    assert adopt(60_000) == {sent: "sent", unsent: "unsent"}
+    assert ours <= set(store.ids()) and set(store.ids("session", "ann-s")) == ours
+    assert store.redis.zscore(store.keys.awaiting, sent) is not None
+    assert ours & set(store.redis.lrange(store.keys.inbox, 0, -1)) == {unsent}
+    assert adopt(0) == {unsent: "stale"}
+    assert unsent in store.stale_outbox(age_ms=0)
+    assert not ours & set(store.redis.lrange(store.keys.inbox, 0, -1))
 
 
 def test_a_step_lost_too_often_is_held_until_the_job_fails(store: JobStore):

@@ -2,11 +2,41 @@
 
 Every key starts with the farm's ``CELERYFARM_KEY_PREFIX``, so farms can share a Redis.
 Scripts get their keys as ``KEYS`` from here; none builds a key name itself.
+
+A job's id starts with its owner's name (``alice.1f0c...``), so the keys an artist may write
+(their jobs' records and their own index, see :meth:`Keys.owned`) have names that Redis ACL
+key patterns can express: Redis itself refuses a write to another artist's job. Everything
+else an artist writes at submission goes through the append-only inbox (see
+:attr:`Keys.inbox`); the shared indexes and sets are written by render nodes only.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import uuid
+
+#: Between the owner's name and the rest of a job id.
+OWNER_SEP = "."
+
+
+def new_job_id(owner: str) -> str:
+    """A new job id of ``owner``'s (their name, then a UUID)."""
+    return f"{owner}{OWNER_SEP}{uuid.uuid4().hex}"
+
+
+def owner_of(job_id: str) -> str:
+    """The owner a job id names ("" for an id without one)."""
+    return job_id.rpartition(OWNER_SEP)[0]
+
+
+def owner_free(job_id: str) -> str:
+    """A job id without its owner: what a person may type for short."""
+    return job_id.rpartition(OWNER_SEP)[2]
+
+
+def short_id(job_id: str) -> str:
+    """The start of a job id's hex digits, as listings show it (and ``resolve`` takes)."""
+    return owner_free(job_id)[:8]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,6 +57,19 @@ class Keys:
         """Sorted set: job id -> submission time (ms), of all jobs or of a user's or
         session's."""
         return f"{self.prefix}:index:{kind}:{value}" if value else f"{self.prefix}:index:{kind}"
+
+    @property
+    def inbox(self) -> str:
+        """List of job ids whose dispatch a client recorded (a submission or a restart):
+        render nodes take them from here into the shared indexes, outbox and awaiting set
+        (``adopt.lua``). Clients may only push to it, so no artist can take another's
+        entry out of those shared structures."""
+        return f"{self.prefix}:inbox"
+
+    def owned(self, owner: str) -> tuple[str, ...]:
+        """Key patterns (Redis ACL globs) of the keys ``owner`` writes as an artist: their
+        jobs' records and their own index. ``owner`` must hold no glob character."""
+        return (self.job(f"{owner}{OWNER_SEP}*"), self.index("user", owner))
 
     @property
     def leases(self) -> str:

@@ -17,7 +17,7 @@ COMMON = "common.lua"
 #: Scripts by name: each is ``lua/<name>.lua``.
 NAMES = ("claim", "renew", "finish", "abandon", "expired", "reap", "rescue", "stale_outbox",
          "transition", "sent", "forget", "fail_lost", "retry", "due", "avoid", "heartbeat",
-         "progress")
+         "progress", "adopt")
 
 
 @functools.cache
@@ -47,7 +47,7 @@ class Scripts:
             load("transition"), load("sent"), load("forget"))
         self.retry, self.due = load("retry"), load("due")
         self.avoid, self.heartbeat = load("avoid"), load("heartbeat")
-        self.progress = load("progress")
+        self.progress, self.adopt = load("progress"), load("adopt")
 
 
 def _register(client: redis.Redis, name: str) -> Script:

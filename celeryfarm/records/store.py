@@ -96,12 +96,20 @@ class JobStore:
 
     # -- creating ----------------------------------------------------------------------------
     def create(self, record: JobRecord, dispatching: bool = True) -> None:
-        """Store a new record, index it and (unless told not to) put it in the outbox, in
-        one round trip."""
+        """Store a new record and put it in its owner's index, in one round trip: what an
+        artist's credential may write (see :meth:`Keys.owned`). A dispatching record also
+        goes into the inbox, from which render nodes index it in the shared indexes
+        (``adopt.lua``); one that is not (an import, a test) is indexed here, which needs a
+        credential that may write those."""
         pipe = self.redis.pipeline(transaction=True)
-        self._add(pipe, record)
         if dispatching:
-            pipe.zadd(self.keys.outbox, {record.job_id: record.submitted_ms})
+            pipe.hset(self.keys.job(record.job_id), mapping=codec.encode(record))
+            if record.spec.user:
+                pipe.zadd(self.keys.index("user", record.spec.user),
+                          {record.job_id: record.submitted_ms})
+            pipe.rpush(self.keys.inbox, record.job_id)
+        else:
+            self._add(pipe, record)
         pipe.execute()
 
     def create_many(self, records: Iterable[JobRecord]) -> None:
@@ -123,12 +131,32 @@ class JobStore:
         if record.spec.session:
             pipe.zadd(self.keys.index("session", record.spec.session), score)
 
+    def adopt(self, age_ms: int, limit: int = 100) -> list[tuple[str, str]]:
+        """Take jobs from the inbox into the shared indexes, and into the awaiting set once
+        their client has sent them, or the outbox if it has not for ``age_ms`` (render
+        nodes; see ``adopt.lua``). Returns each job's (id, what was done)."""
+        job_ids = list(dict.fromkeys(self.redis.lrange(self.keys.inbox, 0, limit - 1)))
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hget(self.keys.job(job_id), "session")
+        done = []
+        for job_id, session in zip(job_ids, pipe.execute()):
+            index = self.keys.index("session", session) if session else self.keys.index()
+            done.append((job_id, self.scripts.adopt(
+                keys=[self.keys.inbox, self.keys.job(job_id), self.keys.index(), index,
+                      self.keys.outbox, self.keys.awaiting],
+                args=[job_id, age_ms])))
+        return done
+
     # -- dispatching -------------------------------------------------------------------------
-    def sent(self, job_id: str, task_ids: Iterable[str]) -> None:
-        """Record the Celery ids a dispatch sent (what a stop revokes), take the job out of
-        the outbox, and make its next step await a node, in one write."""
-        self.scripts.sent(keys=[self.keys.job(job_id), self.keys.outbox, self.keys.awaiting],
-                          args=[job_id, json.dumps(list(task_ids))])
+    def sent(self, job_id: str, dispatch: int, task_ids: Iterable[str],
+             by_node: bool = True) -> None:
+        """Record the Celery ids a dispatch sent and its number; a render node also takes
+        the job out of the outbox and makes its next step await a node, in the same write.
+        A client's job is taken into those shared sets by a node (:meth:`adopt`)."""
+        shared = [self.keys.outbox, self.keys.awaiting] if by_node else []
+        self.scripts.sent(keys=[self.keys.job(job_id), *shared],
+                          args=[job_id, json.dumps(list(task_ids)), dispatch])
 
     def unsendable(self, job_id: str) -> None:
         """Take a job whose dispatch must not be sent (it ended meanwhile) out of the
@@ -360,7 +388,7 @@ class JobStore:
 
     def restart(self, record: JobRecord, previous_attempt: int) -> bool:
         """Start a finished job again as ``record``'s (new) attempt and dispatch, and put it
-        in the outbox; False if it was not finished or someone restarted it first."""
+        in the inbox; False if it was not finished or someone restarted it first."""
         fresh = {**codec.attempt_fields(record), "lost": 0, "failures": 0, "licence_waits": 0,
                  "frames_done": 0,
                  "submitted": record.submitted_ms,
@@ -372,11 +400,16 @@ class JobStore:
         self, event: Event, job_id: str, attempt: int, changes: dict[str, object],
         dispatching: bool = False,
     ) -> bool:
-        keys = [self.keys.job(job_id)] + ([self.keys.outbox] if dispatching else [])
         args: list[object] = [job_id, attempt, sources_arg(event), TRANSITIONS[event].target]
         for name, value in changes.items():
             args += [name, codec.text(value)]
-        applied = self.scripts.transition(keys=keys, args=args)
+        pipe = self.redis.pipeline(transaction=True)
+        self.scripts.transition(keys=[self.keys.job(job_id)], args=args, client=pipe)
+        if dispatching:
+            # In the same write, outside the script: an artist may push to the inbox, but
+            # not name it in a script. An entry for a change refused is harmless (adopt.lua).
+            pipe.rpush(self.keys.inbox, job_id)
+        applied = pipe.execute()[0]
         if applied == -1:
             raise JobNotFound(job_id)
         return applied == 1
@@ -387,6 +420,15 @@ class JobStore:
         if not fields:
             raise JobNotFound(job_id)
         return codec.decode(job_id, fields)
+
+    def step_commands(self, job_id: str) -> list | None:
+        """The commands the job's record holds (a list of argv lists); None if there is no
+        such job or the record cannot be read (the claim says why then)."""
+        try:
+            commands = json.loads(self.get_field(job_id, "commands") or "null")
+        except ValueError:
+            return None
+        return commands if isinstance(commands, list) else None
 
     def get_field(self, job_id: str, name: str) -> str | None:
         return self.redis.hget(self.keys.job(job_id), name)
@@ -412,6 +454,13 @@ class JobStore:
     def ids(self, kind: str = "all", value: str = "") -> list[str]:
         """Job ids of an index, newest first."""
         return self.redis.zrevrange(self.keys.index(kind, value), 0, -1)
+
+    def ids_with(self, owner: str) -> list[str]:
+        """Every job's id, newest first, ``owner``'s included before a render node has
+        indexed them (see :meth:`adopt`)."""
+        found = self.redis.zunion([self.keys.index(), self.keys.index("user", owner)],
+                                  withscores=True)
+        return [job_id for job_id, _ in sorted(found, key=lambda item: -item[1])]
 
     def summaries(self, job_ids: Iterable[str]) -> Iterator[JobRecord]:
         """Listing records for many jobs, ``BATCH`` ids per round trip; ids whose record is

@@ -12,8 +12,10 @@ import subprocess
 from collections.abc import Mapping
 from pathlib import Path
 
+import redis
 from celery import Celery
 
+from .. import acl
 from ..config import Settings
 from ..redisserver import RedisServer
 from ..worker import celery_command, node_command, wait_for_workers
@@ -23,25 +25,56 @@ class LocalCluster:
     """A Redis and some render-node workers sharing one shared root under ``base``."""
 
     def __init__(self, base: Path, extra_env: Mapping[str, str] | None = None,
-                 password: str = "") -> None:
+                 password: str = "", acl_users: bool = False) -> None:
+        """With ``acl_users``, Redis has the farm's ACL roles (:mod:`celeryfarm.acl`) and
+        the nodes use the ``node`` user; :meth:`url_as` and :meth:`add_artist` give the
+        others' credentials."""
         self.base = Path(base)
         self.shared_root = self.base / "shared"
-        self.redis = RedisServer(self.base / "redis", password=password)
+        self.passwords = {role: acl.new_password() for role in acl.ROLES} if acl_users else {}
+        self.redis = RedisServer(
+            self.base / "redis", password=self.passwords.get(acl.ADMIN, password),
+            acl_file=self.base / "redis" / "users.acl" if acl_users else None,
+            user=acl.ADMIN if acl_users else "")
         self.extra_env = dict(extra_env or {})
         self.workers: dict[str, subprocess.Popen] = {}
 
     @property
     def env(self) -> dict[str, str]:
         """The ``CELERYFARM_*`` variables every client and worker of this farm uses."""
-        settings = Settings(broker_url=self.redis.url, shared_root=self.shared_root)
+        url = self.url_as(acl.NODE) if self.passwords else self.redis.url
+        settings = Settings(broker_url=url, shared_root=self.shared_root)
         # Tests and CI run as root; the nodes are told they may (--allow-root).
         allow_root = {"CELERYFARM_ALLOW_ROOT": "1"} if os.geteuid() == 0 else {}
         return {**settings.client_environment(), **allow_root, **self.extra_env}
 
     def start(self) -> LocalCluster:
         self.shared_root.mkdir(parents=True, exist_ok=True)
+        if self.redis.acl_file is not None:
+            self.redis.acl_file.parent.mkdir(parents=True, exist_ok=True)
+            users = acl.role_users(self.settings, self.passwords)
+            self.redis.acl_file.write_text(acl.acl_file(users))
         self.redis.start()
         return self
+
+    @property
+    def settings(self) -> Settings:
+        return Settings.from_env({**self.extra_env, "CELERYFARM_BROKER_URL": self.redis.url})
+
+    def url_as(self, role: str) -> str:
+        """The Redis URL with the credentials of one of the farm's roles."""
+        user = acl.FarmUser(role, self.passwords[role], ())
+        return user.url(self.redis.url)
+
+    def add_artist(self, name: str, wrangler: bool = False) -> str:
+        """Make an artist's Redis user; its Redis URL."""
+        user = acl.artist_user(name, self.settings, wrangler)
+        admin = redis.Redis.from_url(self.redis.url)
+        try:
+            acl.set_user(admin, user)
+        finally:
+            admin.close()
+        return user.url(self.redis.url)
 
     def start_worker(
         self, name: str, concurrency: int = 2, queues: str = "renders",

@@ -1,0 +1,217 @@
+"""Who may do what on the farm's Redis: its roles as Redis ACL users, the one place that
+defines them.
+
+A farm whose Redis has ACL users gives each kind of process its own credential, and Redis
+itself enforces what each may do (see the README's threat model):
+
+* ``node``: render nodes. Every farm key and Celery key, Celery's channels and results;
+  nothing of Redis's administration.
+* ``flower``: the dashboard. Celery's keys and channels (events, remote control), results
+  read-only; no job record.
+* ``admin``: everything, the only one with ``FLUSHALL``, ``CONFIG``, ``ACL``, ``KEYS``...
+* one user per artist (``celeryfarm user add NAME``): reads the whole farm, writes only
+  their own jobs' records and index (their names start with the artist's, see
+  :meth:`~celeryfarm.records.keys.Keys.owned`), may only push to the Celery queues and to
+  the farm's inbox, and has no access to Celery's remote control (so no revoke). A
+  ``wrangler`` may also write every job's record: stop and restart anyone's job.
+
+The rules are built from the farm's key prefix, so farms sharing a Redis get disjoint users'
+rights. A job's user is the authenticated Redis user (:func:`authenticated_user`).
+
+Run as ``python -m celeryfarm.acl PATH`` (the compose file's ``preflight`` service), it
+writes the roles' lines of a Redis ACL file to PATH, with the passwords of the variables
+``CELERYFARM_REDIS_{ADMIN,NODE,FLOWER}_PASSWORD`` as SHA-256 hashes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import re
+import secrets
+import sys
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from urllib.parse import quote, urlsplit, urlunsplit
+
+import redis
+
+from .config import Settings
+from .errors import ConfigError
+from .records.keys import Keys
+
+#: The farm's own roles; artists are users of other names.
+NODE, FLOWER, ADMIN = "node", "flower", "admin"
+ROLES = (NODE, FLOWER, ADMIN)
+#: Artists' user names: no glob or key-separator characters, so their key patterns say
+#: exactly their keys.
+USER_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
+#: Celery's result keys and channels (the result backend does not use the key prefix).
+RESULTS = "celery-task-meta-*"
+
+#: Every role but admin: the data commands, none of Redis's administration or of what
+#: could hurt every user (FLUSHALL, FLUSHDB, CONFIG, REPLICAOF, MODULE, DEBUG, SHUTDOWN,
+#: KEYS, ACL, CLIENT KILL, MONITOR, FUNCTION, SCRIPT FLUSH/KILL are @admin/@dangerous or
+#: denied here); a user may still ask who it is.
+BASE = ("resetkeys", "resetchannels", "-@all", "+@read", "+@write", "+@keyspace",
+        "+@transaction", "+@connection", "+@scripting", "+@pubsub", "+time",
+        "-@admin", "-@dangerous", "-function", "-script|flush", "-script|kill",
+        "+acl|whoami")
+
+
+def _broker_db(settings: Settings) -> str:
+    """The broker's database number, which kombu puts in its channels' names."""
+    path = urlsplit(settings.broker_url).path.strip("/")
+    return path or "0"
+
+
+def _channels(settings: Settings) -> dict[str, str]:
+    """kombu's pub/sub channels (and the patterns nodes and Flower subscribe to, which
+    Redis compares literally): task events, worker events, remote control."""
+    base = f"{settings.broker_key_prefix}/{_broker_db(settings)}."
+    return {"events": f"{base}celeryev/*", "worker_events": f"{base}celeryev/worker.*",
+            "task_sent": f"{base}celeryev/task.sent", "control": f"{base}celery.pidbox"}
+
+
+def role_rules(role: str, settings: Settings) -> list[str]:
+    """The ACL rules of one of the farm's ``ROLES``."""
+    keys = Keys(settings.key_prefix)
+    channels = _channels(settings)
+    if role == ADMIN:
+        return ["+@all", "~*", "&*"]
+    if role == NODE:
+        return [*BASE, f"~{keys.prefix}:*", f"~{RESULTS}", f"&{RESULTS}",
+                f"&{channels['events']}", f"&{channels['worker_events']}",
+                f"&{channels['control']}"]
+    if role == FLOWER:
+        return [*BASE, f"~{settings.broker_key_prefix}*", f"%R~{RESULTS}",
+                f"&{channels['events']}", f"&{channels['control']}"]
+    raise ConfigError(f"unknown role {role!r}; the roles are {', '.join(ROLES)}")
+
+
+def artist_rules(name: str, settings: Settings, wrangler: bool = False) -> list[str]:
+    """The ACL rules of artist ``name``: read everything of the farm; write their own
+    jobs (every job's record, for a ``wrangler``); push to the queues and the inbox;
+    subscribe to results; publish only the event that says a task was sent."""
+    check_name(name)
+    keys = Keys(settings.key_prefix)
+    writes = keys.owned(name) + ((keys.job("*"),) if wrangler else ())
+    return [*BASE, f"%R~{keys.prefix}:*", f"%R~{RESULTS}", *(f"~{key}" for key in writes),
+            f"&{_channels(settings)['task_sent']}",
+            f"(+lpush +rpush +sadd ~{settings.broker_key_prefix}* ~{keys.inbox})",
+            f"(+subscribe &{RESULTS})"]
+
+
+def check_name(name: str) -> str:
+    """``name`` if it may name an artist's user; raises :class:`ConfigError`."""
+    if not USER_NAME.fullmatch(name) or name in (*ROLES, "default"):
+        raise ConfigError(f"user name {name!r}: use 1-32 lowercase letters, digits, '-' or "
+                          f"'_', starting with a letter or digit, and none of "
+                          f"{', '.join((*ROLES, 'default'))}")
+    return name
+
+
+@dataclasses.dataclass(frozen=True)
+class FarmUser:
+    """A Redis user of the farm: a name, its password and its rules."""
+
+    name: str
+    password: str
+    rules: tuple[str, ...]
+
+    def acl_line(self) -> str:
+        """The user as a line of a Redis ACL file: its password only as a SHA-256 hash."""
+        digest = hashlib.sha256(self.password.encode()).hexdigest()
+        return " ".join(["user", self.name, "reset", "on", f"#{digest}", *self.rules])
+
+    def setuser_args(self) -> list[str]:
+        """``ACL SETUSER`` arguments that make (or remake) the user."""
+        return [self.name, "reset", "on", f">{self.password}", *self.rules]
+
+    def url(self, base_url: str) -> str:
+        """``base_url`` (the farm's Redis) with this user's credentials."""
+        parts = urlsplit(base_url)
+        host = parts.netloc.rpartition("@")[2]
+        auth = f"{quote(self.name, safe='')}:{quote(self.password, safe='')}@"
+        return urlunsplit(parts._replace(netloc=auth + host))
+
+
+def new_password() -> str:
+    """A password for a farm user (URL-safe, so it goes into redis:// URLs as it is)."""
+    return secrets.token_urlsafe(24)
+
+
+def role_users(settings: Settings, passwords: dict[str, str]) -> list[FarmUser]:
+    """The farm's ``ROLES`` as users, with ``passwords`` (role -> password)."""
+    return [FarmUser(role, passwords[role], tuple(role_rules(role, settings)))
+            for role in ROLES]
+
+
+def artist_user(name: str, settings: Settings, wrangler: bool = False,
+                password: str = "") -> FarmUser:
+    return FarmUser(name, password or new_password(),
+                    tuple(artist_rules(name, settings, wrangler)))
+
+
+def acl_file(users: Iterable[FarmUser], kept: Iterable[str] = ()) -> str:
+    """A Redis ACL file: the default user off, ``users``, then the ``kept`` lines of other
+    users (artists added since).
+
+    No one can log in as the default user (it is off), but it keeps every permission:
+    Redis 7 replays the append-only file's transactions as that user and re-checks them at
+    EXEC, so a default user without rights loses every MULTI/EXEC write at a restart
+    (redis/redis#14541)."""
+    users = list(users)
+    names = {"default", *(user.name for user in users)}
+    others = [line for line in kept if line.split()[1:2] and line.split()[1] not in names]
+    lines = ["user default off resetpass ~* &* +@all",
+             *(user.acl_line() for user in users), *others]
+    return "\n".join(lines) + "\n"
+
+
+def set_user(admin: redis.Redis, user: FarmUser) -> None:
+    """Make (or remake) ``user`` on a running Redis, and save the ACL file if it has one,
+    so the user outlives a restart."""
+    admin.execute_command("ACL", "SETUSER", *user.setuser_args())
+    try:
+        admin.execute_command("ACL", "SAVE")
+    except redis.ResponseError as error:
+        if "aclfile" not in str(error).lower():
+            raise
+
+
+def authenticated_user(client: redis.Redis) -> str:
+    """The Redis user ``client`` is authenticated as; "" for Redis's ``default`` user (a
+    farm without ACL users, where the job's user is the login name)."""
+    try:
+        name = client.acl_whoami()
+    except redis.ResponseError:  # a Redis without ACLs
+        return ""
+    return "" if name == "default" else name
+
+
+def password_variable(role: str) -> str:
+    """The variable the compose file gives ``role``'s password in."""
+    return f"CELERYFARM_REDIS_{role.upper()}_PASSWORD"
+
+
+def write_roles(path: Path, environ: Mapping[str, str]) -> None:
+    """Write the roles' ACL file lines (the default user off, then node, flower, admin)
+    with the passwords ``environ`` holds; readable by all: it holds only hashes."""
+    settings = Settings.from_env(environ)
+    passwords = {role: environ.get(password_variable(role), "") for role in ROLES}
+    missing = [password_variable(role) for role, password in passwords.items() if not password]
+    if missing:
+        raise ConfigError(f"{', '.join(missing)} not set")
+    partial = path.with_name(f".{path.name}.{os.getpid()}")
+    partial.write_text(acl_file(role_users(settings, passwords)))
+    partial.chmod(0o644)
+    partial.replace(path)
+
+
+if __name__ == "__main__":
+    try:
+        write_roles(Path(sys.argv[1]), os.environ)
+    except (ConfigError, OSError, IndexError) as error:
+        sys.exit(f"cannot write the farm's Redis users: {error}")

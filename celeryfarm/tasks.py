@@ -28,7 +28,6 @@ from .config import Settings
 from .errors import CorruptRecord, FarmError, StepFailed
 from .jobs import JobRecord
 from .lease import StepLease, lease_owner
-from .metrics import STEP_BUCKETS
 from .paths import SharedRoot
 from .records.states import ClaimStatus, FailureKind, StepOutcome
 from .records.store import Token
@@ -152,7 +151,7 @@ def render_step(
     rules = retries.FailureRules.of((settings.licence_pattern, settings.fatal_pattern),
                                     (spec.licence_pattern, spec.fatal_pattern))
     frames = progress.FrameWatcher(GatedLog(log, lease), settings.frame_pattern, spec.frames,
-                                   done=lambda frame: _frame_done(store, lease, frame))
+                                   done=lease.frame_done)
     output = retries.OutputWatcher(frames, rules)
     started = time.monotonic()
     with log, lease.keep(), stop_signals(lease.stop_reason) as should_stop, \
@@ -181,7 +180,7 @@ def render_step(
         if outcome.survivors:
             logger.error("job %s %s: processes outlived SIGKILL: %s", job_id, label,
                          outcome.survivors)
-        _observe(store, time.monotonic() - started)
+        lease.seconds = time.monotonic() - started  # for the histogram, written at the end
         if lease.valid():
             log.step_ended(step, steps, outcome.describe(), time.monotonic() - started)
         if outcome.stop_reason:
@@ -230,24 +229,6 @@ def _after_stop(task: Any, lease: StepLease, reason: str, what: str) -> NoReturn
         lease.finish(StepOutcome.ABANDONED)  # re-dispatched: its Celery state must not say REVOKED
         _skip(task, f"{what}: {reason}; given up for another node")
     _skip(task, f"{what}: {reason}", revoked=True)
-
-
-def _observe(store: Any, seconds: float) -> None:
-    """Add the step's duration to the farm's histogram (``celeryfarm metrics``)."""
-    try:
-        store.observe_step(seconds, STEP_BUCKETS)
-    except redis.RedisError as error:
-        logger.warning("cannot record a step's duration: %s", error)
-
-
-def _frame_done(store: Any, lease: StepLease, frame: int) -> None:
-    """Count a frame the render reported done; progress is for people, so an unreachable
-    Redis only costs a count (the lease's own renewals say when it matters)."""
-    try:
-        store.frame_done(lease.token, lease.owner, frame)
-    except redis.RedisError as error:
-        logger.warning("job %s: cannot count frame %s done: %s", lease.token.job_id, frame,
-                       error)
 
 
 def _failed_try(task: Any, lease: StepLease, record: JobRecord, log: RenderLog, what: str,

@@ -16,8 +16,7 @@ from redis.commands.core import Script
 COMMON = "common.lua"
 #: Scripts by name: each is ``lua/<name>.lua``.
 NAMES = ("claim", "renew", "finish", "abandon", "expired", "reap", "rescue", "stale_outbox",
-         "transition", "sent", "forget", "fail_lost", "retry", "due", "avoid", "heartbeat",
-         "progress")
+         "transition", "sent", "forget", "fail_lost", "retry", "due", "avoid", "heartbeat")
 
 
 @functools.cache
@@ -47,7 +46,6 @@ class Scripts:
             load("transition"), load("sent"), load("forget"))
         self.retry, self.due = load("retry"), load("due")
         self.avoid, self.heartbeat = load("avoid"), load("heartbeat")
-        self.progress = load("progress")
 
 
 def _register(client: redis.Redis, name: str) -> Script:

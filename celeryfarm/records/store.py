@@ -22,6 +22,7 @@ from redis.retry import Retry
 
 from ..errors import CorruptRecord, JobNotFound
 from ..jobs import JobRecord
+from ..metrics import STEP_BUCKETS
 from . import fields as codec
 from . import states
 from .keys import Keys
@@ -31,6 +32,8 @@ from .states import TRANSITIONS, Event, sources_arg
 logger = logging.getLogger(__name__)
 #: Ids per pipeline round trip when reading many records.
 BATCH = 1000
+#: The step histogram's bucket bounds, as the scripts spell them in the stats hash's fields.
+STEP_BOUNDS = ",".join(f"{bound:g}" for bound in STEP_BUCKETS)
 
 
 def connect(url: str) -> redis.Redis:
@@ -84,6 +87,10 @@ class Loss:
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def _seconds_arg(seconds: float | None) -> str:
+    return "" if seconds is None else repr(float(seconds))
 
 
 class JobStore:
@@ -163,23 +170,28 @@ class JobStore:
             return states.ClaimStatus(status), detail, None
         return states.ClaimStatus.OK, detail, codec.decode_flat(token.job_id, record[0])
 
-    def renew(self, token: Token, owner: str, lease_ms: int) -> states.FailureKind | None:
-        """Renew a running step's lease: None, or why the step must stop."""
+    def renew(self, token: Token, owner: str, lease_ms: int,
+              frames: Sequence[int] = ()) -> states.FailureKind | None:
+        """Renew a running step's lease, counting the ``frames`` it reported done since the
+        last renewal: None, or why the step must stop."""
         status = self.scripts.renew(
-            keys=self._step_keys(token.job_id)[:2],
+            keys=[*self._step_keys(token.job_id)[:2],
+                  self.keys.frames_done(token.job_id, token.attempt)],
             args=[token.job_id, token.attempt, token.dispatch, owner, lease_ms,
-                  TRANSITIONS[Event.CLAIM].target])
+                  TRANSITIONS[Event.CLAIM].target, *frames])
         return None if status == "ok" else states.FailureKind(status)
 
     def finish(
         self, token: Token, owner: str, outcome: states.StepOutcome, last: bool = False,
-        reason: str = "",
+        reason: str = "", seconds: float | None = None, frames: Sequence[int] = (),
     ) -> bool:
         """Record how an execution ended; False if it was no longer current (ignored).
 
         A success moves the job to its next step, and the last one completes it; a failure
         fails it; a revoke from outside cancels it; a stop only releases the lease (the job
-        is Cancelled already); an abandoned step's lease expires now for a reaper.
+        is Cancelled already); an abandoned step's lease expires now for a reaper. In the
+        same write: how long the render ran (``seconds``, the farm's step histogram) and
+        the ``frames`` it reported done since its last renewal.
         """
         event = {
             states.StepOutcome.FAILED: Event.FAIL,
@@ -192,22 +204,27 @@ class JobStore:
         # The next step awaits a node from now on: Celery sends it once the task returns.
         awaited = sources_arg(Event.CLAIM) if succeeded and not last else ""
         return bool(self.scripts.finish(
-            keys=self._step_keys(token.job_id),
+            keys=[*self._step_keys(token.job_id), self.keys.stats,
+                  self.keys.frames_done(token.job_id, token.attempt)],
             args=[token.job_id, token.attempt, token.dispatch, token.step, owner,
                   outcome, int(outcome == states.StepOutcome.ABANDONED), next_step, target or "",
-                  sources_arg(event) if event else "", reason, awaited]))
+                  sources_arg(event) if event else "", reason, awaited,
+                  _seconds_arg(seconds), STEP_BOUNDS, *frames]))
 
-    def retry(self, token: Token, owner: str, delay_ms: int, counted: bool, why: str) -> int:
+    def retry(self, token: Token, owner: str, delay_ms: int, counted: bool, why: str,
+              seconds: float | None = None, frames: Sequence[int] = ()) -> int:
         """Record a failed try of a step that runs again in ``delay_ms``: a new dispatch of
         the same step, sent by a reaper when due (:meth:`due`). ``counted`` tries use a
-        retry, the others (no licence) do not. Returns the try's counter after it, 0 if the
-        execution was no longer current or the job was stopped meanwhile."""
+        retry, the others (no licence) do not; ``seconds`` and ``frames`` as for
+        :meth:`finish`. Returns the try's counter after it, 0 if the execution was no longer
+        current or the job was stopped meanwhile."""
         retry = TRANSITIONS[Event.RETRY]
         return int(self.scripts.retry(
-            keys=[*self._step_keys(token.job_id)[:3], self.keys.retries, self.keys.stats],
+            keys=[*self._step_keys(token.job_id)[:3], self.keys.retries, self.keys.stats,
+                  self.keys.frames_done(token.job_id, token.attempt)],
             args=[token.job_id, token.attempt, token.dispatch, token.step, owner, delay_ms,
                   "failures" if counted else "licence_waits", sources_arg(Event.RETRY),
-                  retry.target, why]))
+                  retry.target, why, _seconds_arg(seconds), STEP_BOUNDS, *frames]))
 
     def avoid(self, token: Token, owner: str, node: str, pool: str, live_ms: int,
               bad_after: int) -> str:
@@ -231,24 +248,7 @@ class JobStore:
         return bool(self.scripts.heartbeat(keys=keys, args=[
             node, ",".join(pools), json.dumps(list(running)), ",".join(consuming)]))
 
-    def frame_done(self, token: Token, owner: str, frame: int) -> int:
-        """Count a frame of the job as done (once per attempt); the frames done so far, 0
-        if the execution is no longer current."""
-        return int(self.scripts.progress(
-            keys=[self.keys.job(token.job_id), self.keys.frames_done(token.job_id, token.attempt)],
-            args=[token.attempt, owner, frame]))
-
     # -- farm statistics (celeryfarm metrics) ------------------------------------------------
-    def observe_step(self, seconds: float, buckets: Sequence[float]) -> None:
-        """Add a step's duration to the farm's histogram (cumulative ``le`` buckets)."""
-        pipe = self.redis.pipeline(transaction=False)
-        for bound in buckets:
-            if seconds <= bound:
-                pipe.hincrby(self.keys.stats, f"step_le_{bound:g}", 1)
-        pipe.hincrby(self.keys.stats, "step_count", 1)
-        pipe.hincrbyfloat(self.keys.stats, "step_sum", seconds)
-        pipe.execute()
-
     def stats(self) -> dict[str, float]:
         """The farm's counters and histogram fields."""
         return {name: float(value) for name, value in self.redis.hgetall(self.keys.stats).items()}

@@ -1,6 +1,8 @@
--- Record how an execution of a step ended, if it is still the current one.
+-- uses: observe.lua, frames.lua
+-- Record how an execution of a step ended, if it is still the current one: one write per
+-- step end, with the step's duration for the farm's histogram and its last frames done.
 -- KEYS[1] job hash          KEYS[2] leases (zset)      KEYS[3] the job's events (list)
--- KEYS[4] awaiting (zset)
+-- KEYS[4] awaiting (zset)   KEYS[5] stats (hash)       KEYS[6] the attempt's frames done (set)
 -- ARGV[1] job id            ARGV[2] attempt            ARGV[3] dispatch
 -- ARGV[4] step              ARGV[5] lease owner        ARGV[6] outcome (a StepOutcome)
 -- ARGV[7] '1': expire the lease now and keep its owner, so a reaper re-dispatches the
@@ -10,9 +12,14 @@
 -- ARGV[11] why the job ends ('' none)
 -- ARGV[12] states in which the next step then awaits a node ('' when there is none): Celery
 --          sends it only once the task has returned, so from now on the reapers look for it
+-- ARGV[13] how long the render ran (s; '' when it never ran)   ARGV[14] the histogram's
+--          bucket bounds (comma-separated)
+-- ARGV[15..] frames the step reported done since its last lease renewal
 -- Returns 1 if recorded, 0 if the execution was no longer current (a superseded node).
+observe(KEYS[5], ARGV[13], ARGV[14])
 local f = redis.call('HMGET', KEYS[1], 'state', 'attempt', 'dispatch', 'lease_owner')
 if f[4] ~= ARGV[5] or f[2] ~= ARGV[2] or f[3] ~= ARGV[3] then return 0 end
+add_frames(KEYS[1], KEYS[6], 15)
 redis.call('RPUSH', KEYS[3], cjson.encode({event = 'end', outcome = ARGV[6],
   step = tonumber(ARGV[4]), dispatch = tonumber(ARGV[3]), attempt = tonumber(ARGV[2]),
   owner = ARGV[5], at = now}))

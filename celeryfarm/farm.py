@@ -25,7 +25,8 @@ from . import dispatch
 from .celery import create_app
 from .config import Settings
 from .errors import FarmError
-from .jobs import Command, JobRecord, JobSpec, describe_frames
+from .jobs import Command, JobRecord, JobSpec, Listed, describe_frames
+from .listing import Listing
 from .paths import SharedRoot
 from .records.states import ACTIVE, JobState
 from .records.store import JobStore, connect
@@ -67,6 +68,8 @@ class Farm:
         self.who = f"{self.settings.user}@{self.host}"
         #: Identifies this client's jobs (``getJobs({'session': ...})``).
         self.session = self.settings.session or f"{self.host}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        #: Each user's jobs as listed at the last call, kept up to date (:meth:`listed`).
+        self._listings: dict[str, Listing] = {}
 
     # -- before submission -------------------------------------------------------------------
     def prepare_context(self, context: str) -> Path:
@@ -208,7 +211,7 @@ class Farm:
         self.root.join(relative)  # refuses a path that escapes the root, symlinks and all
         return Path(self.root.local_path(relative))
 
-    def log_path(self, record: JobRecord) -> str | None:
+    def log_path(self, record: JobRecord | Listed) -> str | None:
         """This host's path of a record's render log (see ``SharedRoot.local_path``)."""
         return self.root.local_path(record.log_path) if record.log_path else None
 
@@ -229,8 +232,33 @@ class Farm:
         )
         records = list(self.store.summaries(self.store.ids(kind, value)))
         self._settle(records)
-        matches = _matcher(merged)
+        matches = _matcher(merged, RECORD_FIELDS)
         return [record for record in records if matches(record)]
+
+    def listed(self, filters: Sequence[Mapping[str, Any]] = ()) -> list[Listed]:
+        """What a job listing shows of the jobs matching every filter, newest first (see
+        ``FILTER_KEYS``). A user's jobs come from that user's :class:`Listing`, kept in this
+        client between calls: a call re-reads only the jobs changed since the last one,
+        so Katana's polling of getJobs costs next to nothing while nothing changes."""
+        merged = _merge_filters(filters)
+        user = merged.pop("user", None)
+        if isinstance(user, str):
+            listing = self._listings.get(user)
+            if listing is None:
+                listing = self._listings[user] = Listing(self.store, "user", user)
+            jobs = listing.jobs()
+        else:
+            if user is not None:
+                merged["user"] = user
+            kind, value = (("session", merged["session"])
+                           if isinstance(merged.get("session"), str) else ("all", ""))
+            jobs = [job for _, job in self.store.listed(self.store.index_at(kind, value)[0])
+                    if job]
+        self._settle(jobs)
+        if not merged:
+            return jobs
+        matches = _matcher(merged, LISTED_FIELDS)
+        return [job for job in jobs if matches(job)]
 
     # -- internals ---------------------------------------------------------------------------
     def _send(self, record: JobRecord) -> None:
@@ -252,7 +280,7 @@ class Farm:
             raise FarmError(f"cannot write the render log of job {record.job_id}: "
                             f"{error.strerror}") from None
 
-    def _settle(self, records: Sequence[JobRecord]) -> None:
+    def _settle(self, records: Sequence[JobRecord | Listed]) -> None:
         """Bring active records up to date with Celery: a step that Celery saw fail without
         the farm recording it (a crash before the step could claim its lease), or revoked
         outside the farm (from Flower), ends the job, and the record keeps that for when
@@ -318,17 +346,24 @@ class _Nothing:
 _NOTHING = _Nothing()
 
 
-def _matcher(merged: Mapping[str, Any]) -> Callable[[JobRecord], bool]:
-    def field(key: str) -> Callable[[JobRecord], Any]:
-        return {
-            "user": lambda r: r.spec.user, "session": lambda r: r.spec.session,
-            "host": lambda r: r.spec.host, "state": lambda r: r.state,
-            "renderType": lambda r: r.spec.render_type, "name": lambda r: r.spec.name,
-        }[key]
+#: How each filter key reads a record, and a listed job.
+RECORD_FIELDS: dict[str, Callable[[Any], Any]] = {
+    "user": lambda r: r.spec.user, "session": lambda r: r.spec.session,
+    "host": lambda r: r.spec.host, "state": lambda r: r.state,
+    "renderType": lambda r: r.spec.render_type, "name": lambda r: r.spec.name,
+}
+LISTED_FIELDS: dict[str, Callable[[Any], Any]] = {
+    "user": lambda r: r.user, "session": lambda r: r.session, "host": lambda r: r.host,
+    "state": lambda r: r.state, "renderType": lambda r: r.render_type,
+    "name": lambda r: r.name,
+}
 
-    tests: list[Callable[[JobRecord], bool]] = []
+
+def _matcher(merged: Mapping[str, Any],
+             fields: Mapping[str, Callable[[Any], Any]]) -> Callable[[Any], bool]:
+    tests: list[Callable[[Any], bool]] = []
     for key, wanted in merged.items():
-        get = field(key)
+        get = fields[key]
         if wanted is _NOTHING:
             return lambda record: False
         if key == "name":

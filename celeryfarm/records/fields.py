@@ -11,7 +11,7 @@ import json
 from pathlib import PurePosixPath
 
 from ..errors import CorruptRecord
-from ..jobs import JobRecord, JobSpec
+from ..jobs import JobRecord, JobSpec, Listed
 from .states import JobState
 
 #: The fields a job listing needs; reading only these keeps getJobs cheap.
@@ -24,6 +24,11 @@ SUMMARY_FIELDS = (
 )
 #: Where the state is in a ``SUMMARY_FIELDS`` read (no state: the record is gone).
 STATE_AT = SUMMARY_FIELDS.index("state")
+#: What getJobs shows and filters on, state first (listing.lua reads them as one string).
+LISTING_FIELDS = ("state", "name", "user", "host", "session", "render_type", "attempt",
+                  "submitted", "end", "log", "task_ids")
+#: Between the values of ``LISTING_FIELDS`` in listing.lua's strings.
+LISTING_SEP = "\x1f"
 
 
 def encode(record: JobRecord) -> dict[str, str]:
@@ -99,11 +104,14 @@ def decode(job_id: str, fields: dict[str, str]) -> JobRecord:
         record = _decode(job_id, fields)
     except (ValueError, KeyError, TypeError) as error:
         raise CorruptRecord(job_id, f"{type(error).__name__}: {error}") from None
-    log = PurePosixPath(record.log_path)
-    if log.is_absolute() or ".." in log.parts:
-        raise CorruptRecord(job_id, f"its log path {record.log_path!r} is not inside the "
-                                    "shared root")
+    _check_log(job_id, record.log_path)
     return record
+
+
+def _check_log(job_id: str, log: str) -> None:
+    path = PurePosixPath(log)
+    if path.is_absolute() or ".." in path.parts:
+        raise CorruptRecord(job_id, f"its log path {log!r} is not inside the shared root")
 
 
 def _decode(job_id: str, fields: dict[str, str]) -> JobRecord:
@@ -156,3 +164,29 @@ def _decode(job_id: str, fields: dict[str, str]) -> JobRecord:
 def decode_flat(job_id: str, flat: list[str]) -> JobRecord:
     """Decode an ``HGETALL`` as a script returns it: name, value, name, value..."""
     return decode(job_id, dict(zip(flat[::2], flat[1::2])))
+
+
+def decode_listed(job_id: str, packed: str, order_ms: int = 0) -> Listed | None:
+    """A :class:`~celeryfarm.jobs.Listed` from listing.lua's string for the job; None if
+    the string does not hold every listing field (a value with the separator in it: the
+    caller reads that job field by field)."""
+    values = packed.split(LISTING_SEP)
+    if len(values) != len(LISTING_FIELDS):
+        return None
+    return decode_listed_values(job_id, values, order_ms)
+
+
+def decode_listed_values(job_id: str, values: list[str], order_ms: int = 0) -> Listed:
+    """A :class:`~celeryfarm.jobs.Listed` from the values of ``LISTING_FIELDS`` ('' for
+    absent ones); anything that is not what :func:`encode` writes is a
+    :class:`~celeryfarm.errors.CorruptRecord`."""
+    state, name, user, host, session, render_type, attempt, submitted, end, log, task_ids \
+        = values
+    try:
+        listed = Listed(job_id, name, user, host, session, render_type or "Disk",
+                        JobState(state), int(attempt or 1), int(submitted or 0),
+                        int(end) if end else None, log, task_ids, order_ms)
+    except ValueError as error:
+        raise CorruptRecord(job_id, f"{type(error).__name__}: {error}") from None
+    _check_log(job_id, log)
+    return listed

@@ -94,6 +94,12 @@ class Keys:
         return f"{self.prefix}:limit-holders"
 
     @property
+    def changes(self) -> str:
+        """Sorted set, the change feed: job id -> the number of its latest change that a
+        listing shows; the member '' holds the last number given (see touch.lua)."""
+        return f"{self.prefix}:changes"
+
+    @property
     def stats(self) -> str:
         """Hash of farm-wide counters and the step-duration histogram (celeryfarm metrics)."""
         return f"{self.prefix}:stats"

@@ -16,7 +16,8 @@ from redis.commands.core import Script
 COMMON = "common.lua"
 #: Scripts by name: each is ``lua/<name>.lua``.
 NAMES = ("claim", "renew", "finish", "abandon", "expired", "reap", "rescue", "stale_outbox",
-         "transition", "sent", "forget", "fail_lost", "retry", "due", "avoid", "heartbeat")
+         "transition", "sent", "forget", "fail_lost", "retry", "due", "avoid", "heartbeat",
+         "create", "listing")
 
 
 @functools.cache
@@ -46,6 +47,7 @@ class Scripts:
             load("transition"), load("sent"), load("forget"))
         self.retry, self.due = load("retry"), load("due")
         self.avoid, self.heartbeat = load("avoid"), load("heartbeat")
+        self.create, self.listing = load("create"), load("listing")
 
 
 def _register(client: redis.Redis, name: str) -> Script:

@@ -11,17 +11,18 @@ atomically, so a node finishing a step and an artist stopping the job can never 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from ..errors import CorruptRecord, JobNotFound
-from ..jobs import JobRecord
+from ..jobs import JobRecord, Listed
 from ..metrics import STEP_BUCKETS
 from . import fields as codec
 from . import states
@@ -103,13 +104,9 @@ class JobStore:
 
     # -- creating ----------------------------------------------------------------------------
     def create(self, record: JobRecord, dispatching: bool = True) -> None:
-        """Store a new record, index it and (unless told not to) put it in the outbox, in
-        one round trip."""
-        pipe = self.redis.pipeline(transaction=True)
-        self._add(pipe, record)
-        if dispatching:
-            pipe.zadd(self.keys.outbox, {record.job_id: record.submitted_ms})
-        pipe.execute()
+        """Store a new record, index it, put it in the change feed and (unless told not to)
+        in the outbox, in one write."""
+        self._add(self.scripts.create, record, dispatching)
 
     def create_many(self, records: Iterable[JobRecord]) -> None:
         """Store and index many records as they are, ``BATCH`` per round trip, and nothing
@@ -118,23 +115,28 @@ class JobStore:
         for start in range(0, len(records), BATCH):
             pipe = self.redis.pipeline(transaction=False)
             for record in records[start:start + BATCH]:
-                self._add(pipe, record)
+                self._add(functools.partial(self.scripts.create, client=pipe), record, False)
             pipe.execute()
 
-    def _add(self, pipe: redis.client.Pipeline, record: JobRecord) -> None:
-        score = {record.job_id: record.submitted_ms}
-        pipe.hset(self.keys.job(record.job_id), mapping=codec.encode(record))
-        pipe.zadd(self.keys.index(), score)
+    def _add(self, create: Callable[..., object], record: JobRecord, dispatching: bool) -> None:
+        """Run create.lua for ``record`` through ``create`` (the script, or it on a
+        pipeline)."""
+        indexes = [self.keys.index()]
         if record.spec.user:
-            pipe.zadd(self.keys.index("user", record.spec.user), score)
+            indexes.append(self.keys.index("user", record.spec.user))
         if record.spec.session:
-            pipe.zadd(self.keys.index("session", record.spec.session), score)
+            indexes.append(self.keys.index("session", record.spec.session))
+        fields = [part for pair in codec.encode(record).items() for part in pair]
+        create(keys=[self.keys.job(record.job_id), self.keys.changes, self.keys.outbox,
+                     *indexes],
+               args=[record.job_id, record.submitted_ms, int(dispatching), *fields])
 
     # -- dispatching -------------------------------------------------------------------------
     def sent(self, job_id: str, task_ids: Iterable[str]) -> None:
         """Record the Celery ids a dispatch sent (what a stop revokes), take the job out of
         the outbox, and make its next step await a node, in one write."""
-        self.scripts.sent(keys=[self.keys.job(job_id), self.keys.outbox, self.keys.awaiting],
+        self.scripts.sent(keys=[self.keys.job(job_id), self.keys.outbox, self.keys.awaiting,
+                                self.keys.changes],
                           args=[job_id, json.dumps(list(task_ids))])
 
     def unsendable(self, job_id: str) -> None:
@@ -163,7 +165,7 @@ class JobStore:
         claim = TRANSITIONS[Event.CLAIM]
         status, detail, *record = self.scripts.claim(
             keys=[*self._step_keys(token.job_id), self.keys.limits, self.keys.limit_holders,
-                  self.keys.retries],
+                  self.keys.retries, self.keys.changes],
             args=[token.job_id, token.attempt, token.dispatch, token.step, owner, node,
                   lease_ms, sources_arg(Event.CLAIM), claim.target, limit_wait_ms])
         if status != states.ClaimStatus.OK:
@@ -205,7 +207,7 @@ class JobStore:
         awaited = sources_arg(Event.CLAIM) if succeeded and not last else ""
         return bool(self.scripts.finish(
             keys=[*self._step_keys(token.job_id), self.keys.stats,
-                  self.keys.frames_done(token.job_id, token.attempt)],
+                  self.keys.frames_done(token.job_id, token.attempt), self.keys.changes],
             args=[token.job_id, token.attempt, token.dispatch, token.step, owner,
                   outcome, int(outcome == states.StepOutcome.ABANDONED), next_step, target or "",
                   sources_arg(event) if event else "", reason, awaited,
@@ -221,7 +223,7 @@ class JobStore:
         retry = TRANSITIONS[Event.RETRY]
         return int(self.scripts.retry(
             keys=[*self._step_keys(token.job_id)[:3], self.keys.retries, self.keys.stats,
-                  self.keys.frames_done(token.job_id, token.attempt)],
+                  self.keys.frames_done(token.job_id, token.attempt), self.keys.changes],
             args=[token.job_id, token.attempt, token.dispatch, token.step, owner, delay_ms,
                   "failures" if counted else "licence_waits", sources_arg(Event.RETRY),
                   retry.target, why, _seconds_arg(seconds), STEP_BOUNDS, *frames]))
@@ -234,7 +236,7 @@ class JobStore:
         retry = TRANSITIONS[Event.RETRY]
         return self.scripts.avoid(
             keys=[*self._step_keys(token.job_id)[:3], self.keys.retries,
-                  self.keys.pool_nodes(pool)],
+                  self.keys.pool_nodes(pool), self.keys.changes],
             args=[token.job_id, token.attempt, token.dispatch, token.step, owner, node,
                   live_ms, bad_after, sources_arg(Event.RETRY), retry.target])
 
@@ -332,7 +334,8 @@ class JobStore:
         on (cancelled, restarted)."""
         job_id = loss.job_id
         return bool(self.scripts.fail_lost(
-            keys=[self.keys.job(job_id), self.keys.leases, self.keys.events(job_id)],
+            keys=[self.keys.job(job_id), self.keys.leases, self.keys.events(job_id),
+                  self.keys.changes],
             args=[job_id, loss.hold, loss.attempt, loss.lost, reason, sources_arg(Event.FAIL),
                   TRANSITIONS[Event.FAIL].target]))
 
@@ -372,7 +375,8 @@ class JobStore:
         self, event: Event, job_id: str, attempt: int, changes: dict[str, object],
         dispatching: bool = False,
     ) -> bool:
-        keys = [self.keys.job(job_id)] + ([self.keys.outbox] if dispatching else [])
+        keys = [self.keys.job(job_id), self.keys.changes] + (
+            [self.keys.outbox] if dispatching else [])
         args: list[object] = [job_id, attempt, sources_arg(event), TRANSITIONS[event].target]
         for name, value in changes.items():
             args += [name, codec.text(value)]
@@ -420,3 +424,59 @@ class JobStore:
                         yield codec.decode(job_id, found)
                     except CorruptRecord as error:  # the others are still listed
                         logger.warning("%s", error)
+
+    # -- listings (celeryfarm.listing) -------------------------------------------------------
+    def index_at(self, kind: str, value: str) -> tuple[list[tuple[str, int]], int]:
+        """Where a listing starts: the index's (job id, submission time), newest first, and
+        the change feed's position, read together so no change after it is missed."""
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.zrevrange(self.keys.index(kind, value), 0, -1, withscores=True,
+                       score_cast_func=int)
+        pipe.zscore(self.keys.changes, "")
+        ids, position = pipe.execute()
+        return ids, int(position or 0)
+
+    def changes_since(self, position: int) -> tuple[list[str], int] | None:
+        """The jobs changed after feed ``position``, and the feed's position now; None when
+        the feed no longer reaches back that far (trimmed, or Redis lost it): the caller
+        lists afresh."""
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.zrangebyscore(self.keys.changes, f"({position}", "+inf")
+        pipe.zscore(self.keys.changes, "")
+        pipe.hget(self.keys.stats, "changes_floor")
+        changed, now, floor = pipe.execute()
+        now = int(now or 0)
+        if int(floor or 0) > position or now < position:
+            return None
+        return [job_id for job_id in changed if job_id], now
+
+    def places(self, kind: str, value: str, job_ids: Sequence[str]) -> list[int | None]:
+        """Each job's submission time in an index, None for a job not in it."""
+        if not job_ids:
+            return []
+        scores = self.redis.zmscore(self.keys.index(kind, value), list(job_ids))
+        return [None if score is None else int(score) for score in scores]
+
+    def listed(self, jobs: Sequence[tuple[str, int]]) -> list[tuple[str, Listed | None]]:
+        """What listings show of each (job id, place in its index), read in one round trip
+        (listing.lua, ``BATCH`` jobs a call); None for a job whose record is gone or
+        corrupt (reported)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for start in range(0, len(jobs), BATCH):
+            self.scripts.listing(
+                keys=[self.keys.job(job_id) for job_id, _ in jobs[start:start + BATCH]],
+                args=codec.LISTING_FIELDS, client=pipe)
+        packed = [text for batch in pipe.execute() for text in batch] if jobs else []
+        found: list[tuple[str, Listed | None]] = []
+        for (job_id, place), text in zip(jobs, packed):
+            try:
+                listed = codec.decode_listed(job_id, text, place) if text else None
+                if text and listed is None:  # a separator inside a value: field by field
+                    values = self.redis.hmget(self.keys.job(job_id), codec.LISTING_FIELDS)
+                    listed = codec.decode_listed_values(job_id, [v or "" for v in values],
+                                                        place)
+            except CorruptRecord as error:  # the others are still listed
+                logger.warning("%s", error)
+                listed = None
+            found.append((job_id, listed))
+        return found

@@ -1,3 +1,4 @@
+-- uses: touch.lua
 -- Claim one execution of a step: it starts only if its fencing token (attempt, dispatch,
 -- step) is current, the job may still run, and no other execution holds a live lease.
 -- KEYS[1] job hash          KEYS[2] leases (zset)      KEYS[3] the job's events (list)
@@ -9,6 +10,7 @@
 -- KEYS[5] limits (hash: name -> units)   KEYS[6] limit holders (zset of 'name|job id')
 -- KEYS[7] retries (zset)    ARGV[10] how long (ms) a limited step waits before it is sent
 --                                    again
+-- KEYS[8] change feed (zset): a step that starts changes the job's listing
 -- A step holds one unit of each of the job's limits (its 'limits' field, comma-separated)
 -- while its lease is live: a holder whose lease has expired or gone is dropped here, so a
 -- dead node's unit comes back with its lease. A step over a limit is not run: the job is
@@ -65,4 +67,5 @@ redis.call('ZREM', KEYS[4], ARGV[1])
 redis.call('RPUSH', KEYS[3], cjson.encode({event = 'start', step = tonumber(ARGV[4]),
   dispatch = tonumber(ARGV[3]), attempt = tonumber(ARGV[2]), owner = ARGV[5],
   node = ARGV[6], at = now}))
+touch(KEYS[8], ARGV[1])
 return {'ok', '', redis.call('HGETALL', KEYS[1])}

@@ -1,8 +1,9 @@
--- uses: observe.lua, frames.lua
+-- uses: observe.lua, frames.lua, touch.lua
 -- Record how an execution of a step ended, if it is still the current one: one write per
 -- step end, with the step's duration for the farm's histogram and its last frames done.
 -- KEYS[1] job hash          KEYS[2] leases (zset)      KEYS[3] the job's events (list)
 -- KEYS[4] awaiting (zset)   KEYS[5] stats (hash)       KEYS[6] the attempt's frames done (set)
+-- KEYS[7] change feed (zset): a job that ends changes its listing
 -- ARGV[1] job id            ARGV[2] attempt            ARGV[3] dispatch
 -- ARGV[4] step              ARGV[5] lease owner        ARGV[6] outcome (a StepOutcome)
 -- ARGV[7] '1': expire the lease now and keep its owner, so a reaper re-dispatches the
@@ -36,6 +37,7 @@ end
 if is_one_of(ARGV[12], f[1]) then redis.call('ZADD', KEYS[4], now, ARGV[1]) end
 if ARGV[9] ~= '' and is_one_of(ARGV[10], f[1]) then
   redis.call('HSET', KEYS[1], 'state', ARGV[9], 'end', now)
+  touch(KEYS[7], ARGV[1])
   if ARGV[11] ~= '' then redis.call('HSET', KEYS[1], 'reason', ARGV[11]) end
 end
 return 1

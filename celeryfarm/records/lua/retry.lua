@@ -1,4 +1,4 @@
--- uses: observe.lua, frames.lua
+-- uses: observe.lua, frames.lua, touch.lua
 -- A try of a step failed and the step runs again later: record it, if the execution is
 -- still the current one, release its lease, count the try, and put the job in the
 -- retries set for a reaper to send a new dispatch of the same step when it is due.
@@ -10,7 +10,7 @@
 -- ARGV[7] the counter the try adds to: 'failures' (a retry used) or 'licence_waits'
 -- ARGV[8] states a retry may leave (comma-separated)   ARGV[9] the state to go to
 -- ARGV[10] why the try failed, for the events
--- KEYS[6] the attempt's frames done (set)
+-- KEYS[6] the attempt's frames done (set)       KEYS[7] change feed (zset)
 -- ARGV[11] how long the render ran (s)  ARGV[12] the histogram's bucket bounds (comma-separated)
 -- ARGV[13..] frames the step reported done since its last lease renewal
 -- A try that uses a retry also counts against the node it ran on, in the job's
@@ -37,4 +37,5 @@ if ARGV[7] == 'failures' and f[5] and f[5] ~= '' then
 end
 redis.call('HSET', KEYS[1], 'state', ARGV[9], 'dispatch', tonumber(f[3]) + 1, 'node', '')
 redis.call('ZADD', KEYS[4], now + tonumber(ARGV[6]), ARGV[1])
+touch(KEYS[7], ARGV[1])
 return count

@@ -1,8 +1,10 @@
+-- uses: touch.lua
 -- Change a job's state from the client side (cancel, fail, restart), atomically checking
 -- its attempt and current state, so a node finishing a step and an artist stopping the job
 -- can never both win.
--- KEYS[1] job hash          KEYS[2] outbox (zset; given only when the change dispatches
---                                   the job: it goes into the outbox in the same write)
+-- KEYS[1] job hash          KEYS[2] change feed (zset)
+-- KEYS[3] outbox (zset; given only when the change dispatches the job: it goes into the
+--         outbox in the same write)
 -- ARGV[1] job id            ARGV[2] required attempt
 -- ARGV[3] states it may leave (comma-separated)     ARGV[4] the state to go to
 -- ARGV[5..] field/value pairs to set with it; an empty value deletes the field
@@ -18,5 +20,6 @@ for i = 5, #ARGV, 2 do
     redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
   end
 end
-if KEYS[2] then redis.call('ZADD', KEYS[2], now, ARGV[1]) end
+if KEYS[3] then redis.call('ZADD', KEYS[3], now, ARGV[1]) end
+touch(KEYS[2], ARGV[1])
 return 1

@@ -17,7 +17,7 @@ COMMON = "common.lua"
 #: Scripts by name: each is ``lua/<name>.lua``.
 NAMES = ("claim", "renew", "finish", "abandon", "expired", "reap", "rescue", "stale_outbox",
          "transition", "sent", "forget", "fail_lost", "retry", "due", "avoid", "heartbeat",
-         "create", "listing")
+         "create", "listing", "retire", "trim_changes")
 
 
 @functools.cache
@@ -48,6 +48,7 @@ class Scripts:
         self.retry, self.due = load("retry"), load("due")
         self.avoid, self.heartbeat = load("avoid"), load("heartbeat")
         self.create, self.listing = load("create"), load("listing")
+        self.retire, self.trim_changes = load("retire"), load("trim_changes")
 
 
 def _register(client: redis.Redis, name: str) -> Script:

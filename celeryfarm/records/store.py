@@ -33,6 +33,8 @@ from .states import TRANSITIONS, Event, sources_arg
 logger = logging.getLogger(__name__)
 #: Ids per pipeline round trip when reading many records.
 BATCH = 1000
+#: Jobs whose latest change the change feed keeps (listings behind it read afresh).
+CHANGES_KEPT = 10_000
 #: The step histogram's bucket bounds, as the scripts spell them in the stats hash's fields.
 STEP_BOUNDS = ",".join(f"{bound:g}" for bound in STEP_BUCKETS)
 
@@ -480,3 +482,59 @@ class JobStore:
                 listed = None
             found.append((job_id, listed))
         return found
+
+    # -- retention (reapers) -----------------------------------------------------------------
+    def submitted_before(self, before_ms: int, start: str | int, limit: int
+                         ) -> list[tuple[str, int]]:
+        """Up to ``limit`` (job id, submission time) of jobs submitted from ``start`` (a
+        submission time, or "-inf") up to ``before_ms``, oldest first: the only jobs that
+        can have finished before then."""
+        return self.redis.zrangebyscore(self.keys.index(), start, before_ms, start=0,
+                                        num=limit, withscores=True, score_cast_func=int)
+
+    def retire(self, job_ids: Sequence[str], keep_ms: int,
+               result_key: Callable[[str], str]) -> list[str]:
+        """Take the jobs among ``job_ids`` that finished more than ``keep_ms`` ago (by
+        Redis's clock) out of Redis with all their keys, and Celery's results of their
+        steps (``result_key`` names one by task id); returns those that left. Two round
+        trips, whatever the number of jobs."""
+        if not job_ids:
+            return []
+        wanted = ("state", "user", "session", "attempt", "task_ids")
+        finished = sources_arg(Event.RESTART)  # the finished states: a restart leaves them
+        pipe = self.redis.pipeline(transaction=False)
+        candidates = []
+        for job_id, (state, user, session, attempt, task_ids) in zip(
+                job_ids, self._read(job_ids, wanted)):
+            if state not in finished.split(","):
+                continue
+            indexes = [self.keys.index()]
+            indexes += [self.keys.index("user", user)] if user else []
+            indexes += [self.keys.index("session", session)] if session else []
+            sets = [*indexes, self.keys.leases, self.keys.awaiting, self.keys.outbox,
+                    self.keys.retries]
+            try:
+                attempts = range(1, int(attempt or 1) + 1)
+                results = [result_key(task_id) for task_id in json.loads(task_ids or "[]")]
+            except ValueError:  # a corrupt record leaves with what can be named
+                attempts, results = range(1, 2), []
+            gone = [self.keys.events(job_id),
+                    *(self.keys.frames_done(job_id, number) for number in attempts), *results]
+            self.scripts.retire(
+                keys=[self.keys.job(job_id), self.keys.changes, self.keys.missing, *sets, *gone],
+                args=[job_id, keep_ms, finished, len(sets)], client=pipe)
+            candidates.append(job_id)
+        left = pipe.execute() if candidates else []
+        return [job_id for job_id, done in zip(candidates, left) if done]
+
+    def _read(self, job_ids: Sequence[str], wanted: Sequence[str]) -> list[list[str | None]]:
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hmget(self.keys.job(job_id), wanted)
+        return pipe.execute()
+
+    def trim_changes(self, keep: int = CHANGES_KEPT) -> int:
+        """Keep the change feed to the latest changes of ``keep`` jobs; returns how many
+        entries left it."""
+        return int(self.scripts.trim_changes(keys=[self.keys.changes, self.keys.stats],
+                                             args=[keep]))

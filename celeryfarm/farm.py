@@ -202,10 +202,7 @@ class Farm:
     def log_file(self, job_id: str) -> Path | None:
         """This host's path of the job's render log, or None if the shared mount is not
         reachable here. Raises ``JobNotFound``."""
-        relative = self.store.get_field(job_id, "log")
-        if relative is None:
-            self.store.get(job_id)  # raises JobNotFound, or a record without a log
-            return None
+        relative = self.store.log_path(job_id)
         if not self.root.local.is_dir():
             return None
         self.root.join(relative)  # refuses a path that escapes the root, symlinks and all

@@ -48,7 +48,7 @@ def record(farm: Farm, state: JobState, ended_days_ago: float | None, user: str 
                     task_ids=(f"{job_id}-{attempt}.1-0",))
     farm.store.create(job, dispatching=False)
     keys, client = farm.store.keys, farm.store.redis
-    client.rpush(keys.events(job_id), '{"event": "start"}', '{"event": "end"}')
+    client.append(keys.events(job_id), '{"e": "start"}\n{"e": "end"}\n')
     for number in range(1, attempt + 1):
         client.sadd(keys.frames_done(job_id, number), 1, 2)
     farm.app.backend.store_result(job.task_ids[0], None, "FAILURE" if state ==

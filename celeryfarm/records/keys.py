@@ -20,7 +20,9 @@ class Keys:
         return f"{self.prefix}:job:{job_id}"
 
     def events(self, job_id: str) -> str:
-        """List of the job's step executions: starts, ends and losses, as JSON."""
+        """String: the job's history, a JSON line each (see ``add_event`` in common.lua):
+        its submission (the commands and environment), then its step executions' starts,
+        ends and losses. (A list of the executions for records from before.)"""
         return f"{self.prefix}:events:{job_id}"
 
     def index(self, kind: str = "all", value: str = "") -> str:

@@ -130,8 +130,9 @@ class JobStore:
             indexes.append(self.keys.index("session", record.spec.session))
         fields = [part for pair in codec.encode(record).items() for part in pair]
         create(keys=[self.keys.job(record.job_id), self.keys.changes, self.keys.outbox,
-                     *indexes],
-               args=[record.job_id, record.submitted_ms, int(dispatching), *fields])
+                     self.keys.events(record.job_id), *indexes],
+               args=[record.job_id, record.submitted_ms, int(dispatching),
+                     codec.encode_submission(record), *fields])
 
     # -- dispatching -------------------------------------------------------------------------
     def sent(self, job_id: str, task_ids: Iterable[str]) -> None:
@@ -172,7 +173,8 @@ class JobStore:
                   lease_ms, sources_arg(Event.CLAIM), claim.target, limit_wait_ms])
         if status != states.ClaimStatus.OK:
             return states.ClaimStatus(status), detail, None
-        return states.ClaimStatus.OK, detail, codec.decode_flat(token.job_id, record[0])
+        flat, history = record
+        return states.ClaimStatus.OK, detail, codec.decode_flat(token.job_id, flat, history)
 
     def renew(self, token: Token, owner: str, lease_ms: int,
               frames: Sequence[int] = ()) -> states.FailureKind | None:
@@ -366,8 +368,8 @@ class JobStore:
     def restart(self, record: JobRecord, previous_attempt: int) -> bool:
         """Start a finished job again as ``record``'s (new) attempt and dispatch, and put it
         in the outbox; False if it was not finished or someone restarted it first."""
-        fresh = {**codec.attempt_fields(record), "lost": 0, "failures": 0, "licence_waits": 0,
-                 "frames_done": 0,
+        fresh = {**codec.attempt_fields(record), "lost": None, "failures": None,
+                 "licence_waits": None, "frames_done": None,
                  "submitted": record.submitted_ms,
                  "start": None, "end": None, "step": None, "node": None, "reason": None}
         return self._transition(Event.RESTART, record.job_id, previous_attempt, fresh,
@@ -389,13 +391,26 @@ class JobStore:
 
     # -- reads -------------------------------------------------------------------------------
     def get(self, job_id: str) -> JobRecord:
-        fields = self.redis.hgetall(self.keys.job(job_id))
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hgetall(self.keys.job(job_id)).get(self.keys.events(job_id))
+        fields, history = pipe.execute(raise_on_error=False)
+        if isinstance(fields, Exception):
+            raise fields
         if not fields:
             raise JobNotFound(job_id)
-        return codec.decode(job_id, fields)
+        # A record from before has its commands in the hash and its events in a list.
+        return codec.decode(job_id, fields, history if isinstance(history, str) else None)
 
     def get_field(self, job_id: str, name: str) -> str | None:
         return self.redis.hget(self.keys.job(job_id), name)
+
+    def log_path(self, job_id: str) -> str:
+        """The job's render log, relative to the shared root (one cheap read); raises
+        ``JobNotFound``."""
+        state, log, context = self.redis.hmget(self.keys.job(job_id), "state", "log", "context")
+        if state is None:
+            raise JobNotFound(job_id)
+        return log or codec.default_log(job_id, context or "")
 
     def state(self, job_id: str) -> states.JobState | None:
         """The job's stored state, or None if there is no such job (one cheap read)."""
@@ -404,7 +419,10 @@ class JobStore:
 
     def events(self, job_id: str) -> list[dict]:
         """The job's step executions (starts, ends, losses), oldest first."""
-        return [json.loads(e) for e in self.redis.lrange(self.keys.events(job_id), 0, -1)]
+        key = self.keys.events(job_id)
+        if self.redis.type(key) == "list":  # a record from before
+            return codec.decode_events(self.redis.lrange(key, 0, -1))
+        return codec.decode_events((self.redis.get(key) or "").splitlines())
 
     def ids(self, kind: str = "all", value: str = "") -> list[str]:
         """Job ids of an index, newest first."""

@@ -26,9 +26,9 @@ end
 if other == '' then return '' end
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('HDEL', KEYS[1], 'lease_owner')
-redis.call('RPUSH', KEYS[3], cjson.encode({event = 'end', outcome = 'avoided',
+add_event(KEYS[3], {event = 'end', outcome = 'avoided',
   step = tonumber(ARGV[4]), dispatch = tonumber(ARGV[3]), attempt = tonumber(ARGV[2]),
-  owner = ARGV[5], at = now}))
+  owner = ARGV[5], at = now})
 redis.call('HSET', KEYS[1], 'state', ARGV[10], 'dispatch', tonumber(f[3]) + 1, 'node', '')
 redis.call('ZADD', KEYS[4], now, ARGV[1])
 touch(KEYS[6], ARGV[1])

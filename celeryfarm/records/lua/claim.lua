@@ -16,8 +16,8 @@
 -- dead node's unit comes back with its lease. A step over a limit is not run: the job is
 -- re-dispatched into the retries set (so it no longer awaits a node: it is sent again
 -- from there), and the claim answers 'limited'.
--- Returns {status, detail} with a ClaimStatus, and for 'ok' the record (HGETALL) third,
--- so the step needs no second read.
+-- Returns {status, detail} with a ClaimStatus, and for 'ok' the record (HGETALL) third and
+-- its history fourth (its first line has the commands), so the step needs no second read.
 local f = redis.call('HMGET', KEYS[1], 'state', 'attempt', 'dispatch', 'next_step',
                      'lease_owner')
 if not f[1] then return {'gone', ''} end
@@ -49,9 +49,9 @@ for name in string.gmatch(limits, '[^,]+') do
       redis.call('HSET', KEYS[1], 'dispatch', tonumber(f[3]) + 1)
       redis.call('ZADD', KEYS[7], now + tonumber(ARGV[10]), ARGV[1])
       redis.call('ZREM', KEYS[4], ARGV[1])
-      redis.call('RPUSH', KEYS[3], cjson.encode({event = 'limited', limit = name,
+      add_event(KEYS[3], {event = 'limited', limit = name,
         step = tonumber(ARGV[4]), dispatch = tonumber(ARGV[3]), attempt = tonumber(ARGV[2]),
-        node = ARGV[6], at = now}))
+        node = ARGV[6], at = now})
       return {'limited', name .. ': ' .. held .. ' of ' .. units .. ' in use'}
     end
   end
@@ -64,8 +64,9 @@ redis.call('HSET', KEYS[1], 'state', ARGV[9], 'step', ARGV[4], 'node', ARGV[6],
 redis.call('HSETNX', KEYS[1], 'start', now)
 redis.call('ZADD', KEYS[2], now + tonumber(ARGV[7]), ARGV[1])
 redis.call('ZREM', KEYS[4], ARGV[1])
-redis.call('RPUSH', KEYS[3], cjson.encode({event = 'start', step = tonumber(ARGV[4]),
-  dispatch = tonumber(ARGV[3]), attempt = tonumber(ARGV[2]), owner = ARGV[5],
-  node = ARGV[6], at = now}))
+add_event(KEYS[3], {event = 'start', step = tonumber(ARGV[4]),
+  dispatch = tonumber(ARGV[3]), attempt = tonumber(ARGV[2]), owner = ARGV[5], at = now})
 touch(KEYS[8], ARGV[1])
-return {'ok', '', redis.call('HGETALL', KEYS[1])}
+local history = ''
+if redis.call('TYPE', KEYS[3]).ok == 'string' then history = redis.call('GET', KEYS[3]) end
+return {'ok', '', redis.call('HGETALL', KEYS[1]), history}

@@ -7,3 +7,27 @@ local function is_one_of(csv, value)
   return value ~= nil and value ~= false
     and string.find(',' .. csv .. ',', ',' .. value .. ',', 1, true) ~= nil
 end
+
+-- A job's history (its events key): a string of JSON lines, the submission's first, each
+-- line's names shortened as EVENT_NAMES says (celeryfarm.records.fields reads them back), so
+-- a finished job's history takes a third of the memory of a list of JSON objects. A record
+-- from before that keeps its list of events, and gets the same lines pushed.
+local EVENT_NAMES = {event = 'e', step = 's', dispatch = 'd', attempt = 'a', owner = 'o',
+  node = 'n', at = 't', outcome = 'x', lost = 'l', limit = 'm', retry = 'r', why = 'w'}
+-- A job whose history is complete (it ended) gets it written again at its exact size:
+-- APPEND leaves room to grow, as much again as the string holds.
+local function compact_history(key)
+  if redis.call('TYPE', key).ok == 'string' then
+    redis.call('SET', key, redis.call('GET', key))
+  end
+end
+local function add_event(key, event)
+  local short = {}
+  for name, value in pairs(event) do short[EVENT_NAMES[name] or name] = value end
+  local line = cjson.encode(short)
+  if redis.call('TYPE', key).ok == 'list' then
+    redis.call('RPUSH', key, line)
+  else
+    redis.call('APPEND', key, line .. '\n')
+  end
+end

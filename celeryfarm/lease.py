@@ -35,9 +35,8 @@ logger = logging.getLogger(__name__)
 
 
 def lease_owner(task_id: str, node: str, pid: int) -> str:
-    """Names one execution of a step of a job: the message (its task id without the job id,
-    which the job's record and history need not repeat), the node and the pool process."""
-    return f"{task_id.partition('-')[2] or task_id}/{node}/{pid}"
+    """Names one execution of a step: the message, the node and the pool process."""
+    return f"{task_id}/{node}/{pid}"
 
 
 def owner_prefix(task_id: str, node: str) -> str:

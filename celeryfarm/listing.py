@@ -12,6 +12,8 @@ back to the last call (trimmed), the listing is read afresh.
 
 from __future__ import annotations
 
+import threading
+
 from .jobs import Listed
 from .records.store import JobStore
 
@@ -24,16 +26,18 @@ class Listing:
         self.position: int | None = None  # the change feed's, when last read
         self.entries: dict[str, Listed] = {}
         self._ordered: list[Listed] | None = None
+        self._lock = threading.Lock()  # Katana may call from more than one thread
 
     def jobs(self) -> list[Listed]:
         """The index's jobs, newest first: read afresh the first time (and whenever the
         change feed no longer reaches back to the last call), else only what changed."""
-        if self.position is None or not self._update():
-            self._load()
-        if self._ordered is None:
-            self._ordered = sorted(self.entries.values(), key=lambda job: job.order_ms,
-                                   reverse=True)
-        return self._ordered
+        with self._lock:
+            if self.position is None or not self._update():
+                self._load()
+            if self._ordered is None:
+                self._ordered = sorted(self.entries.values(), key=lambda job: job.order_ms,
+                                       reverse=True)
+            return self._ordered
 
     def _load(self) -> None:
         jobs, self.position = self.store.index_at(self.kind, self.value)

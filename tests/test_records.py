@@ -242,3 +242,38 @@ def test_a_retry_counts_its_try_and_is_sent_once_when_due(store: JobStore):
     assert token.job_id not in store.due()  # taken once
     assert token.job_id in store.stale_outbox(age_ms=0)  # the outbox covers its sender
     assert store.retry(token, OWNER, delay_ms=0, counted=True, why="again") == 0  # stale
+
+
+def test_the_history_is_compact_and_reads_back_as_it_was_written(store: JobStore):
+    """A finished job's history is one string with what it runs and its executions, owners
+    written without the job id; it reads back with every name and owner in full."""
+    token = new_job(store, JobState.WAITING)
+    owner = f"{token.job_id}-1.1-0/node@host/7"
+    assert store.claim(token, owner, "node@host", LEASE_MS)[0] == ClaimStatus.OK
+    assert store.finish(token, owner, StepOutcome.SUCCEEDED, last=True)
+    assert store.redis.type(store.keys.events(token.job_id)) == "string"
+    assert token.job_id not in store.redis.get(store.keys.events(token.job_id))
+    start, end = store.events(token.job_id)
+    assert (start["event"], start["owner"], start["node"], start["step"]) == (
+        "start", owner, "node@host", 0)
+    assert (end["event"], end["owner"], end["outcome"]) == ("end", owner, "succeeded")
+    assert store.get(token.job_id).spec.commands == (("true",),)
+    assert store.redis.object("encoding", store.keys.job(token.job_id)) == "listpack"
+
+
+def test_a_record_written_before_the_compact_layout_still_runs(store: JobStore):
+    """An earlier celeryfarm's record (commands in the hash, events in a list) is read,
+    claimed and finished as it is."""
+    job_id = uuid.uuid4().hex
+    store.redis.hset(store.keys.job(job_id), mapping={
+        "name": "old", "commands": '[["true"]]', "environment": '{"A": "1"}', "state": "Waiting",
+        "attempt": "1", "dispatch": "1", "next_step": "0", "task_ids": "[]", "submitted": "1",
+        "log": f"{job_id}/render.log", "lost": "0", "failures": "0", "priority": "50"})
+    store.redis.rpush(store.keys.events(job_id), '{"event": "lost", "owner": "x", "lost": 1}')
+    token = Token(job_id, 1, 1, 0)
+    status, _, record = store.claim(token, OWNER, "node@host", LEASE_MS)
+    assert status == ClaimStatus.OK
+    assert (record.spec.commands, record.spec.environment) == ((("true",),), {"A": "1"})
+    assert store.finish(token, OWNER, StepOutcome.SUCCEEDED, last=True)
+    assert [e["event"] for e in store.events(job_id)] == ["lost", "start", "end"]
+    assert store.get(job_id).state == JobState.COMPLETED

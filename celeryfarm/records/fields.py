@@ -115,12 +115,14 @@ def _owner_node(owner: str) -> str:
     return parts[1] if len(parts) == 3 else ""
 
 
-def decode_events(lines: list[str]) -> list[dict]:
+def decode_events(job_id: str, lines: list[str]) -> list[dict]:
     """The step executions of a history's lines (or of an old record's list), with their
     long names; the submission line is left out."""
     events = []
     for line in lines:
         event = {EVENT_NAMES.get(name, name): value for name, value in json.loads(line).items()}
+        if "p" in event:  # an owner written without the job id
+            event["owner"] = f"{job_id}-{event.pop('p')}"
         if event.get("event") == "start" and "node" not in event:
             event["node"] = _owner_node(event.get("owner", ""))
         if event.get("event") != SUBMITTED:

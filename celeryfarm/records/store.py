@@ -421,8 +421,8 @@ class JobStore:
         """The job's step executions (starts, ends, losses), oldest first."""
         key = self.keys.events(job_id)
         if self.redis.type(key) == "list":  # a record from before
-            return codec.decode_events(self.redis.lrange(key, 0, -1))
-        return codec.decode_events((self.redis.get(key) or "").splitlines())
+            return codec.decode_events(job_id, self.redis.lrange(key, 0, -1))
+        return codec.decode_events(job_id, (self.redis.get(key) or "").splitlines())
 
     def ids(self, kind: str = "all", value: str = "") -> list[str]:
         """Job ids of an index, newest first."""

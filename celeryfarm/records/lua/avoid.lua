@@ -26,7 +26,7 @@ end
 if other == '' then return '' end
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('HDEL', KEYS[1], 'lease_owner')
-add_event(KEYS[3], {event = 'end', outcome = 'avoided',
+add_event(KEYS[3], ARGV[1], {event = 'end', outcome = 'avoided',
   step = tonumber(ARGV[4]), dispatch = tonumber(ARGV[3]), attempt = tonumber(ARGV[2]),
   owner = ARGV[5], at = now})
 redis.call('HSET', KEYS[1], 'state', ARGV[10], 'dispatch', tonumber(f[3]) + 1, 'node', '')

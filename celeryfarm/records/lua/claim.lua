@@ -49,7 +49,7 @@ for name in string.gmatch(limits, '[^,]+') do
       redis.call('HSET', KEYS[1], 'dispatch', tonumber(f[3]) + 1)
       redis.call('ZADD', KEYS[7], now + tonumber(ARGV[10]), ARGV[1])
       redis.call('ZREM', KEYS[4], ARGV[1])
-      add_event(KEYS[3], {event = 'limited', limit = name,
+      add_event(KEYS[3], ARGV[1], {event = 'limited', limit = name,
         step = tonumber(ARGV[4]), dispatch = tonumber(ARGV[3]), attempt = tonumber(ARGV[2]),
         node = ARGV[6], at = now})
       return {'limited', name .. ': ' .. held .. ' of ' .. units .. ' in use'}
@@ -64,7 +64,7 @@ redis.call('HSET', KEYS[1], 'state', ARGV[9], 'step', ARGV[4], 'node', ARGV[6],
 redis.call('HSETNX', KEYS[1], 'start', now)
 redis.call('ZADD', KEYS[2], now + tonumber(ARGV[7]), ARGV[1])
 redis.call('ZREM', KEYS[4], ARGV[1])
-add_event(KEYS[3], {event = 'start', step = tonumber(ARGV[4]),
+add_event(KEYS[3], ARGV[1], {event = 'start', step = tonumber(ARGV[4]),
   dispatch = tonumber(ARGV[3]), attempt = tonumber(ARGV[2]), owner = ARGV[5], at = now})
 touch(KEYS[8], ARGV[1])
 local history = ''

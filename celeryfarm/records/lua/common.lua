@@ -10,8 +10,10 @@ end
 
 -- A job's history (its events key): a string of JSON lines, the submission's first, each
 -- line's names shortened as EVENT_NAMES says (celeryfarm.records.fields reads them back), so
--- a finished job's history takes a third of the memory of a list of JSON objects. A record
--- from before that keeps its list of events, and gets the same lines pushed.
+-- a finished job's history takes a third of the memory of a list of JSON objects; an owner
+-- that starts with the job's id (id-attempt.dispatch-step/node/pid) is written without it,
+-- as 'p'. A record from before that keeps its list of events, and gets the same lines
+-- pushed.
 local EVENT_NAMES = {event = 'e', step = 's', dispatch = 'd', attempt = 'a', owner = 'o',
   node = 'n', at = 't', outcome = 'x', lost = 'l', limit = 'm', retry = 'r', why = 'w'}
 -- A job whose history is complete (it ended) gets it written again at its exact size:
@@ -21,9 +23,12 @@ local function compact_history(key)
     redis.call('SET', key, redis.call('GET', key))
   end
 end
-local function add_event(key, event)
+local function add_event(key, id, event)
   local short = {}
   for name, value in pairs(event) do short[EVENT_NAMES[name] or name] = value end
+  if short.o and string.sub(short.o, 1, #id + 1) == id .. '-' then
+    short.p, short.o = string.sub(short.o, #id + 2), nil
+  end
   local line = cjson.encode(short)
   if redis.call('TYPE', key).ok == 'list' then
     redis.call('RPUSH', key, line)

@@ -16,7 +16,7 @@ if f[2] ~= ARGV[2] then return 0 end
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('HDEL', KEYS[1], 'lease_owner')
 if f[3] ~= ARGV[3] then return 0 end
-add_event(KEYS[3], {event = 'lost', step = tonumber(f[5]),
+add_event(KEYS[3], ARGV[1], {event = 'lost', step = tonumber(f[5]),
   dispatch = tonumber(f[4]), attempt = tonumber(f[3]), owner = string.sub(ARGV[2], #'failing:' + 1),
   node = f[6] or '', lost = tonumber(ARGV[4]), at = now})
 if not is_one_of(ARGV[6], f[1]) then return 0 end

@@ -22,7 +22,7 @@ observe(KEYS[5], ARGV[13], ARGV[14])
 local f = redis.call('HMGET', KEYS[1], 'state', 'attempt', 'dispatch', 'lease_owner')
 if f[4] ~= ARGV[5] or f[2] ~= ARGV[2] or f[3] ~= ARGV[3] then return 0 end
 add_frames(KEYS[1], KEYS[6], 15)
-add_event(KEYS[3], {event = 'end', outcome = ARGV[6],
+add_event(KEYS[3], ARGV[1], {event = 'end', outcome = ARGV[6],
   step = tonumber(ARGV[4]), dispatch = tonumber(ARGV[3]), attempt = tonumber(ARGV[2]),
   owner = ARGV[5], at = now})
 if ARGV[7] == '1' then

@@ -23,7 +23,7 @@ local function lose(job, events, outbox, leases, id, f, max_lost, hold_ms, cause
     redis.call('ZADD', leases, now + hold_ms, id)
     return {id, 'failing', f[3], node, tostring(lost), cause, hold, f[7]}
   end
-  add_event(events, {event = 'lost',
+  add_event(events, id, {event = 'lost',
     step = tonumber(f[3]), dispatch = tonumber(f[2]), attempt = tonumber(f[7]),
     owner = f[6] or '', node = node, lost = lost, at = now})
   redis.call('HDEL', job, 'lease_owner')

@@ -24,7 +24,7 @@ if f[4] ~= ARGV[5] or f[2] ~= ARGV[2] or f[3] ~= ARGV[3] then return 0 end
 add_frames(KEYS[1], KEYS[6], 13)
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('HDEL', KEYS[1], 'lease_owner')
-add_event(KEYS[3], {event = 'end', outcome = 'failed',
+add_event(KEYS[3], ARGV[1], {event = 'end', outcome = 'failed',
   retry = ARGV[7], why = ARGV[10], step = tonumber(ARGV[4]), dispatch = tonumber(ARGV[3]),
   attempt = tonumber(ARGV[2]), owner = ARGV[5], at = now})
 if not is_one_of(ARGV[8], f[1]) then return 0 end

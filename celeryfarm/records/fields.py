@@ -23,6 +23,7 @@ from .states import JobState
 SUMMARY_FIELDS = (
     "name", "user", "host", "session", "render_type", "state", "attempt", "task_ids",
     "submitted", "start", "end", "log", "step", "node", "reason", "queue", "priority",
+    "context",  # the log is the context's unless "log" says otherwise
     "frames",  # listings show them
     "retries", "failures", "licence_waits",  # listings show the try
     "frames_done",  # and the progress

@@ -244,6 +244,7 @@ class Farm:
             if listing is None:
                 listing = self._listings[user] = Listing(self.store, "user", user)
             jobs = listing.jobs()
+            active = listing.active
         else:
             if user is not None:
                 merged["user"] = user
@@ -251,7 +252,9 @@ class Farm:
                            if isinstance(merged.get("session"), str) else ("all", ""))
             jobs = [job for _, job in self.store.listed(self.store.index_at(kind, value)[0])
                     if job]
-        self._settle(jobs)
+            active = jobs
+        if self._settle(active):  # a job ended unrecorded: not the list of the last call
+            jobs = list(jobs)
         if not merged:
             return jobs
         matches = _matcher(merged, LISTED_FIELDS)
@@ -277,7 +280,7 @@ class Farm:
             raise FarmError(f"cannot write the render log of job {record.job_id}: "
                             f"{error.strerror}") from None
 
-    def _settle(self, records: Sequence[JobRecord | Listed]) -> None:
+    def _settle(self, records: Sequence[JobRecord | Listed]) -> bool:
         """Bring active records up to date with Celery: a step that Celery saw fail without
         the farm recording it (a crash before the step could claim its lease), or revoked
         outside the farm (from Flower), ends the job, and the record keeps that for when
@@ -285,7 +288,8 @@ class Farm:
         expires and it is re-dispatched (see :mod:`celeryfarm.reaper`)."""
         active = [record for record in records if record.state in ACTIVE]
         if not active:
-            return
+            return False
+        settled = False
         task_ids = [task_id for record in active for task_id in record.task_ids]
         task_states = dict(zip(task_ids, self._task_states(task_ids)))
         for record in active:
@@ -304,6 +308,8 @@ class Farm:
                 self._note(record, reason)
             fresh = self.store.get(record.job_id)
             record.state, record.end_ms, record.reason = fresh.state, fresh.end_ms, fresh.reason
+            settled = True
+        return settled
 
     def _task_states(self, task_ids: list[str]) -> list[tuple[str, str]]:
         """Celery (state, exception type) of many tasks in one round trip; unknown ids are

@@ -272,7 +272,6 @@ class Listed:
     end_ms: int | None
     log_path: str
     task_ids_json: str  # parsed only for active jobs, the only ones settled with Celery
-    order_ms: int = 0  # the job's place in its index (submission time, kept by restarts)
     reason: str = ""
 
     @property

@@ -15,6 +15,7 @@ from __future__ import annotations
 import threading
 
 from .jobs import Listed
+from .records.states import ACTIVE
 from .records.store import JobStore
 
 
@@ -26,17 +27,20 @@ class Listing:
         self.position: int | None = None  # the change feed's, when last read
         self.entries: dict[str, Listed] = {}
         self._ordered: list[Listed] | None = None
+        #: The waiting and running ones, of the same call (settled with Celery's states).
+        self.active: list[Listed] = []
         self._lock = threading.Lock()  # Katana may call from more than one thread
 
     def jobs(self) -> list[Listed]:
         """The index's jobs, newest first: read afresh the first time (and whenever the
-        change feed no longer reaches back to the last call), else only what changed."""
+        change feed no longer reaches back to the last call), else only what changed. The
+        same list object while nothing changed."""
         with self._lock:
             if self.position is None or not self._update():
                 self._load()
             if self._ordered is None:
-                self._ordered = sorted(self.entries.values(), key=lambda job: job.order_ms,
-                                       reverse=True)
+                self._ordered = sorted(self.entries.values(), key=_newest_first)
+                self.active = [job for job in self._ordered if job.state in ACTIVE]
             return self._ordered
 
     def _load(self) -> None:
@@ -52,11 +56,10 @@ class Listing:
         changed, position = changes
         if not changed:
             return True
-        known = [(job_id, self.entries[job_id].order_ms) for job_id in changed
-                 if job_id in self.entries]
+        known = [job_id for job_id in changed if job_id in self.entries]
         others = [job_id for job_id in changed if job_id not in self.entries]
-        places = self.store.places(self.kind, self.value, others)
-        new = [(job_id, place) for job_id, place in zip(others, places) if place is not None]
+        new = [job_id for job_id, here in zip(others, self.store.in_index(
+            self.kind, self.value, others)) if here]
         for job_id, listed in self.store.listed(known + new):
             if listed is None:  # it left Redis
                 self.entries.pop(job_id, None)
@@ -64,3 +67,8 @@ class Listing:
                 self.entries[job_id] = listed
         self.position, self._ordered = position, None
         return True
+
+
+def _newest_first(job: Listed) -> tuple[int, str]:
+    """Newest submission (a restart's, for a restarted job) first, as Katana shows them."""
+    return -job.submitted_ms, job.job_id

@@ -101,6 +101,9 @@ class CeleryFarmPlugin(FarmAPI.BaseFarmPlugin):
         #: The ``FarmAPI.Job`` of each job the last getJobs listed, with what it was made
         #: from: an unchanged job's is not made again (Katana polls getJobs).
         self._jobs: dict[str, tuple[Listed, tuple, FarmAPI.Job]] = {}
+        #: The last listing, whether the log was reachable, and the Jobs made of it: while
+        #: nothing changed, Farm.listed returns the same list and these are given again.
+        self._last: tuple[list[Listed] | None, bool, list[FarmAPI.Job]] = (None, False, [])
 
     @property
     def farm(self) -> Farm:
@@ -198,8 +201,12 @@ class CeleryFarmPlugin(FarmAPI.BaseFarmPlugin):
                 raise FarmError(f"getJobs filters must be a list of dicts, got {filters!r}")
             listed = self.farm.listed(list(filters))
             reachable = self.farm.root.local.is_dir()
+            if self._last[0] is listed and self._last[1] == reachable:
+                return list(self._last[2])
             known, self._jobs = self._jobs, {}
-            return [self._job(job, reachable, known) for job in listed]
+            jobs = [self._job(job, reachable, known) for job in listed]
+            self._last = (listed, reachable, jobs)
+            return list(jobs)
 
     # -- job control -------------------------------------------------------------------------
     def startJob(self, jobId: str) -> None:

@@ -12,7 +12,6 @@ events in a list) read as they are.
 from __future__ import annotations
 
 import json
-from pathlib import PurePosixPath
 
 from ..errors import CorruptRecord
 from ..jobs import DEFAULT_PRIORITY, JobRecord, JobSpec, Listed
@@ -173,8 +172,9 @@ def decode(job_id: str, fields: dict[str, str], history: str | None = None) -> J
 
 
 def _check_log(job_id: str, log: str) -> None:
-    path = PurePosixPath(log)
-    if path.is_absolute() or ".." in path.parts:
+    """A log path must stay inside the shared root (string checks: listings check 10,000
+    of them, and PurePosixPath takes ten times as long)."""
+    if log.startswith("/") or ".." in log.split("/"):
         raise CorruptRecord(job_id, f"its log path {log!r} is not inside the shared root")
 
 
@@ -231,17 +231,20 @@ def decode_flat(job_id: str, flat: list[str], history: str | None = None) -> Job
     return decode(job_id, dict(zip(flat[::2], flat[1::2])), history)
 
 
-def decode_listed(job_id: str, packed: str, order_ms: int = 0) -> Listed | None:
+_STATES = {state.value: state for state in JobState}  # a dict: 10,000 lookups a listing
+
+
+def decode_listed(job_id: str, packed: str) -> Listed | None:
     """A :class:`~celeryfarm.jobs.Listed` from listing.lua's string for the job; None if
     the string does not hold every listing field (a value with the separator in it: the
     caller reads that job field by field)."""
     values = packed.split(LISTING_SEP)
     if len(values) != len(LISTING_FIELDS):
         return None
-    return decode_listed_values(job_id, values, order_ms)
+    return decode_listed_values(job_id, values)
 
 
-def decode_listed_values(job_id: str, values: list[str], order_ms: int = 0) -> Listed:
+def decode_listed_values(job_id: str, values: list[str]) -> Listed:
     """A :class:`~celeryfarm.jobs.Listed` from the values of ``LISTING_FIELDS`` ('' for
     absent ones); anything that is not what :func:`encode` writes is a
     :class:`~celeryfarm.errors.CorruptRecord`."""
@@ -250,9 +253,9 @@ def decode_listed_values(job_id: str, values: list[str], order_ms: int = 0) -> L
     log = log or default_log(job_id, context)
     try:
         listed = Listed(job_id, name, user, host, session, render_type or "Disk",
-                        JobState(state), int(attempt or 1), int(submitted or 0),
-                        int(end) if end else None, log, task_ids, order_ms)
-    except ValueError as error:
+                        _STATES[state], int(attempt or 1), int(submitted or 0),
+                        int(end) if end else None, log, task_ids)
+    except (KeyError, ValueError) as error:
         raise CorruptRecord(job_id, f"{type(error).__name__}: {error}") from None
     _check_log(job_id, log)
     return listed

@@ -446,12 +446,11 @@ class JobStore:
                         logger.warning("%s", error)
 
     # -- listings (celeryfarm.listing) -------------------------------------------------------
-    def index_at(self, kind: str, value: str) -> tuple[list[tuple[str, int]], int]:
-        """Where a listing starts: the index's (job id, submission time), newest first, and
-        the change feed's position, read together so no change after it is missed."""
+    def index_at(self, kind: str, value: str) -> tuple[list[str], int]:
+        """Where a listing starts: the index's job ids, newest first, and the change feed's
+        position, read together so no change after it is missed."""
         pipe = self.redis.pipeline(transaction=True)
-        pipe.zrevrange(self.keys.index(kind, value), 0, -1, withscores=True,
-                       score_cast_func=int)
+        pipe.zrevrange(self.keys.index(kind, value), 0, -1)
         pipe.zscore(self.keys.changes, "")
         ids, position = pipe.execute()
         return ids, int(position or 0)
@@ -470,31 +469,29 @@ class JobStore:
             return None
         return [job_id for job_id in changed if job_id], now
 
-    def places(self, kind: str, value: str, job_ids: Sequence[str]) -> list[int | None]:
-        """Each job's submission time in an index, None for a job not in it."""
+    def in_index(self, kind: str, value: str, job_ids: Sequence[str]) -> list[bool]:
+        """Whether each job is in an index."""
         if not job_ids:
             return []
         scores = self.redis.zmscore(self.keys.index(kind, value), list(job_ids))
-        return [None if score is None else int(score) for score in scores]
+        return [score is not None for score in scores]
 
-    def listed(self, jobs: Sequence[tuple[str, int]]) -> list[tuple[str, Listed | None]]:
-        """What listings show of each (job id, place in its index), read in one round trip
-        (listing.lua, ``BATCH`` jobs a call); None for a job whose record is gone or
-        corrupt (reported)."""
+    def listed(self, jobs: Sequence[str]) -> list[tuple[str, Listed | None]]:
+        """What listings show of each job, read in one round trip (listing.lua, ``BATCH``
+        jobs a call); None for a job whose record is gone or corrupt (reported)."""
         pipe = self.redis.pipeline(transaction=False)
         for start in range(0, len(jobs), BATCH):
             self.scripts.listing(
-                keys=[self.keys.job(job_id) for job_id, _ in jobs[start:start + BATCH]],
+                keys=[self.keys.job(job_id) for job_id in jobs[start:start + BATCH]],
                 args=codec.LISTING_FIELDS, client=pipe)
         packed = [text for batch in pipe.execute() for text in batch] if jobs else []
         found: list[tuple[str, Listed | None]] = []
-        for (job_id, place), text in zip(jobs, packed):
+        for job_id, text in zip(jobs, packed):
             try:
-                listed = codec.decode_listed(job_id, text, place) if text else None
+                listed = codec.decode_listed(job_id, text) if text else None
                 if text and listed is None:  # a separator inside a value: field by field
                     values = self.redis.hmget(self.keys.job(job_id), codec.LISTING_FIELDS)
-                    listed = codec.decode_listed_values(job_id, [v or "" for v in values],
-                                                        place)
+                    listed = codec.decode_listed_values(job_id, [v or "" for v in values])
             except CorruptRecord as error:  # the others are still listed
                 logger.warning("%s", error)
                 listed = None

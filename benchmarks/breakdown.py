@@ -1,4 +1,4 @@
-"""Where a farm job's CPU goes: the farm with some of its Celery settings switched off.
+"""Where a farm job's CPU goes: the farm with some Celery extras switched on.
 
     python -m benchmarks.breakdown [--jobs 300] [--runs 3]
 
@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Callable
 
 from .common import load, median
-from .farmvariant import switch_off
+from .farmvariant import switch_on
 from .run import FULL, REPO, Bench, cpu_seconds, say
 
-VARIANTS = ("", "no-events", "no-started", "no-extended", "no-started,no-extended,no-events")
+VARIANTS = ("", "events", "started", "extended", "events,started,extended")
 
 
 def per_job(b: Bench, nodes: list[int], run: Callable[[], None], jobs: int) -> list[float]:
@@ -64,10 +64,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             env = {"BENCH_FARM_VARIANT": variant, "PYTHONPATH": str(REPO)}
             for name in names:
                 b.cluster.start_worker(name, concurrency=1, app="benchmarks.farmvariant",
-                                       events="no-events" not in variant, env=env)
+                                       events="events" in variant, env=env)
             b.cluster.wait_for_workers(b.farm.app, names)
-            b.farm.app.conf.task_send_sent_event = True
-            switch_off(b.farm.app, variant)  # the client's side of the events setting
+            b.farm.app.conf.task_send_sent_event = False
+            switch_on(b.farm.app, variant)  # the client's side of the events setting
             nodes = b.node_pids(names)
             farm_jobs(), bare_jobs()  # warm-up
             farm, bare = [], []

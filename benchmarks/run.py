@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import itertools
 import json
 import os
 import random
@@ -48,7 +49,7 @@ from celeryfarm.plugin import CeleryFarmPlugin, register_farm_settings
 from celeryfarm.records import FINISHED, JobState
 from celeryfarm.testing.cluster import LocalCluster
 
-from . import bare
+from . import bare, history, watched
 from .common import (
     Row,
     command_line,
@@ -119,10 +120,12 @@ class Sizes:
     state_reads: int
     memory_runs: int  # plug-in memory
     node_losses: int  # figure 7
+    memory_jobs: int  # figure 9
+    big_history: int  # figure 10
 
 
-FULL = Sizes(1000, 15, 1000, 3, 20, 2, 3, 40, 15, 1000, 3, 3)
-QUICK = Sizes(200, 5, 200, 1, 5, 1, 1, 20, 5, 200, 1, 1)
+FULL = Sizes(1000, 15, 1000, 3, 20, 2, 3, 40, 15, 1000, 3, 3, 1000, 100_000)
+QUICK = Sizes(200, 5, 200, 1, 5, 1, 1, 20, 5, 200, 1, 1, 200, 20_000)
 
 
 class Bench:
@@ -462,7 +465,7 @@ def fig1_submit(b: Bench) -> list[Row]:
     store = b.farm.store
     pipe = b.redis.pipeline(transaction=False)
     for job_id in job_ids:
-        pipe.delete(store.keys.job(job_id))
+        pipe.delete(store.keys.job(job_id), store.keys.events(job_id))
         pipe.zrem(store.keys.index(), job_id)
         pipe.zrem(store.keys.index("user", b.settings.user), job_id)
         pipe.zrem(store.keys.index("session", b.plugin.session), job_id)
@@ -479,7 +482,7 @@ def fig1_submit(b: Bench) -> list[Row]:
     base = "bare chain.apply_async"
     return [
         Row("1", f"submitJob p50 ({HISTORY:,} jobs in history, n={n})", "ms", farm50, bare50,
-            base, "< 2 ms and <= 1.5x", farm50 < 2 and farm50 <= 1.5 * bare50),
+            base, "<= 1.3x", farm50 <= 1.3 * bare50),
         Row("1", "submitJob p99", "ms", farm99, bare99, base),
     ]
 
@@ -620,11 +623,12 @@ def fig4_stop(b: Bench) -> list[Row]:
 
 
 def fig5_listing(b: Bench) -> list[Row]:
-    """getJobs(None) and getJobState with 10,000 jobs in the history (50 of them waiting).
-    Baselines: reading the states of 10,000 bare Celery results in one MGET, and one
+    """getJobs(None) and getJobState with 10,000 jobs in the history (50 of them waiting):
+    the first call of a fresh plug-in, and a second call with nothing changed. Baselines:
+    reading the states of 10,000 bare Celery results in one MGET, and one
     ``AsyncResult(id).state``."""
     b.ensure_history()
-    listings, reads = [], []
+    listings, warm, reads = [], [], []
     bare_listings, bare_reads = [], []
     backend = b.bare_app.backend
 
@@ -633,11 +637,15 @@ def fig5_listing(b: Bench) -> list[Row]:
         return len([backend.decode_result(v)["status"] for v in values if v])
 
     for index in range(b.sizes.listings + 1):
+        plugin = CeleryFarmPlugin(Farm(b.settings))
+        plugin.farm.store.redis.ping()  # connected, as a plug-in in use is
         started = time.perf_counter()
-        jobs = b.plugin.getJobs(None)
+        jobs = plugin.getJobs(None)
         middle = time.perf_counter()
         count = bare_listing()
         ended = time.perf_counter()
+        plugin.getJobs(None)
+        warm.append(time.perf_counter() - ended)
         if len(jobs) < HISTORY or count < HISTORY:
             raise RuntimeError(f"listed {len(jobs)} farm jobs and {count} bare results")
         if index:
@@ -654,9 +662,13 @@ def fig5_listing(b: Bench) -> list[Row]:
         reads.append(middle - started)
     listing, bare_list = ms(median(listings)), ms(median(bare_listings))
     read50, bare50 = ms(median(reads)), ms(median(bare_reads))
+    again = ms(median(warm[1:]))
     return [
-        Row("5", f"getJobs(None), {HISTORY:,} jobs listed (median of {len(listings)})", "ms",
-            listing, bare_list, "MGET of 10k results", "< 100 ms", listing < 100),
+        Row("5", f"getJobs(None), {HISTORY:,} jobs listed, first call of a fresh plug-in "
+            f"(median of {len(listings)})", "ms", listing, bare_list, "MGET of 10k results",
+            "< 100 ms", listing < 100),
+        Row("5", "getJobs(None) again, nothing changed", "ms", again, target="< 5 ms",
+            met=again < 5),
         Row("5", f"getJobState p50 (n={len(reads)})", "ms", read50, bare50,
             "AsyncResult.state", "< 2 ms", read50 < 2),
         Row("5", "getJobState p99", "ms", ms(percentile(reads, 99)),
@@ -805,9 +817,13 @@ FIGURES: dict[int, tuple[str, Callable[[Bench], list[Row]]]] = {
     6: ("log latency", fig6_log),
     7: ("node-loss recovery", fig7_node_loss),
     8: ("plug-in memory", fig8_plugin_memory),
+    9: ("Redis memory per finished job", history.fig9_job_memory),
+    10: ("a big history: listing and retention", history.fig10_big_history),
+    11: ("with Flower running", watched.fig11_flower),
 }
-#: Run order: the listings first, while the history holds exactly the 10,000 jobs.
-ORDER = (5, 8, 1, 2, 3, 6, 4, 7)
+#: Run order: the listings first, while the history holds exactly the 10,000 jobs; Flower
+#: last, as the task events it turns on stay on until it turns them off.
+ORDER = (5, 8, 1, 2, 3, 9, 10, 6, 4, 7, 11)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -822,6 +838,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
     return parser.parse_args(argv)
+
+
+def figure_order(row: Row) -> tuple[int, str]:
+    """Rows by figure number ("1F" after "1", "10" after "9"), "mem" last."""
+    digits = "".join(itertools.takewhile(str.isdigit, row.figure))
+    return int(digits) if digits else 99, row.figure
 
 
 def method(figure: Callable) -> str:
@@ -868,7 +890,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             shutil.rmtree(base, ignore_errors=True)
     duration = time.monotonic() - started
-    rows.sort(key=lambda row: (not row.figure.isdigit(), row.figure))  # stable: 1..7, mem
+    rows.sort(key=figure_order)  # stable: 1, 1F, 2 ... 10, mem
     say(text_table(rows))
     info = {"date": now_text(), "duration": f"{duration / 60:.1f} min", **machine(),
             "load at start (1/5/15 min)": load_before, "load at end": load()}

@@ -10,10 +10,11 @@ itself enforces what each may do (see the README's threat model):
   read-only; no job record.
 * ``admin``: everything, the only one with ``FLUSHALL``, ``CONFIG``, ``ACL``, ``KEYS``...
 * one user per artist (``celeryfarm user add NAME``): reads the whole farm, writes only
-  their own jobs' records and index (their names start with the artist's, see
-  :meth:`~celeryfarm.records.keys.Keys.owned`), may only push to the Celery queues and to
-  the farm's inbox, and has no access to Celery's remote control (so no revoke). A
-  ``wrangler`` may also write every job's record: stop and restart anyone's job.
+  their own jobs' records, histories, index and change feed (their names start with the
+  artist's, see :meth:`~celeryfarm.records.keys.Keys.owned`), may only push to the Celery
+  queues and to the farm's inbox, and has no access to Celery's remote control (so no
+  revoke). A ``wrangler`` may also write every job's record and change feed: stop and
+  restart anyone's job.
 
 The rules are built from the farm's key prefix, so farms sharing a Redis get disjoint users'
 rights. A job's user is the authenticated Redis user (:func:`authenticated_user`).
@@ -96,7 +97,9 @@ def artist_rules(name: str, settings: Settings, wrangler: bool = False) -> list[
     subscribe to results; publish only the event that says a task was sent."""
     check_name(name)
     keys = Keys(settings.key_prefix)
-    writes = keys.owned(name) + ((keys.job("*"),) if wrangler else ())
+    # A wrangler's stop or restart of another's job writes its record and its owner's
+    # change feed (see Keys.changes).
+    writes = keys.owned(name) + ((keys.job("*"), keys.changes("*")) if wrangler else ())
     return [*BASE, f"%R~{keys.prefix}:*", f"%R~{RESULTS}", *(f"~{key}" for key in writes),
             f"&{_channels(settings)['task_sent']}",
             f"(+lpush +rpush +sadd ~{settings.broker_key_prefix}* ~{keys.inbox})",

@@ -13,7 +13,6 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery
-from celery.app.amqp import AMQP
 
 from .config import Settings
 
@@ -53,30 +52,16 @@ def celery_config(settings: Settings) -> dict:
         # A step is acknowledged when it ends, and a node takes one step at a time.
         "task_acks_late": True,
         "worker_prefetch_multiplier": 1,
-        "task_track_started": True,
-        "result_extended": True,
+        # No STARTED states and no extended results: the farm's record already says Running
+        # (and which node), and Flower learns of a start from the task-started event.
         # Without a default, unprioritised messages would jump to the top bucket.
         "task_default_priority": 5,
         "task_default_queue": settings.default_queue,
         "task_create_missing_queues": True,
-        # Flower and the command line follow the farm through events.
-        "worker_send_task_events": True,
-        "task_send_sent_event": True,
+        # No task events unless someone watches: Flower turns them on itself (its
+        # enable_events control, sent every few seconds), so a farm without Flower does not
+        # publish three events a step that no one reads.
     }
-
-
-class FarmAMQP(AMQP):
-    """Task-sent events carry a step's readable name (its ``shadow``, "shot010 [2/3]") as
-    the worker's events do. Celery puts the registered name in them, and Flower, which merges
-    a late task-sent event over the task-received one, would then show
-    ``celeryfarm.render_step`` for whichever steps lost that race."""
-
-    def as_task_v2(self, *args: Any, **kwargs: Any) -> Any:
-        message = super().as_task_v2(*args, **kwargs)
-        shadow = message.headers.get("shadow")
-        if shadow and message.sent_event is not None:
-            message.sent_event["name"] = shadow
-        return message
 
 
 class FarmApp(Celery):
@@ -90,7 +75,7 @@ class FarmApp(Celery):
 def create_app(settings: Settings | None = None) -> FarmApp:
     """The farm's app, from ``settings`` (default: this process's environment)."""
     settings = settings or Settings.from_env()
-    app = FarmApp("celeryfarm", amqp=FarmAMQP)
+    app = FarmApp("celeryfarm")
     app.conf.update(celery_config(settings))
     app.settings = settings
     # By name: clients never import the node's code; a worker loads it as it starts.

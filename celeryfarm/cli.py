@@ -408,7 +408,8 @@ def _as_json(session: Session, record: JobRecord) -> dict[str, Any]:
 @pass_session
 def jobs(session: Session, states: tuple[str, ...], user: str | None, mine: bool,
          limit: int | None, as_json: bool) -> None:
-    """List the farm's jobs, newest first."""
+    """List the farm's jobs, newest first: those that finished within the last
+    CELERYFARM_KEEP_DAYS days, and every job still waiting or running."""
     filters: list[dict[str, Any]] = []
     if states:
         filters.append({"state": list(states)})
@@ -427,6 +428,9 @@ def jobs(session: Session, states: tuple[str, ...], user: str | None, mine: bool
     ]
     table(["ID", "NAME", "STATE", "FRAMES", "PROGRESS", "SUBMITTED", "FINISHED", "NODE", "LOG"],
           rows, state_col=2)
+    click.echo(f"History: jobs that finished in the last {session.settings.keep_days:g} days "
+               f"(CELERYFARM_KEEP_DAYS); older ones have left the farm's records, their "
+               f"render logs stay on the shared mount.", err=True)
 
 
 @cli.command()

@@ -71,6 +71,8 @@ class Settings:
     lease_seconds: float = 20.0
     #: How often every node's reaper looks for lost steps (re-dispatch within lease + this).
     reap_seconds: float = 5.0
+    #: Finished jobs leave Redis this many days after they ended (render logs stay).
+    keep_days: float = 30.0
     #: A step lost on this many nodes in a row fails the job.
     max_node_losses: int = 3
     #: Prefix of every Redis key celeryfarm writes, so farms can share a Redis.
@@ -151,9 +153,10 @@ class Settings:
             ("STORE_URL", self.store_url, defaults.store_url),
             ("KEY_PREFIX", self.key_prefix, defaults.key_prefix),
             ("MAX_RENDER_SECONDS", self.max_render_seconds, defaults.max_render_seconds),
+            ("KEEP_DAYS", self.keep_days, defaults.keep_days),
         ):
             if value != default:
-                env[PREFIX + name] = str(value)
+                env[PREFIX + name] = f"{value:g}" if isinstance(value, float) else str(value)
         return env
 
     def __post_init__(self) -> None:
@@ -210,6 +213,7 @@ class Settings:
             lease_seconds=number("LEASE_SECONDS", defaults.lease_seconds),
             reap_seconds=number("REAP_SECONDS", defaults.reap_seconds),
             max_node_losses=number("MAX_NODE_LOSSES", defaults.max_node_losses, int),
+            keep_days=number("KEEP_DAYS", defaults.keep_days),
             key_prefix=get("KEY_PREFIX") or defaults.key_prefix,
             user=get("USER") or _login_name(),
             session=get("SESSION"),

@@ -82,6 +82,9 @@ def send(app: Celery, store: JobStore, record: JobRecord, resumed: bool = False,
             queue=spec.queue,
             priority=RESUMED_PRIORITY if resumed and step == record.next_step else priority,
             shadow=f"{spec.name} [{step + 1}/{steps}]",
+            # Nothing waits on a step's result: without this the client subscribes to the
+            # chain's result channel at every submission (see celeryfarm.node).
+            ignore_result=True,
         )
         for step, step_id in zip(range(record.next_step, steps), task_ids(record))
     ]

@@ -29,7 +29,8 @@ from .acl import authenticated_user
 from .celery import create_app
 from .config import Settings
 from .errors import FarmError, NotAllowed
-from .jobs import Command, JobRecord, JobSpec, describe_frames
+from .jobs import Command, JobRecord, JobSpec, Listed, describe_frames
+from .listing import Listing
 from .paths import SharedRoot
 from .records.keys import new_job_id
 from .records.states import ACTIVE, JobState
@@ -71,6 +72,8 @@ class Farm:
         self.host = socket.gethostname()
         #: Identifies this client's jobs (``getJobs({'session': ...})``).
         self.session = self.settings.session or f"{self.host}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        #: Each user's jobs as listed at the last call, kept up to date (:meth:`listed`).
+        self._listings: dict[str, Listing] = {}
 
     @functools.cached_property
     def user(self) -> str:
@@ -221,16 +224,13 @@ class Farm:
     def log_file(self, job_id: str) -> Path | None:
         """This host's path of the job's render log, or None if the shared mount is not
         reachable here. Raises ``JobNotFound``."""
-        relative = self.store.get_field(job_id, "log")
-        if relative is None:
-            self.store.get(job_id)  # raises JobNotFound, or a record without a log
-            return None
+        relative = self.store.log_path(job_id)
         if not self.root.local.is_dir():
             return None
         self.root.join(relative)  # refuses a path that escapes the root, symlinks and all
         return Path(self.root.local_path(relative))
 
-    def log_path(self, record: JobRecord) -> str | None:
+    def log_path(self, record: JobRecord | Listed) -> str | None:
         """This host's path of a record's render log (see ``SharedRoot.local_path``)."""
         return self.root.local_path(record.log_path) if record.log_path else None
 
@@ -245,19 +245,49 @@ class Farm:
     def jobs(self, filters: Sequence[Mapping[str, Any]] = ()) -> list[JobRecord]:
         """Jobs matching every filter, newest first. See ``FILTER_KEYS``."""
         merged = _merge_filters(filters)
+        records = list(self.store.summaries(self._ids(merged)))
+        self._settle(records)
+        matches = _matcher(merged, RECORD_FIELDS)
+        return [record for record in records if matches(record)]
+
+    def listed(self, filters: Sequence[Mapping[str, Any]] = ()) -> list[Listed]:
+        """What a job listing shows of the jobs matching every filter, newest first (see
+        ``FILTER_KEYS``). A user's jobs come from that user's :class:`Listing`, kept in this
+        client between calls: a call re-reads only the jobs changed since the last one,
+        so Katana's polling of getJobs costs next to nothing while nothing changes."""
+        merged = _merge_filters(filters)
+        user = merged.pop("user", None)
+        if isinstance(user, str):
+            listing = self._listings.get(user)
+            if listing is None:
+                listing = self._listings[user] = Listing(self.store, user)
+            jobs = listing.jobs()
+            active = listing.active
+        else:
+            if user is not None:
+                merged["user"] = user
+            jobs = [job for _, job in self.store.listed(self._ids(merged)) if job]
+            active = jobs
+        if self._settle(active):  # a job ended unrecorded: not the list of the last call
+            jobs = list(jobs)
+        if not merged:
+            return jobs
+        matches = _matcher(merged, LISTED_FIELDS)
+        return [job for job in jobs if matches(job)]
+
+    # -- internals ---------------------------------------------------------------------------
+    def _ids(self, merged: Mapping[str, Any]) -> list[str]:
+        """The ids of the index that holds every job the filters can match, newest first.
+        This user's own jobs are in their index at once, before a render node takes them
+        into the shared ones (``JobStore.adopt``)."""
         kind, value = next(
             ((k, merged[k]) for k in ("session", "user") if isinstance(merged.get(k), str)),
             ("all", ""),
         )
-        if (kind, value) == ("session", self.session):  # in this user's index at once
+        if (kind, value) == ("session", self.session):
             kind, value = "user", self.user
-        ids = self.store.ids_with(self.user) if kind == "all" else self.store.ids(kind, value)
-        records = list(self.store.summaries(ids))
-        self._settle(records)
-        matches = _matcher(merged)
-        return [record for record in records if matches(record)]
+        return self.store.ids_with(self.user) if kind == "all" else self.store.ids(kind, value)
 
-    # -- internals ---------------------------------------------------------------------------
     def _send(self, record: JobRecord) -> None:
         """Send the record's dispatch; it is in the outbox already, so if the broker cannot
         be reached the job still runs once a node's reaper can send it."""
@@ -277,17 +307,18 @@ class Farm:
             raise FarmError(f"cannot write the render log of job {record.job_id}: "
                             f"{error.strerror}") from None
 
-    def _settle(self, records: Sequence[JobRecord]) -> None:
+    def _settle(self, records: Sequence[JobRecord | Listed]) -> bool:
         """Bring active records up to date with Celery: a step revoked outside the farm
         (from Flower) ends the job, and the record keeps that for when Celery's results
-        have expired. A failure Celery recorded is not trusted: a message forged with a
-        step's task id (an unregistered task, bad arguments) makes the worker record one,
-        and a step that failed before it could claim its lease is re-dispatched by the
-        reapers as any vanished step is. A lost worker is not an end either: the step's
-        lease expires and it is re-dispatched (see :mod:`celeryfarm.reaper`)."""
+        have expired; True if one did. A failure Celery recorded is not trusted: a message
+        forged with a step's task id (an unregistered task, bad arguments) makes the worker
+        record one, and a step that failed before it could claim its lease is re-dispatched
+        by the reapers as any vanished step is. A lost worker is not an end either: the
+        step's lease expires and it is re-dispatched (see :mod:`celeryfarm.reaper`)."""
         active = [record for record in records if record.state in ACTIVE]
         if not active:
-            return
+            return False
+        settled = False
         task_ids = [task_id for record in active for task_id in record.task_ids]
         task_states = dict(zip(task_ids, self._task_states(task_ids)))
         reason = "a step was revoked outside celeryfarm (Flower?)"
@@ -302,6 +333,8 @@ class Farm:
                 self._note(record, reason)
             fresh = self.store.get(record.job_id)
             record.state, record.end_ms, record.reason = fresh.state, fresh.end_ms, fresh.reason
+            settled = True
+        return settled
 
     def _task_states(self, task_ids: list[str]) -> list[str]:
         """Celery states of many tasks in one round trip; unknown ids are PENDING."""
@@ -346,17 +379,24 @@ class _Nothing:
 _NOTHING = _Nothing()
 
 
-def _matcher(merged: Mapping[str, Any]) -> Callable[[JobRecord], bool]:
-    def field(key: str) -> Callable[[JobRecord], Any]:
-        return {
-            "user": lambda r: r.spec.user, "session": lambda r: r.spec.session,
-            "host": lambda r: r.spec.host, "state": lambda r: r.state,
-            "renderType": lambda r: r.spec.render_type, "name": lambda r: r.spec.name,
-        }[key]
+#: How each filter key reads a record, and a listed job.
+RECORD_FIELDS: dict[str, Callable[[Any], Any]] = {
+    "user": lambda r: r.spec.user, "session": lambda r: r.spec.session,
+    "host": lambda r: r.spec.host, "state": lambda r: r.state,
+    "renderType": lambda r: r.spec.render_type, "name": lambda r: r.spec.name,
+}
+LISTED_FIELDS: dict[str, Callable[[Any], Any]] = {
+    "user": lambda r: r.user, "session": lambda r: r.session, "host": lambda r: r.host,
+    "state": lambda r: r.state, "renderType": lambda r: r.render_type,
+    "name": lambda r: r.name,
+}
 
-    tests: list[Callable[[JobRecord], bool]] = []
+
+def _matcher(merged: Mapping[str, Any],
+             fields: Mapping[str, Callable[[Any], Any]]) -> Callable[[Any], bool]:
+    tests: list[Callable[[Any], bool]] = []
     for key, wanted in merged.items():
-        get = field(key)
+        get = fields[key]
         if wanted is _NOTHING:
             return lambda record: False
         if key == "name":

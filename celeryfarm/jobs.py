@@ -8,6 +8,7 @@ command line and the plug-in share them.
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import shlex
 from collections.abc import Iterable, Mapping, Sequence
@@ -252,3 +253,27 @@ class JobRecord:
     @property
     def finished(self) -> bool:
         return self.state in FINISHED
+
+
+@dataclasses.dataclass(slots=True)
+class Listed:
+    """What a job listing shows of a job (getJobs): a few fields of its record, cheap to
+    read and to keep (see :mod:`celeryfarm.listing`)."""
+
+    job_id: str
+    name: str
+    user: str
+    host: str
+    session: str
+    render_type: str
+    state: JobState
+    attempt: int
+    submitted_ms: int
+    end_ms: int | None
+    log_path: str
+    task_ids_json: str  # parsed only for active jobs, the only ones settled with Celery
+    reason: str = ""
+
+    @property
+    def task_ids(self) -> tuple[str, ...]:
+        return tuple(json.loads(self.task_ids_json or "[]"))

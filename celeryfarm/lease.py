@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Sequence
 
 import redis
 
@@ -59,12 +60,21 @@ class StepLease:
         self._kind: FailureKind | None = None
         self._done = threading.Event()
         self._thread: threading.Thread | None = None
+        #: Frames reported done and not yet written: they go with the next renewal or
+        #: with the step's end, never one round trip a frame.
+        self._frames: list[int] = []
+        self._frames_lock = threading.Lock()
+        #: How long the render ran, for the farm's step histogram (written with the end).
+        self.seconds: float | None = None
 
-    def claim(self, node: str) -> tuple[ClaimStatus, str, JobRecord | None]:
-        """Try to start the step: (OK, '', the job's record) or (why not, detail, None)."""
+    def claim(self, node: str, commands: Sequence[Sequence[str]] | None = None,
+              ) -> tuple[ClaimStatus, str, JobRecord | None]:
+        """Try to start the step, if ``commands`` (those of the step's message, from this
+        step on) are the record's: (OK, '', the job's record) or (why not, detail, None)."""
         sent = time.monotonic()
         status, detail, record = self.store.claim(self.token, self.owner, node, self.lease_ms,
-                                                  int(self.settings.reap_seconds * 1000))
+                                                  int(self.settings.reap_seconds * 1000),
+                                                  commands)
         if status == ClaimStatus.OK:
             self._valid_until = sent + self.settings.lease_seconds
         return status, detail, record
@@ -88,10 +98,12 @@ class StepLease:
     def _renew(self) -> None:
         while not self._done.wait(self.settings.poll_seconds):
             sent = time.monotonic()
+            frames = self._take_frames()
             try:
-                kind = self.store.renew(self.token, self.owner, self.lease_ms)
+                kind = self.store.renew(self.token, self.owner, self.lease_ms, frames)
             except redis.RedisError as error:
                 logger.warning("cannot renew the lease of job %s: %s", self.token.job_id, error)
+                self._give_back(frames)
                 continue
             if kind is None:
                 self._valid_until = sent + self.settings.lease_seconds
@@ -99,6 +111,22 @@ class StepLease:
                 self._set_problem(kind, "stop requested")
             else:
                 self._set_problem(kind, "the step was given to another node")
+
+    def frame_done(self, frame: int) -> None:
+        """Count a frame the render reported done (written with the next renewal)."""
+        with self._frames_lock:
+            self._frames.append(frame)
+
+    def _take_frames(self) -> list[int]:
+        with self._frames_lock:
+            frames, self._frames = self._frames, []
+        return frames
+
+    def _give_back(self, frames: list[int]) -> None:
+        """Frames whose write failed: progress is for people, so they wait for the next
+        write rather than fail anything."""
+        with self._frames_lock:
+            self._frames[:0] = frames
 
     def _set_problem(self, kind: FailureKind, text: str) -> None:
         if not self._problem:
@@ -129,10 +157,13 @@ class StepLease:
 
     # -- when it ends ------------------------------------------------------------------------
     def finish(self, outcome: StepOutcome, last: bool = False, reason: str = "") -> bool:
-        """Record the execution's outcome; False if it was no longer current (ignored)."""
-        return self.store.finish(self.token, self.owner, outcome, last, reason)
+        """Record the execution's outcome, with how long it ran and its last frames done, in
+        one write; False if it was no longer current (ignored)."""
+        return self.store.finish(self.token, self.owner, outcome, last, reason, self.seconds,
+                                 self._take_frames())
 
     def retry(self, delay_ms: int, counted: bool, why: str) -> bool:
         """Record a failed try whose step runs again in ``delay_ms``; False if this
         execution was no longer current or the job was stopped (see ``JobStore.retry``)."""
-        return self.store.retry(self.token, self.owner, delay_ms, counted, why) > 0
+        return self.store.retry(self.token, self.owner, delay_ms, counted, why, self.seconds,
+                                self._take_frames()) > 0

@@ -57,7 +57,11 @@ class RenderNode(bootsteps.StartStopStep):
         self.render_user = renderenv.render_user(self.settings.render_user)
         self.reaper: Reaper | None = None
         self.app.node = self
-        self.app.task(bind=True, name=RENDER_STEP)(tasks.render_step)
+        # No SUCCESS results: the record says Completed, and a result would only take
+        # memory until it expired. Failures and revokes are still stored: Farm._settle reads
+        # them for the crashes that happen before a step could record anything.
+        self.app.task(bind=True, name=RENDER_STEP, ignore_result=True,
+                      store_errors_even_if_ignored=True)(tasks.render_step)
         signals.worker_process_init.connect(self.prepare_pool_process, weak=False)
         signals.task_failure.connect(self.on_task_failure, weak=False)
 

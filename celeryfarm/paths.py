@@ -31,6 +31,10 @@ class SharedRoot:
     def __init__(self, local: Path, remote: Path | None = None) -> None:
         self.local = Path(local)
         self.remote = PurePosixPath(remote or local)
+        #: Context folders this process made or found writable, not probed again: Katana's
+        #: submission asks for its folder twice (createTemporaryDirectory, copyRenderFiles),
+        #: and on a network mount each probe is two round trips to the file server.
+        self._writable: set[Path] = set()
 
     def join(self, relative: str) -> Path:
         """This host's path for ``relative``; raises :class:`FarmError` if it escapes."""
@@ -94,8 +98,13 @@ class SharedRoot:
         :meth:`local_path`."""
         path = self.join(self.context_dir(context))
         try:
+            # A folder this process has just made is writable to it; only one that was
+            # there already (another user's, say) needs the probe.
+            existed = path.is_dir()
             sharing.make_folder(path)
-            _check_writable(path)
+            if existed and path not in self._writable:
+                _check_writable(path)
+            self._writable.add(path)
         except OSError as error:
             raise FarmError(
                 f"cannot create the render folder {path} on the shared mount: {error.strerror}"

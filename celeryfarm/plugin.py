@@ -20,7 +20,7 @@ from kombu.exceptions import OperationalError
 from .config import redact
 from .errors import FarmError, JobNotFound
 from .farm import Farm
-from .jobs import DEFAULT_PRIORITY, RENDER_TYPES, JobRecord
+from .jobs import DEFAULT_PRIORITY, RENDER_TYPES, Listed
 
 try:  # inside Katana
     from Katana import FarmAPI, NodegraphAPI  # type: ignore[import-not-found]
@@ -98,6 +98,12 @@ class CeleryFarmPlugin(FarmAPI.BaseFarmPlugin):
     def __init__(self, farm: Farm | None = None) -> None:
         super().__init__()
         self._farm = farm
+        #: The ``FarmAPI.Job`` of each job the last getJobs listed, with what it was made
+        #: from: an unchanged job's is not made again (Katana polls getJobs).
+        self._jobs: dict[str, tuple[Listed, tuple, FarmAPI.Job]] = {}
+        #: The last listing, whether the log was reachable, and the Jobs made of it: while
+        #: nothing changed, Farm.listed returns the same list and these are given again.
+        self._last: tuple[list[Listed] | None, bool, list[FarmAPI.Job]] = (None, False, [])
 
     @property
     def farm(self) -> Farm:
@@ -193,9 +199,14 @@ class CeleryFarmPlugin(FarmAPI.BaseFarmPlugin):
                 filters = [filters]
             elif not isinstance(filters, (list, tuple)):
                 raise FarmError(f"getJobs filters must be a list of dicts, got {filters!r}")
-            records = self.farm.jobs(list(filters))
+            listed = self.farm.listed(list(filters))
             reachable = self.farm.root.local.is_dir()
-            return [self._job(record, reachable) for record in records]
+            if self._last[0] is listed and self._last[1] == reachable:
+                return list(self._last[2])
+            known, self._jobs = self._jobs, {}
+            jobs = [self._job(job, reachable, known) for job in listed]
+            self._last = (listed, reachable, jobs)
+            return list(jobs)
 
     # -- job control -------------------------------------------------------------------------
     def startJob(self, jobId: str) -> None:
@@ -226,15 +237,24 @@ class CeleryFarmPlugin(FarmAPI.BaseFarmPlugin):
         values = FarmAPI.ExtractFarmSettingsFromNode(node) if node is not None else {}
         return {name: values.get(name, default) for name, _add, default, _hints in FARM_SETTINGS}
 
-    def _job(self, record: JobRecord, log_reachable: bool) -> FarmAPI.Job:
+    def _job(self, listed: Listed, log_reachable: bool,
+             known: dict[str, tuple[Listed, tuple, FarmAPI.Job]]) -> FarmAPI.Job:
         """Katana's view of a record. ``startTime`` is the submission time in ms (Katana
         Queue's "Submitted" column), so a waiting job has one too. ``endTime`` is the end in
         ms once the job has ended, else 0: Katana 5's stubs declare it ``int``, not
         ``int | None``, and 0 (the epoch, falsy) is the one int no real end can be. The log
-        is this host's path, or None when this host cannot reach the shared mount."""
-        log = self.farm.log_path(record) if log_reachable else None
-        return FarmAPI.Job(record.job_id, record.spec.name, record.submitted_ms,
-                           record.end_ms or 0, record.state.value, log)
+        is this host's path, or None when this host cannot reach the shared mount. One
+        ``known`` from the last call is used again while nothing it shows changed."""
+        shown = (listed.state, listed.end_ms, listed.submitted_ms, log_reachable)
+        cached = known.get(listed.job_id)
+        if cached is not None and cached[0] is listed and cached[1] == shown:
+            job = cached[2]
+        else:
+            log = self.farm.log_path(listed) if log_reachable else None
+            job = FarmAPI.Job(listed.job_id, listed.name, listed.submitted_ms,
+                              listed.end_ms or 0, listed.state.value, log)
+        self._jobs[listed.job_id] = (listed, shown, job)
+        return job
 
     @contextlib.contextmanager
     def _errors(self) -> Iterator[None]:

@@ -15,6 +15,9 @@ Every node runs one, so the farm keeps recovering whichever node dies. Each pass
   for a lease period, and a message missing from two looks in a row is lost;
 * sends again the dispatches recorded in the outbox whose sender died before sending them;
 * sends the failed steps whose retry is due (:mod:`.retries`);
+* takes out of Redis up to ``BATCH`` jobs that finished more than ``CELERYFARM_KEEP_DAYS``
+  ago, with their Celery results (their render logs and frames stay on the shared mount),
+  and keeps their owners' change feeds that listings read to their newest entries;
 * kills the renders on its host whose step's process is gone (:mod:`.orphans`).
 """
 
@@ -33,6 +36,7 @@ from . import dispatch, orphans, rescue
 from .config import Settings
 from .errors import CorruptRecord, JobNotFound
 from .paths import SharedRoot
+from .records.keys import owner_of
 from .records.states import ACTIVE, LossOutcome
 from .records.store import JobStore, Loss, Token, connect
 from .renderenv import RenderUser
@@ -44,6 +48,7 @@ logger = logging.getLogger(__name__)
 OUTBOX_SECONDS = 10.0
 #: Leases and outbox entries handled per pass.
 BATCH = 100
+DAY_MS = 24 * 3600 * 1000
 EXPIRED = "its lease expired"
 NEVER_STARTED = "it took the step from the queue but never started it"
 VANISHED = "its message was lost before any node started it"
@@ -62,6 +67,10 @@ class Reaper(threading.Thread):
         self.broker = connect(settings.broker_url)
         self.root = SharedRoot(settings.shared_root)
         self.lease_ms = int(settings.lease_seconds * 1000)
+        self.keep_ms = int(settings.keep_days * DAY_MS)
+        #: Where the next retention pass looks from (a submission time): jobs it passed over
+        #: (still running, or restarted) are looked at again once it has reached the end.
+        self._retire_from: str | int = "-inf"
         self._done = threading.Event()
 
     def run(self) -> None:
@@ -105,8 +114,26 @@ class Reaper(threading.Thread):
         due = self.store.due(BATCH)
         for job_id in due:
             self._resend(job_id, "job %s: a failed step runs again (dispatch %s)")
+        retired = self.retire_once()
         return [(loss.job_id, loss.outcome.value) for loss in lost] + [
-            (job_id, "resent") for job_id in stale] + [(job_id, "retried") for job_id in due]
+            (job_id, "resent") for job_id in stale] + [(job_id, "retried") for job_id in due] + [
+            (job_id, "retired") for job_id in retired]
+
+    def retire_once(self) -> list[str]:
+        """Take up to ``BATCH`` jobs that finished more than ``keep_days`` ago out of Redis
+        (with their Celery results); returns their ids. Bounded work: each pass looks at
+        the next ``BATCH`` jobs submitted before then, oldest first."""
+        before = int(time.time() * 1000) - self.keep_ms
+        jobs = self.store.submitted_before(before, self._retire_from, BATCH)
+        self._retire_from = jobs[-1][1] if len(jobs) == BATCH else "-inf"
+        retired = self.store.retire([job_id for job_id, _ in jobs], self.keep_ms,
+                                    self.app.backend.get_key_for_task)
+        if retired:
+            logger.info("reaper: %d job(s) finished more than %g days ago left Redis",
+                        len(retired), self.settings.keep_days)
+        for owner in {owner_of(job_id) for job_id in retired}:
+            self.store.trim_changes(owner)
+        return retired
 
     def _lose(self, job_id: str) -> Loss | None:
         """Lose an expired lease's step; a record the script cannot read (corrupt) is

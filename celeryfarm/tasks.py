@@ -30,7 +30,6 @@ from .dispatch import task_id as dispatch_task_id
 from .errors import CorruptRecord, FarmError, StepFailed
 from .jobs import JobRecord
 from .lease import StepLease, lease_owner
-from .metrics import STEP_BUCKETS
 from .paths import SharedRoot
 from .records.states import ClaimStatus, FailureKind, StepOutcome
 from .records.store import Token
@@ -117,8 +116,8 @@ def checked_message(task_id: str, args: tuple, kwargs: dict) -> str:
     """Why a step message is not one the farm sent, or "". Anyone who can push to a queue
     can forge one, so before anything else a node checks that it has a step's arguments
     and that its task id is the one its token names (so it can neither mark another step's
-    Celery state nor pass for it); :func:`checked_dispatch` then checks it against the
-    record."""
+    Celery state nor pass for it); :func:`checked_dispatch` and the claim then check it
+    against the record."""
     if args or not isinstance(kwargs, dict) or set(kwargs) != set(MESSAGE) or any(
             type(kwargs[name]) is not kind for name, kind in MESSAGE.items()):
         return "its arguments are not a render step's"
@@ -128,65 +127,69 @@ def checked_message(task_id: str, args: tuple, kwargs: dict) -> str:
     return ""
 
 
-def checked_dispatch(request: Any, commands: list | None, kwargs: dict) -> str:
-    """Why a well-formed step message is not its job's dispatch as the farm sends it, or
-    "": its command must be the record's, and it must carry the rest of the job's steps
-    (Celery's chain, which a node sends on when the step succeeds) as the farm would, with
-    no callback of its own. A message that passes is the same as the farm's own; one that
-    ran a step without the rest would leave the job's next step with no message."""
-    step = kwargs["step"]
-    if commands is None or not 0 <= step < len(commands):
-        return ""  # no such job or step: the claim says so
-    if list(commands[step]) != kwargs["command"]:
-        return ("its command is not the job record's (a forged or altered message?); the "
-                "node runs only the record's")
+def checked_dispatch(request: Any, kwargs: dict) -> tuple[str, list]:
+    """Why a well-formed step message is not a dispatch as the farm sends it, or "", and
+    the commands it carries: its own, then those of the rest of the job's steps (Celery's
+    chain, which a node sends on when the step succeeds), each a step of the same dispatch,
+    with no callback of its own. The claim then checks those commands against the record's
+    (``claim.lua``, in the same write: a message that passes both is the same as the farm's
+    own; one that ran a step without the rest would leave the job's next step with no
+    message)."""
     if request.callbacks or request.errbacks or request.chord:
-        return "it carries callbacks, which the farm's messages never do"
+        return "it carries callbacks, which the farm's messages never do", []
+    commands = [kwargs["command"]]
     chain = list(reversed(request.chain or []))  # Celery keeps the next task last
-    if len(chain) != len(commands) - step - 1:
-        return "it does not carry the job's remaining steps"
-    for later, signature in enumerate(chain, start=step + 1):
+    same = ("job_id", "attempt", "dispatch")
+    for later, signature in enumerate(chain, start=kwargs["step"] + 1):
         try:
             options, arguments = signature["options"], signature["kwargs"]
             problem = "" if signature["task"] == RENDER_STEP else "another task"
-        except (KeyError, TypeError):
-            return "its chain is not the job's remaining steps"
-        problem = problem or checked_message(options.get("task_id", ""), (), arguments)
-        expected = {**kwargs, "step": later, "command": list(commands[later])}
-        if problem or {k: arguments[k] for k in ("job_id", "attempt", "dispatch", "step",
-                                                 "command")} != \
-                {k: expected[k] for k in ("job_id", "attempt", "dispatch", "step", "command")}:
-            return f"its chain's step {later + 1} is not the job's"
-    return ""
+            problem = problem or checked_message(options.get("task_id", ""), (), arguments)
+        except (KeyError, TypeError, AttributeError):
+            return "its chain is not the job's remaining steps", []
+        if problem or arguments["step"] != later or any(
+                arguments[name] != kwargs[name] for name in same):
+            return f"its chain's step {later + 1} is not the job's", []
+        commands.append(arguments["command"])
+    return "", commands
 
 
 def render_step(self: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
     """Run the step a message names, if it is one the farm could have sent
-    (:func:`checked_message`, :func:`checked_dispatch`); a forged one is dropped with a log
-    line, and leaves no state in Celery's results (which clients read) and the job as it
-    was. Registered as the bound task ``RENDER_STEP`` by the worker's render node."""
-    problem = checked_message(self.request.id, args, kwargs) or checked_dispatch(
-        self.request, self.app.node.store.step_commands(kwargs["job_id"]), kwargs)
+    (:func:`checked_message`, :func:`checked_dispatch`, then the claim compares its
+    commands with the record's); a forged one is dropped with a log line, and leaves no
+    state in Celery's results (which clients read) and the job as it was. Registered as the
+    bound task ``RENDER_STEP`` by the worker's render node."""
+    problem = checked_message(self.request.id, args, kwargs)
+    commands: list = []
+    if not problem:
+        problem, commands = checked_dispatch(self.request, kwargs)
     if problem:
-        logger.error("refused the message of task %s: %s", self.request.id, problem)
-        raise Ignore()
-    return run_step(self, **kwargs)
+        _refuse(self, problem)
+    return run_step(self, commands, **kwargs)
+
+
+def _refuse(task: Any, problem: str) -> NoReturn:
+    """Drop a message the farm did not send, leaving no state in Celery's results."""
+    logger.error("refused the message of task %s: %s", task.request.id, problem)
+    raise Ignore()
 
 
 def run_step(
-    self: Any, job_id: str, attempt: int, dispatch: int, step: int, steps: int, name: str,
-    command: list[str],
+    self: Any, commands: list, job_id: str, attempt: int, dispatch: int, step: int,
+    steps: int, name: str, command: list[str],
 ) -> dict[str, Any]:
     """Run step ``step`` (0-based) of dispatch ``dispatch`` of job ``job_id``'s
-    ``attempt``. ``name``, ``steps`` and ``command`` are in the message so Flower shows
-    what a task renders; the node goes by the job's record."""
+    ``attempt``, if ``commands`` (the message's, from this step on) are the record's.
+    ``name``, ``steps`` and ``command`` are in the message so Flower shows what a task
+    renders; the node goes by the job's record."""
     settings, store, user = self.app.node.settings, self.app.node.store, self.app.node.render_user
     node = self.request.hostname or "unknown node"
     label = f"step {step + 1}/{steps}"
     token = Token(job_id, attempt, dispatch, step)
     lease = StepLease(store, settings, token, lease_owner(self.request.id, node, os.getpid()))
     try:
-        status, detail, record = lease.claim(node)
+        status, detail, record = lease.claim(node, commands)
     except (redis.ConnectionError, redis.TimeoutError) as error:
         # Nothing has started: try again once Redis is back, rather than fail the job.
         raise self.retry(exc=error, countdown=min(2 ** self.request.retries, 10),
@@ -194,6 +197,8 @@ def run_step(
     except CorruptRecord as error:  # claimed, but what to run cannot be read
         logger.error("job %s %s: %s", job_id, label, error)
         _fail(lease, f"{label}: {error}")
+    if status == ClaimStatus.FORGED:
+        _refuse(self, detail)
     if status == ClaimStatus.LIMITED:  # sent again by a reaper; the slot is free meanwhile
         _handed_on(self, f"job {job_id} {label} waits for a limit ({detail})")
     if status != ClaimStatus.OK:
@@ -221,7 +226,7 @@ def run_step(
     rules = retries.FailureRules.of((settings.licence_pattern, settings.fatal_pattern),
                                     (spec.licence_pattern, spec.fatal_pattern))
     frames = progress.FrameWatcher(GatedLog(log, lease), settings.frame_pattern, spec.frames,
-                                   done=lambda frame: _frame_done(store, lease, frame))
+                                   done=lease.frame_done)
     output = retries.OutputWatcher(frames, rules)
     started = time.monotonic()
     with log, lease.keep(), stop_signals(lease.stop_reason) as should_stop, \
@@ -250,7 +255,7 @@ def run_step(
         if outcome.survivors:
             logger.error("job %s %s: processes outlived SIGKILL: %s", job_id, label,
                          outcome.survivors)
-        _observe(store, time.monotonic() - started)
+        lease.seconds = time.monotonic() - started  # for the histogram, written at the end
         if lease.valid():
             log.step_ended(step, steps, outcome.describe(), time.monotonic() - started)
         if outcome.stop_reason:
@@ -298,24 +303,6 @@ def _after_stop(task: Any, lease: StepLease, reason: str, what: str) -> NoReturn
         lease.finish(StepOutcome.ABANDONED)  # re-dispatched: its Celery state must not say REVOKED
         _skip(task, f"{what}: {reason}; given up for another node")
     _skip(task, f"{what}: {reason}", revoked=True)
-
-
-def _observe(store: Any, seconds: float) -> None:
-    """Add the step's duration to the farm's histogram (``celeryfarm metrics``)."""
-    try:
-        store.observe_step(seconds, STEP_BUCKETS)
-    except redis.RedisError as error:
-        logger.warning("cannot record a step's duration: %s", error)
-
-
-def _frame_done(store: Any, lease: StepLease, frame: int) -> None:
-    """Count a frame the render reported done; progress is for people, so an unreachable
-    Redis only costs a count (the lease's own renewals say when it matters)."""
-    try:
-        store.frame_done(lease.token, lease.owner, frame)
-    except redis.RedisError as error:
-        logger.warning("job %s: cannot count frame %s done: %s", lease.token.job_id, frame,
-                       error)
 
 
 def _failed_try(task: Any, lease: StepLease, record: JobRecord, log: RenderLog, what: str,

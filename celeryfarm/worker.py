@@ -30,11 +30,12 @@ def node_command(name: str = DEFAULT_NAME, concurrency: int = 1,
             "--concurrency", str(concurrency), "--queues", queues]
 
 
-def worker_arguments(name: str, concurrency: int, queues: str, events: bool = True) -> list[str]:
+def worker_arguments(name: str, concurrency: int, queues: str, events: bool = False) -> list[str]:
     """Celery's ``worker`` arguments for a node called ``name@<host>``.
 
-    The prefork pool is the one whose tasks can be terminated (stopping a render); task
-    events let Flower and the command line follow the farm.
+    The prefork pool is the one whose tasks can be terminated (stopping a render). Task
+    events are off until Flower turns them on (its ``enable_events`` control); ``events``
+    starts with them on (the benchmarks' "Flower watching" figures).
     """
     return [
         "worker", "--pool", "prefork", "--concurrency", str(concurrency),
@@ -44,7 +45,7 @@ def worker_arguments(name: str, concurrency: int, queues: str, events: bool = Tr
 
 
 def celery_command(app: str, name: str, concurrency: int = 1, queues: str = "renders",
-                   events: bool = True) -> list[str]:
+                   events: bool = False) -> list[str]:
     """``celery -A app worker`` with a node's arguments: for the benchmarks' baselines
     (bare Celery apps), not for render nodes."""
     return [sys.executable, "-m", "celery", "-A", app,

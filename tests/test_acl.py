@@ -299,6 +299,10 @@ def test_a_node_and_flower_work_with_only_their_roles(acl_farm: LocalCluster,
                 tasks = json.load(response)
             return any(task_id.startswith(job_id) for task_id in tasks)
 
+        # Nodes send task events only once Flower has turned them on (its enable_events
+        # control, through Celery's remote control, which its role may use).
+        wait_until(lambda: "Events of group {task} enabled by remote" in node_log(acl_farm),
+                   60, "Flower to turn the node's task events on")
         job_id, _ = submit(ann.farm, [renderboot("--seconds", 0.1)], name="acl-e2e-2")
         wait_until(flower_shows_the_job, 60, "Flower to show the job's steps")
         assert http_status(f"{url}/api/workers?refresh=1", login) == 200
@@ -353,3 +357,34 @@ def test_the_compose_preflight_writes_the_roles_for_redis(tmp_path: Path):
                              capture_output=True, text=True, timeout=60)
     assert refused.returncode != 0 and "CELERYFARM_REDIS_FLOWER_PASSWORD not set" in \
         refused.stderr
+
+
+def test_listings_follow_every_change_with_artists_credentials(ann: CeleryFarmPlugin,
+                                                               bob: CeleryFarmPlugin):
+    """Ann's plug-in keeps her listing from her own change feed, which her client's writes
+    (a submission, a stop) and the nodes' (a start, an end) both reach; Bob sees her jobs
+    by a user filter and, once a node indexed them, in the listing of every job, where his
+    own show at once."""
+
+    def states(plugin: CeleryFarmPlugin, filters=None) -> dict[str, str]:
+        return {job.jobId: job.state for job in plugin.getJobs(filters)}
+
+    done, _ = submit(ann.farm, [renderboot("--seconds", 0.1)])
+    assert list(states(ann)) == [done]  # the first call reads her index
+    wait_until(lambda: states(ann)[done] == State.kCompleted, 60, "the listing to say done")
+    tag = unique("acl-listing")
+    running = long_job(ann, tag)
+    renders = pids_of(tagged_processes(tag))
+    assert states(ann)[running] == State.kRunning
+    ann.stopJob(running)
+    assert states(ann) == {running: State.kCancelled, done: State.kCompleted}
+    changed, _ = ann.farm.store.changes_since(ann.farm.user, 0)
+    assert set(changed) == {done, running}  # her feed, not a fresh read, said so
+    assert not ann.farm.store.redis.exists(ann.farm.store.keys.changes(bob.farm.user))
+
+    assert states(bob, {"user": ann.farm.user}) == states(ann)
+    mine, _ = submit(bob.farm, [["true"]])
+    assert mine in states(bob, [{"renderType": "Disk"}])
+    wait_until(lambda: running in bob.farm.store.ids(), 30, "a node to index Ann's jobs")
+    assert {mine, running, done} <= set(states(bob, [{"renderType": "Disk"}]))
+    wait_until(lambda: all_gone(renders), 30, "the render to be gone")

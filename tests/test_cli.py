@@ -240,7 +240,16 @@ def flower(farm, path: str, data: bytes | None = None, login: bool = True):
         return json.load(response)
 
 
-def test_flower_shows_steps_by_name_behind_its_login(farm):
+def task_events_on(farm) -> bool:
+    """Whether Flower has turned task events on in every node: nodes start without them
+    and Flower sends its ``enable_events`` control every few seconds."""
+    logs = sorted((farm.base / "data" / "logs").glob("node*.log"))
+    return bool(logs) and all("Events of group {task} enabled by remote" in log.read_text()
+                              for log in logs)
+
+
+def test_flower_turns_task_events_on_and_shows_steps_by_name_behind_its_login(farm):
+    wait_until(lambda: task_events_on(farm), 30, "Flower to turn task events on")
     job_id = submit(farm.env, *RENDERBOOT, "--seconds", "0.2", name="flowerjob")
     wait_for_state(farm.env, job_id, ("Completed",))
     with pytest.raises(urllib.error.HTTPError) as refused:
@@ -263,6 +272,7 @@ def flower_task(farm, job_id: str, state: str) -> dict | None:
 
 
 def test_terminating_a_step_from_flower_cancels_the_job(farm):
+    wait_until(lambda: task_events_on(farm), 30, "Flower to turn task events on")
     tag = f"flower-test-{os.getpid()}"
     job_id = submit(farm.env, *RENDERBOOT, "--live", "--tag", tag, name="flowerstop")
     wait_for_state(farm.env, job_id, ("Running",))

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 
 import pytest
+import redis
 from redis.client import Pipeline
 
+from celeryfarm.farm import Farm
 from celeryfarm.farmapi import FarmPluginException, Job
 from celeryfarm.plugin import CeleryFarmPlugin
 from celeryfarm.records.store import BATCH
 
-from .helpers import renderboot, submit, wait_for_state
+from .helpers import renderboot, submit, wait_for_state, wait_until
 
 State = Job.State
 
@@ -83,3 +86,70 @@ def test_a_finished_job_keeps_its_state_after_celery_results_expire(plugin: Cele
             backend.client.delete(backend.get_key_for_task(task_id))
     assert plugin.getJobState(completed) == State.kCompleted
     assert plugin.getJobState(failed) == State.kFailed
+
+
+def round_trips(monkeypatch) -> list[str]:
+    """A list that gets an entry for each round trip to Redis this process makes from now
+    on (a command, or a pipeline of them)."""
+    sent: list[str] = []
+    real_command, real_execute = redis.Redis.execute_command, Pipeline.execute
+
+    def command(self, *args, **options):
+        sent.append(str(args[0]))
+        return real_command(self, *args, **options)
+
+    def execute(self, *args, **options):
+        sent.append(f"pipeline of {len(self.command_stack)}")
+        return real_execute(self, *args, **options)
+
+    monkeypatch.setattr(redis.Redis, "execute_command", command)
+    monkeypatch.setattr(Pipeline, "execute", execute)
+    return sent
+
+
+def listed(plugin: CeleryFarmPlugin) -> dict[str, tuple[str, int, int]]:
+    return {job.jobId: (job.state, job.startTime, job.endTime)
+            for job in plugin.getJobs(None)}
+
+
+def test_get_jobs_keeps_up_with_every_change_and_costs_one_round_trip_when_none(
+        plugin: CeleryFarmPlugin, monkeypatch):
+    """Katana polls getJobs(None): the plug-in keeps this user's jobs and re-reads only what
+    changed. Whatever happens to a job shows up on the next call, and the kept listing is
+    what a fresh plug-in (which reads everything) lists."""
+
+    def like_a_fresh_plugin() -> None:
+        wait_until(lambda: listed(plugin) == listed(CeleryFarmPlugin()), 30,
+                   "the kept listing to be a fresh plug-in's")
+
+    done, _ = submit(plugin.farm, [["true"]])
+    assert wait_for_state(plugin, done) == State.kCompleted
+    assert listed(plugin)[done][0] == State.kCompleted
+
+    long, _ = submit(plugin.farm, [renderboot("--seconds", 60)])  # a new job
+    assert long in listed(plugin)
+    assert wait_for_state(plugin, long, State.kRunning) == State.kRunning  # a state change
+    assert listed(plugin)[long][0] in (State.kRunning, State.kCompleted)
+    plugin.stopJob(long)
+    assert listed(plugin)[long][0] == State.kCancelled
+    like_a_fresh_plugin()
+
+    before = listed(plugin)[done]
+    plugin.startJob(done)  # a restart changes a finished job
+    assert listed(plugin)[done][1] > before[1]
+    assert wait_for_state(plugin, done) == State.kCompleted
+    assert listed(plugin)[done][0] == State.kCompleted
+    like_a_fresh_plugin()
+
+    other_user = dataclasses.replace(plugin.farm.settings, user=f"other-{uuid.uuid4().hex[:6]}")
+    other_farm = Farm(other_user)
+    others, _ = submit(other_farm, [["true"]])  # another user's job
+    assert others not in listed(plugin)
+    wait_until(lambda: other_farm.state(others) == State.kCompleted, 30, "the other job")
+
+    unchanged = listed(plugin)
+    sent = round_trips(monkeypatch)
+    assert listed(plugin) == unchanged
+    # The change feed, and nothing of this user's; other users' jobs that changed meanwhile
+    # (other tests') cost one look-up in this user's index.
+    assert [what for what in sent if what != "ZMSCORE"] == ["pipeline of 3"], sent

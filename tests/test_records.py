@@ -270,3 +270,76 @@ def test_a_retry_counts_its_try_and_is_sent_once_when_due(store: JobStore):
     assert token.job_id not in store.due()  # taken once
     assert token.job_id in store.stale_outbox(age_ms=0)  # the outbox covers its sender
     assert store.retry(token, OWNER, delay_ms=0, counted=True, why="again") == 0  # stale
+
+
+def test_the_history_is_compact_and_reads_back_as_it_was_written(store: JobStore):
+    """A finished job's history is one string with what it runs and its executions, owners
+    written without the job id; it reads back with every name and owner in full."""
+    token = new_job(store, JobState.WAITING)
+    owner = f"{token.job_id}-1.1-0/node@host/7"
+    assert store.claim(token, owner, "node@host", LEASE_MS)[0] == ClaimStatus.OK
+    assert store.finish(token, owner, StepOutcome.SUCCEEDED, last=True)
+    assert store.redis.type(store.keys.events(token.job_id)) == "string"
+    assert token.job_id not in store.redis.get(store.keys.events(token.job_id))
+    start, end = store.events(token.job_id)
+    assert (start["event"], start["owner"], start["node"], start["step"]) == (
+        "start", owner, "node@host", 0)
+    assert (end["event"], end["owner"], end["outcome"]) == ("end", owner, "succeeded")
+    assert store.get(token.job_id).spec.commands == (("true",),)
+    assert store.redis.object("encoding", store.keys.job(token.job_id)) == "listpack"
+
+
+def test_a_record_written_before_the_compact_layout_still_runs(store: JobStore):
+    """An earlier celeryfarm's record (commands in the hash, events in a list) is read,
+    claimed and finished as it is."""
+    job_id = uuid.uuid4().hex
+    store.redis.hset(store.keys.job(job_id), mapping={
+        "name": "old", "commands": '[["true"]]', "environment": '{"A": "1"}', "state": "Waiting",
+        "attempt": "1", "dispatch": "1", "next_step": "0", "task_ids": "[]", "submitted": "1",
+        "log": f"{job_id}/render.log", "lost": "0", "failures": "0", "priority": "50"})
+    store.redis.rpush(store.keys.events(job_id), '{"event": "lost", "owner": "x", "lost": 1}')
+    token = Token(job_id, 1, 1, 0)
+    forged = store.claim(token, OWNER, "node@host", LEASE_MS, 0, [["false"]])[0]
+    assert forged == ClaimStatus.FORGED  # its commands are read from the hash
+    status, _, record = store.claim(token, OWNER, "node@host", LEASE_MS, 0, [["true"]])
+    assert status == ClaimStatus.OK
+    assert (record.spec.commands, record.spec.environment) == ((("true",),), {"A": "1"})
+    assert store.finish(token, OWNER, StepOutcome.SUCCEEDED, last=True)
+    assert [e["event"] for e in store.events(job_id)] == ["lost", "start", "end"]
+    assert store.get(job_id).state == JobState.COMPLETED
+
+
+@pytest.mark.parametrize("commands, why", [
+    ([["touch", "x"], ["b"]], "its command is not the job record's"),
+    ([["a"]], "it does not carry the job's remaining steps"),
+    ([["a"], ["c"]], "its chain's step 2 is not the job's"),
+    ([["a"], ["b"], ["c"]], "it does not carry the job's remaining steps"),
+])
+def test_a_claim_whose_message_is_not_the_farms_changes_nothing(store: JobStore, commands,
+                                                                  why):
+    """The claim compares a step message's commands (its own, then its chain's) with the
+    record's before it writes anything, in both layouts (history and older hash)."""
+    spec = JobSpec.build(name="t", commands=[["a"], ["b"]])
+    job_id = f"ann.{uuid.uuid4().hex}"
+    store.create(JobRecord(job_id=job_id, spec=spec, log_path=f"{job_id}/render.log",
+                           state=JobState.WAITING, submitted_ms=1), dispatching=False)
+    token = Token(job_id, 1, 1, 0)
+    before = store.redis.hgetall(store.keys.job(job_id))
+    status, detail, record = store.claim(token, OWNER, "node@host", LEASE_MS, 0, commands)
+    assert (status, record) == (ClaimStatus.FORGED, None) and detail.startswith(why)
+    assert store.redis.hgetall(store.keys.job(job_id)) == before
+    assert store.events(job_id) == [] and store.redis.zscore(store.keys.leases, job_id) is None
+    status, _, record = store.claim(token, OWNER, "node@host", LEASE_MS, 0, [["a"], ["b"]])
+    assert status == ClaimStatus.OK and record.spec.commands == (("a",), ("b",))
+
+
+def test_a_finished_job_keeps_a_compact_record(store: JobStore):
+    """A lease owner is longer than the values Redis keeps a hash compact for; the end of
+    the step gives the record its compact encoding back."""
+    token = new_job(store, JobState.WAITING)
+    owner = f"{token.job_id}-1.1-0/a-long-node-name@render-host-042.studio/123456"
+    assert store.claim(token, owner, "node@host", LEASE_MS)[0] == ClaimStatus.OK
+    assert store.redis.object("encoding", store.keys.job(token.job_id)) == "hashtable"
+    assert store.finish(token, owner, StepOutcome.SUCCEEDED, last=True)
+    assert store.redis.object("encoding", store.keys.job(token.job_id)) == "listpack"
+    assert store.get(token.job_id).state == JobState.COMPLETED

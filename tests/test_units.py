@@ -181,3 +181,10 @@ def test_the_environment_that_joins_a_farm():
     joined = Settings.from_env(env)
     assert (joined.broker_url, joined.node_shared_root, joined.key_prefix) == (
         settings.broker_url, settings.node_shared_root, settings.key_prefix)
+
+
+def test_a_context_folder_removed_after_its_first_use_is_made_again(tmp_path: Path):
+    root = SharedRoot(tmp_path)
+    folder = root.make_context_dir("ctx")
+    folder.rmdir()
+    assert root.make_context_dir("ctx").is_dir()

@@ -4,10 +4,11 @@ Every key starts with the farm's ``CELERYFARM_KEY_PREFIX``, so farms can share a
 Scripts get their keys as ``KEYS`` from here; none builds a key name itself.
 
 A job's id starts with its owner's name (``alice.1f0c...``), so the keys an artist may write
-(their jobs' records and their own index, see :meth:`Keys.owned`) have names that Redis ACL
-key patterns can express: Redis itself refuses a write to another artist's job. Everything
-else an artist writes at submission goes through the append-only inbox (see
-:attr:`Keys.inbox`); the shared indexes and sets are written by render nodes only.
+(their jobs' records and histories, their own index and change feed, see :meth:`Keys.owned`)
+have names that Redis ACL key patterns can express: Redis itself refuses a write to another
+artist's job. Everything else an artist writes at submission goes through the append-only
+inbox (see :attr:`Keys.inbox`); the shared indexes and sets are written by render nodes
+only.
 """
 
 from __future__ import annotations
@@ -50,7 +51,9 @@ class Keys:
         return f"{self.prefix}:job:{job_id}"
 
     def events(self, job_id: str) -> str:
-        """List of the job's step executions: starts, ends and losses, as JSON."""
+        """String: the job's history, a JSON line each (see ``add_event`` in common.lua):
+        its submission (the commands and environment), then its step executions' starts,
+        ends and losses. (A list of the executions for records from before.)"""
         return f"{self.prefix}:events:{job_id}"
 
     def index(self, kind: str = "all", value: str = "") -> str:
@@ -68,8 +71,10 @@ class Keys:
 
     def owned(self, owner: str) -> tuple[str, ...]:
         """Key patterns (Redis ACL globs) of the keys ``owner`` writes as an artist: their
-        jobs' records and their own index. ``owner`` must hold no glob character."""
-        return (self.job(f"{owner}{OWNER_SEP}*"), self.index("user", owner))
+        jobs' records and histories, their own index and their change feed. ``owner`` must
+        hold no glob character."""
+        return (self.job(f"{owner}{OWNER_SEP}*"), self.events(f"{owner}{OWNER_SEP}*"),
+                self.index("user", owner), self.changes(owner))
 
     @property
     def leases(self) -> str:
@@ -135,6 +140,13 @@ class Keys:
     def limit_holders(self) -> str:
         """Sorted set (by name): ``limit|job id`` for each unit a running step holds."""
         return f"{self.prefix}:limit-holders"
+
+    def changes(self, owner: str) -> str:
+        """Sorted set, ``owner``'s change feed: job id -> the number of its latest change
+        that a listing shows; the member '' holds the last number given (see touch.lua).
+        One feed per owner (a job's is its id's, :func:`owner_of`), so an artist's client
+        writes only its own when it creates or stops a job."""
+        return f"{self.prefix}:changes:{owner}"
 
     @property
     def stats(self) -> str:

@@ -17,7 +17,7 @@ COMMON = "common.lua"
 #: Scripts by name: each is ``lua/<name>.lua``.
 NAMES = ("claim", "renew", "finish", "abandon", "expired", "reap", "rescue", "stale_outbox",
          "transition", "sent", "forget", "fail_lost", "retry", "due", "avoid", "heartbeat",
-         "progress", "adopt")
+         "adopt", "create", "listing", "retire", "trim_changes")
 
 
 @functools.cache
@@ -47,7 +47,8 @@ class Scripts:
             load("transition"), load("sent"), load("forget"))
         self.retry, self.due = load("retry"), load("due")
         self.avoid, self.heartbeat = load("avoid"), load("heartbeat")
-        self.progress, self.adopt = load("progress"), load("adopt")
+        self.adopt, self.create, self.listing = load("adopt"), load("create"), load("listing")
+        self.retire, self.trim_changes = load("retire"), load("trim_changes")
 
 
 def _register(client: redis.Redis, name: str) -> Script:

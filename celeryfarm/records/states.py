@@ -59,6 +59,7 @@ class ClaimStatus(_Text):
     DONE = "done"  # the step already ran
     DUPLICATE = "duplicate"  # another execution holds a live lease on it
     LIMITED = "limited"  # one of the job's limits is in full use: sent again later
+    FORGED = "forged"  # the message's commands are not the record's: dropped
 
 
 class FailureKind(_Text):

@@ -11,26 +11,32 @@ atomically, so a node finishing a step and an artist stopping the job can never 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from ..errors import CorruptRecord, JobNotFound
-from ..jobs import JobRecord
+from ..jobs import JobRecord, Listed
+from ..metrics import STEP_BUCKETS
 from . import fields as codec
 from . import states
-from .keys import Keys
+from .keys import Keys, owner_of
 from .scripts import Scripts
 from .states import TRANSITIONS, Event, sources_arg
 
 logger = logging.getLogger(__name__)
 #: Ids per pipeline round trip when reading many records.
 BATCH = 1000
+#: Jobs whose latest change the change feed keeps (listings behind it read afresh).
+CHANGES_KEPT = 10_000
+#: The step histogram's bucket bounds, as the scripts spell them in the stats hash's fields.
+STEP_BOUNDS = ",".join(f"{bound:g}" for bound in STEP_BUCKETS)
 
 
 def connect(url: str) -> redis.Redis:
@@ -86,6 +92,10 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
+def _seconds_arg(seconds: float | None) -> str:
+    return "" if seconds is None else repr(float(seconds))
+
+
 class JobStore:
     """Reads and writes job records. Safe to share between threads."""
 
@@ -96,20 +106,19 @@ class JobStore:
 
     # -- creating ----------------------------------------------------------------------------
     def create(self, record: JobRecord, dispatching: bool = True) -> None:
-        """Store a new record and put it in its owner's index, in one round trip: what an
-        artist's credential may write (see :meth:`Keys.owned`). A dispatching record also
-        goes into the inbox, from which render nodes index it in the shared indexes
-        (``adopt.lua``); one that is not (an import, a test) is indexed here, which needs a
-        credential that may write those."""
+        """Store a new record and its history, put it in its owner's index and change feed,
+        in one write: what an artist's credential may write (see :meth:`Keys.owned`). A
+        dispatching record also goes into the inbox, from which render nodes index it in
+        the shared indexes (``adopt.lua``); one that is not (an import, a test) is indexed
+        here, which needs a credential that may write those."""
+        if not dispatching:
+            self._add(self.scripts.create, record, shared=True)
+            return
         pipe = self.redis.pipeline(transaction=True)
-        if dispatching:
-            pipe.hset(self.keys.job(record.job_id), mapping=codec.encode(record))
-            if record.spec.user:
-                pipe.zadd(self.keys.index("user", record.spec.user),
-                          {record.job_id: record.submitted_ms})
-            pipe.rpush(self.keys.inbox, record.job_id)
-        else:
-            self._add(pipe, record)
+        self._add(functools.partial(self.scripts.create, client=pipe), record, shared=False)
+        # In the same write, outside the script: an artist may push to the inbox, but not
+        # name it in a script.
+        pipe.rpush(self.keys.inbox, record.job_id)
         pipe.execute()
 
     def create_many(self, records: Iterable[JobRecord]) -> None:
@@ -119,17 +128,28 @@ class JobStore:
         for start in range(0, len(records), BATCH):
             pipe = self.redis.pipeline(transaction=False)
             for record in records[start:start + BATCH]:
-                self._add(pipe, record)
+                self._add(functools.partial(self.scripts.create, client=pipe), record,
+                          shared=True)
             pipe.execute()
 
-    def _add(self, pipe: redis.client.Pipeline, record: JobRecord) -> None:
-        score = {record.job_id: record.submitted_ms}
-        pipe.hset(self.keys.job(record.job_id), mapping=codec.encode(record))
-        pipe.zadd(self.keys.index(), score)
-        if record.spec.user:
-            pipe.zadd(self.keys.index("user", record.spec.user), score)
-        if record.spec.session:
-            pipe.zadd(self.keys.index("session", record.spec.session), score)
+    def _add(self, create: Callable[..., object], record: JobRecord, shared: bool) -> None:
+        """Run create.lua for ``record`` through ``create`` (the script, or it on a
+        pipeline): its owner's index, and the ``shared`` ones (all jobs', its session's)
+        too if asked."""
+        indexes = [self.keys.index("user", record.spec.user)] if record.spec.user else []
+        if shared:
+            indexes.append(self.keys.index())
+            if record.spec.session:
+                indexes.append(self.keys.index("session", record.spec.session))
+        fields = [part for pair in codec.encode(record).items() for part in pair]
+        create(keys=[self.keys.job(record.job_id), self.feed(record.job_id),
+                     self.keys.events(record.job_id), *indexes],
+               args=[record.job_id, record.submitted_ms, codec.encode_submission(record),
+                     *fields])
+
+    def feed(self, job_id: str) -> str:
+        """The change feed a job's changes go in: its owner's."""
+        return self.keys.changes(owner_of(job_id))
 
     def adopt(self, age_ms: int, limit: int = 100) -> list[tuple[str, str]]:
         """Take jobs from the inbox into the shared indexes, and into the awaiting set once
@@ -151,11 +171,12 @@ class JobStore:
     # -- dispatching -------------------------------------------------------------------------
     def sent(self, job_id: str, dispatch: int, task_ids: Iterable[str],
              by_node: bool = True) -> None:
-        """Record the Celery ids a dispatch sent and its number; a render node also takes
-        the job out of the outbox and makes its next step await a node, in the same write.
-        A client's job is taken into those shared sets by a node (:meth:`adopt`)."""
+        """Record the Celery ids a dispatch sent and its number (in the owner's change feed:
+        listings settle active jobs by their task ids); a render node also takes the job
+        out of the outbox and makes its next step await a node, in the same write. A
+        client's job is taken into those shared sets by a node (:meth:`adopt`)."""
         shared = [self.keys.outbox, self.keys.awaiting] if by_node else []
-        self.scripts.sent(keys=[self.keys.job(job_id), *shared],
+        self.scripts.sent(keys=[self.keys.job(job_id), self.feed(job_id), *shared],
                           args=[job_id, json.dumps(list(task_ids)), dispatch])
 
     def unsendable(self, job_id: str) -> None:
@@ -177,37 +198,46 @@ class JobStore:
 
     def claim(
         self, token: Token, owner: str, node: str, lease_ms: int, limit_wait_ms: int = 0,
+        commands: Sequence[Sequence[str]] | None = None,
     ) -> tuple[states.ClaimStatus, str, JobRecord | None]:
         """Start an execution of a step: (OK, "", the job's record) or (why not, detail,
         None). A step over one of its job's limits is re-dispatched ``limit_wait_ms`` later
-        (LIMITED)."""
+        (LIMITED). ``commands`` (a step message's, from its step on) must be the record's,
+        else nothing changes (FORGED)."""
         claim = TRANSITIONS[Event.CLAIM]
         status, detail, *record = self.scripts.claim(
             keys=[*self._step_keys(token.job_id), self.keys.limits, self.keys.limit_holders,
-                  self.keys.retries],
+                  self.keys.retries, self.feed(token.job_id)],
             args=[token.job_id, token.attempt, token.dispatch, token.step, owner, node,
-                  lease_ms, sources_arg(Event.CLAIM), claim.target, limit_wait_ms])
+                  lease_ms, sources_arg(Event.CLAIM), claim.target, limit_wait_ms,
+                  "" if commands is None else json.dumps(list(commands))])
         if status != states.ClaimStatus.OK:
             return states.ClaimStatus(status), detail, None
-        return states.ClaimStatus.OK, detail, codec.decode_flat(token.job_id, record[0])
+        flat, history = record
+        return states.ClaimStatus.OK, detail, codec.decode_flat(token.job_id, flat, history)
 
-    def renew(self, token: Token, owner: str, lease_ms: int) -> states.FailureKind | None:
-        """Renew a running step's lease: None, or why the step must stop."""
+    def renew(self, token: Token, owner: str, lease_ms: int,
+              frames: Sequence[int] = ()) -> states.FailureKind | None:
+        """Renew a running step's lease, counting the ``frames`` it reported done since the
+        last renewal: None, or why the step must stop."""
         status = self.scripts.renew(
-            keys=self._step_keys(token.job_id)[:2],
+            keys=[*self._step_keys(token.job_id)[:2],
+                  self.keys.frames_done(token.job_id, token.attempt)],
             args=[token.job_id, token.attempt, token.dispatch, owner, lease_ms,
-                  TRANSITIONS[Event.CLAIM].target])
+                  TRANSITIONS[Event.CLAIM].target, *frames])
         return None if status == "ok" else states.FailureKind(status)
 
     def finish(
         self, token: Token, owner: str, outcome: states.StepOutcome, last: bool = False,
-        reason: str = "",
+        reason: str = "", seconds: float | None = None, frames: Sequence[int] = (),
     ) -> bool:
         """Record how an execution ended; False if it was no longer current (ignored).
 
         A success moves the job to its next step, and the last one completes it; a failure
         fails it; a revoke from outside cancels it; a stop only releases the lease (the job
-        is Cancelled already); an abandoned step's lease expires now for a reaper.
+        is Cancelled already); an abandoned step's lease expires now for a reaper. In the
+        same write: how long the render ran (``seconds``, the farm's step histogram) and
+        the ``frames`` it reported done since its last renewal.
         """
         event = {
             states.StepOutcome.FAILED: Event.FAIL,
@@ -220,22 +250,27 @@ class JobStore:
         # The next step awaits a node from now on: Celery sends it once the task returns.
         awaited = sources_arg(Event.CLAIM) if succeeded and not last else ""
         return bool(self.scripts.finish(
-            keys=self._step_keys(token.job_id),
+            keys=[*self._step_keys(token.job_id), self.keys.stats,
+                  self.keys.frames_done(token.job_id, token.attempt), self.feed(token.job_id)],
             args=[token.job_id, token.attempt, token.dispatch, token.step, owner,
                   outcome, int(outcome == states.StepOutcome.ABANDONED), next_step, target or "",
-                  sources_arg(event) if event else "", reason, awaited]))
+                  sources_arg(event) if event else "", reason, awaited,
+                  _seconds_arg(seconds), STEP_BOUNDS, *frames]))
 
-    def retry(self, token: Token, owner: str, delay_ms: int, counted: bool, why: str) -> int:
+    def retry(self, token: Token, owner: str, delay_ms: int, counted: bool, why: str,
+              seconds: float | None = None, frames: Sequence[int] = ()) -> int:
         """Record a failed try of a step that runs again in ``delay_ms``: a new dispatch of
         the same step, sent by a reaper when due (:meth:`due`). ``counted`` tries use a
-        retry, the others (no licence) do not. Returns the try's counter after it, 0 if the
-        execution was no longer current or the job was stopped meanwhile."""
+        retry, the others (no licence) do not; ``seconds`` and ``frames`` as for
+        :meth:`finish`. Returns the try's counter after it, 0 if the execution was no longer
+        current or the job was stopped meanwhile."""
         retry = TRANSITIONS[Event.RETRY]
         return int(self.scripts.retry(
-            keys=[*self._step_keys(token.job_id)[:3], self.keys.retries, self.keys.stats],
+            keys=[*self._step_keys(token.job_id)[:3], self.keys.retries, self.keys.stats,
+                  self.keys.frames_done(token.job_id, token.attempt), self.feed(token.job_id)],
             args=[token.job_id, token.attempt, token.dispatch, token.step, owner, delay_ms,
                   "failures" if counted else "licence_waits", sources_arg(Event.RETRY),
-                  retry.target, why]))
+                  retry.target, why, _seconds_arg(seconds), STEP_BOUNDS, *frames]))
 
     def avoid(self, token: Token, owner: str, node: str, pool: str, live_ms: int,
               bad_after: int) -> str:
@@ -245,7 +280,7 @@ class JobStore:
         retry = TRANSITIONS[Event.RETRY]
         return self.scripts.avoid(
             keys=[*self._step_keys(token.job_id)[:3], self.keys.retries,
-                  self.keys.pool_nodes(pool)],
+                  self.keys.pool_nodes(pool), self.feed(token.job_id)],
             args=[token.job_id, token.attempt, token.dispatch, token.step, owner, node,
                   live_ms, bad_after, sources_arg(Event.RETRY), retry.target])
 
@@ -259,24 +294,7 @@ class JobStore:
         return bool(self.scripts.heartbeat(keys=keys, args=[
             node, ",".join(pools), json.dumps(list(running)), ",".join(consuming)]))
 
-    def frame_done(self, token: Token, owner: str, frame: int) -> int:
-        """Count a frame of the job as done (once per attempt); the frames done so far, 0
-        if the execution is no longer current."""
-        return int(self.scripts.progress(
-            keys=[self.keys.job(token.job_id), self.keys.frames_done(token.job_id, token.attempt)],
-            args=[token.attempt, owner, frame]))
-
     # -- farm statistics (celeryfarm metrics) ------------------------------------------------
-    def observe_step(self, seconds: float, buckets: Sequence[float]) -> None:
-        """Add a step's duration to the farm's histogram (cumulative ``le`` buckets)."""
-        pipe = self.redis.pipeline(transaction=False)
-        for bound in buckets:
-            if seconds <= bound:
-                pipe.hincrby(self.keys.stats, f"step_le_{bound:g}", 1)
-        pipe.hincrby(self.keys.stats, "step_count", 1)
-        pipe.hincrbyfloat(self.keys.stats, "step_sum", seconds)
-        pipe.execute()
-
     def stats(self) -> dict[str, float]:
         """The farm's counters and histogram fields."""
         return {name: float(value) for name, value in self.redis.hgetall(self.keys.stats).items()}
@@ -360,7 +378,8 @@ class JobStore:
         on (cancelled, restarted)."""
         job_id = loss.job_id
         return bool(self.scripts.fail_lost(
-            keys=[self.keys.job(job_id), self.keys.leases, self.keys.events(job_id)],
+            keys=[self.keys.job(job_id), self.keys.leases, self.keys.events(job_id),
+                  self.feed(job_id)],
             args=[job_id, loss.hold, loss.attempt, loss.lost, reason, sources_arg(Event.FAIL),
                   TRANSITIONS[Event.FAIL].target]))
 
@@ -389,8 +408,8 @@ class JobStore:
     def restart(self, record: JobRecord, previous_attempt: int) -> bool:
         """Start a finished job again as ``record``'s (new) attempt and dispatch, and put it
         in the inbox; False if it was not finished or someone restarted it first."""
-        fresh = {**codec.attempt_fields(record), "lost": 0, "failures": 0, "licence_waits": 0,
-                 "frames_done": 0,
+        fresh = {**codec.attempt_fields(record), "lost": None, "failures": None,
+                 "licence_waits": None, "frames_done": None,
                  "submitted": record.submitted_ms,
                  "start": None, "end": None, "step": None, "node": None, "reason": None}
         return self._transition(Event.RESTART, record.job_id, previous_attempt, fresh,
@@ -404,7 +423,8 @@ class JobStore:
         for name, value in changes.items():
             args += [name, codec.text(value)]
         pipe = self.redis.pipeline(transaction=True)
-        self.scripts.transition(keys=[self.keys.job(job_id)], args=args, client=pipe)
+        self.scripts.transition(keys=[self.keys.job(job_id), self.feed(job_id)], args=args,
+                                client=pipe)
         if dispatching:
             # In the same write, outside the script: an artist may push to the inbox, but
             # not name it in a script. An entry for a change refused is harmless (adopt.lua).
@@ -416,22 +436,26 @@ class JobStore:
 
     # -- reads -------------------------------------------------------------------------------
     def get(self, job_id: str) -> JobRecord:
-        fields = self.redis.hgetall(self.keys.job(job_id))
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hgetall(self.keys.job(job_id)).get(self.keys.events(job_id))
+        fields, history = pipe.execute(raise_on_error=False)
+        if isinstance(fields, Exception):
+            raise fields
         if not fields:
             raise JobNotFound(job_id)
-        return codec.decode(job_id, fields)
-
-    def step_commands(self, job_id: str) -> list | None:
-        """The commands the job's record holds (a list of argv lists); None if there is no
-        such job or the record cannot be read (the claim says why then)."""
-        try:
-            commands = json.loads(self.get_field(job_id, "commands") or "null")
-        except ValueError:
-            return None
-        return commands if isinstance(commands, list) else None
+        # A record from before has its commands in the hash and its events in a list.
+        return codec.decode(job_id, fields, history if isinstance(history, str) else None)
 
     def get_field(self, job_id: str, name: str) -> str | None:
         return self.redis.hget(self.keys.job(job_id), name)
+
+    def log_path(self, job_id: str) -> str:
+        """The job's render log, relative to the shared root (one cheap read); raises
+        ``JobNotFound``."""
+        state, log, context = self.redis.hmget(self.keys.job(job_id), "state", "log", "context")
+        if state is None:
+            raise JobNotFound(job_id)
+        return log or codec.default_log(job_id, context or "")
 
     def state(self, job_id: str) -> states.JobState | None:
         """The job's stored state, or None if there is no such job (one cheap read)."""
@@ -449,7 +473,10 @@ class JobStore:
 
     def events(self, job_id: str) -> list[dict]:
         """The job's step executions (starts, ends, losses), oldest first."""
-        return [json.loads(e) for e in self.redis.lrange(self.keys.events(job_id), 0, -1)]
+        key = self.keys.events(job_id)
+        if self.redis.type(key) == "list":  # a record from before
+            return codec.decode_events(job_id, self.redis.lrange(key, 0, -1))
+        return codec.decode_events(job_id, (self.redis.get(key) or "").splitlines())
 
     def ids(self, kind: str = "all", value: str = "") -> list[str]:
         """Job ids of an index, newest first."""
@@ -478,3 +505,123 @@ class JobStore:
                         yield codec.decode(job_id, found)
                     except CorruptRecord as error:  # the others are still listed
                         logger.warning("%s", error)
+
+    # -- listings (celeryfarm.listing) -------------------------------------------------------
+    def index_at(self, owner: str) -> tuple[list[str], int]:
+        """Where a listing of ``owner``'s jobs starts: their index's job ids, newest first,
+        and their change feed's position, read together so no change after it is missed."""
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.zrevrange(self.keys.index("user", owner), 0, -1)
+        pipe.zscore(self.keys.changes(owner), "")
+        ids, position = pipe.execute()
+        return ids, int(position or 0)
+
+    def changes_since(self, owner: str, position: int) -> tuple[list[str], int] | None:
+        """The jobs of ``owner``'s change feed changed after ``position``, and the feed's
+        position now; None when the feed no longer reaches back that far (trimmed, or Redis
+        lost it): the caller lists afresh."""
+        feed = self.keys.changes(owner)
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.zrangebyscore(feed, f"({position}", "+inf")
+        pipe.zscore(feed, "")
+        pipe.hget(self.keys.stats, _floor_field(owner))
+        changed, now, floor = pipe.execute()
+        now = int(now or 0)
+        if int(floor or 0) > position or now < position:
+            return None
+        return [job_id for job_id in changed if job_id], now
+
+    def in_index(self, kind: str, value: str, job_ids: Sequence[str]) -> list[bool]:
+        """Whether each job is in an index."""
+        if not job_ids:
+            return []
+        scores = self.redis.zmscore(self.keys.index(kind, value), list(job_ids))
+        return [score is not None for score in scores]
+
+    def listed(self, jobs: Sequence[str]) -> list[tuple[str, Listed | None]]:
+        """What listings show of each job, read in one round trip (listing.lua, ``BATCH``
+        jobs a call); None for a job whose record is gone or corrupt (reported)."""
+        pipe = self.redis.pipeline(transaction=False)
+        script = self.scripts.listing
+        pipe.scripts.add(script)  # the pipeline loads it first where Redis lacks it
+        for start in range(0, len(jobs), BATCH):
+            keys = [self.keys.job(job_id) for job_id in jobs[start:start + BATCH]]
+            # Read only (EVALSHA_RO): an artist may read, not write, others' records, and
+            # Redis checks a plain EVALSHA's keys for both.
+            pipe.evalsha_ro(script.sha, len(keys), *keys, *codec.LISTING_FIELDS)
+        packed = [text for batch in pipe.execute() for text in batch] if jobs else []
+        found: list[tuple[str, Listed | None]] = []
+        for job_id, text in zip(jobs, packed):
+            try:
+                listed = codec.decode_listed(job_id, text) if text else None
+                if text and listed is None:  # a separator inside a value: field by field
+                    values = self.redis.hmget(self.keys.job(job_id), codec.LISTING_FIELDS)
+                    listed = codec.decode_listed_values(job_id, [v or "" for v in values])
+            except CorruptRecord as error:  # the others are still listed
+                logger.warning("%s", error)
+                listed = None
+            found.append((job_id, listed))
+        return found
+
+    # -- retention (reapers) -----------------------------------------------------------------
+    def submitted_before(self, before_ms: int, start: str | int, limit: int
+                         ) -> list[tuple[str, int]]:
+        """Up to ``limit`` (job id, submission time) of jobs submitted from ``start`` (a
+        submission time, or "-inf") up to ``before_ms``, oldest first: the only jobs that
+        can have finished before then."""
+        return self.redis.zrangebyscore(self.keys.index(), start, before_ms, start=0,
+                                        num=limit, withscores=True, score_cast_func=int)
+
+    def retire(self, job_ids: Sequence[str], keep_ms: int,
+               result_key: Callable[[str], str]) -> list[str]:
+        """Take the jobs among ``job_ids`` that finished more than ``keep_ms`` ago (by
+        Redis's clock) out of Redis with all their keys, and Celery's results of their
+        steps (``result_key`` names one by task id); returns those that left. Two round
+        trips, whatever the number of jobs."""
+        if not job_ids:
+            return []
+        wanted = ("state", "user", "session", "attempt", "task_ids")
+        finished = sources_arg(Event.RESTART)  # the finished states: a restart leaves them
+        pipe = self.redis.pipeline(transaction=False)
+        candidates = []
+        for job_id, (state, user, session, attempt, task_ids) in zip(
+                job_ids, self._read(job_ids, wanted)):
+            if state not in finished.split(","):
+                continue
+            indexes = [self.keys.index()]
+            indexes += [self.keys.index("user", user)] if user else []
+            indexes += [self.keys.index("session", session)] if session else []
+            sets = [*indexes, self.keys.leases, self.keys.awaiting, self.keys.outbox,
+                    self.keys.retries]
+            try:
+                attempts = range(1, int(attempt or 1) + 1)
+                results = [result_key(task_id) for task_id in json.loads(task_ids or "[]")]
+            except ValueError:  # a corrupt record leaves with what can be named
+                attempts, results = range(1, 2), []
+            gone = [self.keys.events(job_id),
+                    *(self.keys.frames_done(job_id, number) for number in attempts), *results]
+            self.scripts.retire(
+                keys=[self.keys.job(job_id), self.feed(job_id), self.keys.missing,
+                      self.keys.inbox, *sets, *gone],
+                args=[job_id, keep_ms, finished, len(sets)], client=pipe)
+            candidates.append(job_id)
+        left = pipe.execute() if candidates else []
+        return [job_id for job_id, done in zip(candidates, left) if done]
+
+    def _read(self, job_ids: Sequence[str], wanted: Sequence[str]) -> list[list[str | None]]:
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hmget(self.keys.job(job_id), wanted)
+        return pipe.execute()
+
+    def trim_changes(self, owner: str, keep: int = CHANGES_KEPT) -> int:
+        """Keep ``owner``'s change feed to the latest changes of ``keep`` jobs; returns how
+        many entries left it."""
+        return int(self.scripts.trim_changes(keys=[self.keys.changes(owner), self.keys.stats],
+                                             args=[keep, _floor_field(owner)]))
+
+
+def _floor_field(owner: str) -> str:
+    """The stats field that holds the change number below which ``owner``'s feed was
+    trimmed."""
+    return f"changes_floor:{owner}"

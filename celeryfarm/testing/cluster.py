@@ -78,7 +78,7 @@ class LocalCluster:
 
     def start_worker(
         self, name: str, concurrency: int = 2, queues: str = "renders",
-        env: Mapping[str, str] | None = None, app: str = "", events: bool = True,
+        env: Mapping[str, str] | None = None, app: str = "", events: bool = False,
     ) -> subprocess.Popen:
         """Start a render node, or with ``app`` a bare ``celery -A app worker`` (the
         benchmarks' baselines); :meth:`wait_for_workers` tells when it is ready."""

@@ -1,8 +1,10 @@
+-- uses: touch.lua
 -- A node that claimed a step of a job that failed on it too often hands the step on, if
 -- another live node serves the pool and is not bad for the job: the claim is undone, and
 -- the job goes in the retries set, due now, for a reaper to send a new dispatch.
 -- KEYS[1] job hash          KEYS[2] leases (zset)      KEYS[3] the job's events (list)
 -- KEYS[4] retries (zset)    KEYS[5] the nodes of the job's pool (zset: node -> last seen)
+-- KEYS[6] change feed (zset)
 -- ARGV[1] job id            ARGV[2] attempt            ARGV[3] dispatch
 -- ARGV[4] step              ARGV[5] lease owner        ARGV[6] node
 -- ARGV[7] how recently (ms) a node must have been seen to be live
@@ -24,9 +26,11 @@ end
 if other == '' then return '' end
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('HDEL', KEYS[1], 'lease_owner')
-redis.call('RPUSH', KEYS[3], cjson.encode({event = 'end', outcome = 'avoided',
+compact_record(KEYS[1])
+add_event(KEYS[3], ARGV[1], {event = 'end', outcome = 'avoided',
   step = tonumber(ARGV[4]), dispatch = tonumber(ARGV[3]), attempt = tonumber(ARGV[2]),
-  owner = ARGV[5], at = now}))
+  owner = ARGV[5], at = now})
 redis.call('HSET', KEYS[1], 'state', ARGV[10], 'dispatch', tonumber(f[3]) + 1, 'node', '')
 redis.call('ZADD', KEYS[4], now, ARGV[1])
+touch(KEYS[6], ARGV[1])
 return other

@@ -1,3 +1,4 @@
+-- uses: touch.lua, forged.lua
 -- Claim one execution of a step: it starts only if its fencing token (attempt, dispatch,
 -- step) is current, the job may still run, and no other execution holds a live lease.
 -- KEYS[1] job hash          KEYS[2] leases (zset)      KEYS[3] the job's events (list)
@@ -9,16 +10,23 @@
 -- KEYS[5] limits (hash: name -> units)   KEYS[6] limit holders (zset of 'name|job id')
 -- KEYS[7] retries (zset)    ARGV[10] how long (ms) a limited step waits before it is sent
 --                                    again
+-- KEYS[8] the owner's change feed (zset): a step that starts changes the job's listing
+-- ARGV[11] the commands of the step's message, from its step on (a JSON list of argv
+--          lists; '' checks none): anyone who may push to a queue can forge a message, so
+--          one whose commands are not the record's (the first line of its history, or its
+--          'commands' field for a record from before) changes nothing and is 'forged'
 -- A step holds one unit of each of the job's limits (its 'limits' field, comma-separated)
 -- while its lease is live: a holder whose lease has expired or gone is dropped here, so a
 -- dead node's unit comes back with its lease. A step over a limit is not run: the job is
 -- re-dispatched into the retries set (so it no longer awaits a node: it is sent again
 -- from there), and the claim answers 'limited'.
--- Returns {status, detail} with a ClaimStatus, and for 'ok' the record (HGETALL) third,
--- so the step needs no second read.
+-- Returns {status, detail} with a ClaimStatus, and for 'ok' the record (HGETALL) third and
+-- its history fourth (its first line has the commands), so the step needs no second read.
 local f = redis.call('HMGET', KEYS[1], 'state', 'attempt', 'dispatch', 'next_step',
                      'lease_owner')
 if not f[1] then return {'gone', ''} end
+local forged = ARGV[11] ~= '' and not_sent(KEYS[1], KEYS[3], tonumber(ARGV[4]), ARGV[11])
+if forged then return {'forged', forged} end
 if f[2] ~= ARGV[2] or f[3] ~= ARGV[3] then
   return {'superseded', 'the job is on attempt ' .. f[2] .. ', dispatch ' .. f[3]}
 end
@@ -47,9 +55,9 @@ for name in string.gmatch(limits, '[^,]+') do
       redis.call('HSET', KEYS[1], 'dispatch', tonumber(f[3]) + 1)
       redis.call('ZADD', KEYS[7], now + tonumber(ARGV[10]), ARGV[1])
       redis.call('ZREM', KEYS[4], ARGV[1])
-      redis.call('RPUSH', KEYS[3], cjson.encode({event = 'limited', limit = name,
+      add_event(KEYS[3], ARGV[1], {event = 'limited', limit = name,
         step = tonumber(ARGV[4]), dispatch = tonumber(ARGV[3]), attempt = tonumber(ARGV[2]),
-        node = ARGV[6], at = now}))
+        node = ARGV[6], at = now})
       return {'limited', name .. ': ' .. held .. ' of ' .. units .. ' in use'}
     end
   end
@@ -62,7 +70,9 @@ redis.call('HSET', KEYS[1], 'state', ARGV[9], 'step', ARGV[4], 'node', ARGV[6],
 redis.call('HSETNX', KEYS[1], 'start', now)
 redis.call('ZADD', KEYS[2], now + tonumber(ARGV[7]), ARGV[1])
 redis.call('ZREM', KEYS[4], ARGV[1])
-redis.call('RPUSH', KEYS[3], cjson.encode({event = 'start', step = tonumber(ARGV[4]),
-  dispatch = tonumber(ARGV[3]), attempt = tonumber(ARGV[2]), owner = ARGV[5],
-  node = ARGV[6], at = now}))
-return {'ok', '', redis.call('HGETALL', KEYS[1])}
+add_event(KEYS[3], ARGV[1], {event = 'start', step = tonumber(ARGV[4]),
+  dispatch = tonumber(ARGV[3]), attempt = tonumber(ARGV[2]), owner = ARGV[5], at = now})
+touch(KEYS[8], ARGV[1])
+local history = ''
+if redis.call('TYPE', KEYS[3]).ok == 'string' then history = redis.call('GET', KEYS[3]) end
+return {'ok', '', redis.call('HGETALL', KEYS[1]), history}

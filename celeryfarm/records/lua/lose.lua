@@ -23,10 +23,11 @@ local function lose(job, events, outbox, leases, id, f, max_lost, hold_ms, cause
     redis.call('ZADD', leases, now + hold_ms, id)
     return {id, 'failing', f[3], node, tostring(lost), cause, hold, f[7]}
   end
-  redis.call('RPUSH', events, cjson.encode({event = 'lost',
+  add_event(events, id, {event = 'lost',
     step = tonumber(f[3]), dispatch = tonumber(f[2]), attempt = tonumber(f[7]),
-    owner = f[6] or '', node = node, lost = lost, at = now}))
+    owner = f[6] or '', node = node, lost = lost, at = now})
   redis.call('HDEL', job, 'lease_owner')
+  compact_record(job)
   redis.call('HSET', job, 'dispatch', tonumber(f[2]) + 1, 'lost', lost, 'node', '')
   redis.call('ZADD', outbox, now, id)
   return {id, 'redispatched', f[3], node, tostring(lost), cause}

@@ -1,7 +1,8 @@
+-- uses: touch.lua
 -- Change a job's state from the client side (cancel, fail, restart), atomically checking
 -- its attempt and current state, so a node finishing a step and an artist stopping the job
 -- can never both win.
--- KEYS[1] job hash
+-- KEYS[1] job hash          KEYS[2] the owner's change feed (zset)
 -- ARGV[1] job id            ARGV[2] required attempt
 -- ARGV[3] states it may leave (comma-separated)     ARGV[4] the state to go to
 -- ARGV[5..] field/value pairs to set with it; an empty value deletes the field
@@ -17,4 +18,5 @@ for i = 5, #ARGV, 2 do
     redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
   end
 end
+touch(KEYS[2], ARGV[1])
 return 1

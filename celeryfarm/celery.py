@@ -36,7 +36,7 @@ def celery_config(settings: Settings) -> dict:
         "queue_order_strategy": "priority",
         "global_keyprefix": settings.broker_key_prefix,
     }
-    return {
+    config = {
         "broker_url": settings.broker_url,
         "result_backend": settings.results_url,
         "broker_transport_options": transport,
@@ -63,6 +63,12 @@ def celery_config(settings: Settings) -> dict:
         "worker_send_task_events": True,
         "task_send_sent_event": True,
     }
+    # rediss://: the certificate and host name verified, by kombu, the backend and Flower.
+    broker_ssl = settings.tls.celery_options(settings.broker_url)
+    if broker_ssl:
+        config["broker_use_ssl"] = broker_ssl
+        config["redis_backend_use_ssl"] = settings.tls.celery_options(settings.results_url)
+    return config
 
 
 class FarmAMQP(AMQP):

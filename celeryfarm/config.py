@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from .errors import ConfigError
+from .tls import Tls, check_urls
 
 PREFIX = "CELERYFARM_"
 #: Settings that hold credentials; each may instead come from a file named by ``NAME_FILE``.
@@ -46,6 +47,8 @@ class Settings:
     result_backend: str = ""
     #: Redis URL where job records live (defaults to the broker).
     store_url: str = ""
+    #: TLS files for ``rediss://`` URLs (see :mod:`celeryfarm.tls`).
+    tls: Tls = dataclasses.field(default_factory=Tls)
     #: Where ``celeryfarm up`` keeps the embedded Redis's data, its credentials and logs;
     #: also where the command line looks for the farm that ``up`` runs on this machine.
     data_dir: Path = Path("~/.celeryfarm")
@@ -148,12 +151,17 @@ class Settings:
             ("STORE_URL", self.store_url, defaults.store_url),
             ("KEY_PREFIX", self.key_prefix, defaults.key_prefix),
             ("MAX_RENDER_SECONDS", self.max_render_seconds, defaults.max_render_seconds),
+            ("TLS_CA_FILE", self.tls.ca_file, defaults.tls.ca_file),
+            ("TLS_CERT_FILE", self.tls.cert_file, defaults.tls.cert_file),
+            ("TLS_KEY_FILE", self.tls.key_file, defaults.tls.key_file),
         ):
             if value != default:
                 env[PREFIX + name] = str(value)
         return env
 
     def __post_init__(self) -> None:
+        check_urls([("BROKER_URL", self.broker_url), ("RESULT_BACKEND", self.result_backend),
+                    ("STORE_URL", self.store_url)], self.tls, PREFIX)
         margin = self.stop_grace_seconds + self.poll_seconds + 1.0
         if self.lease_seconds <= margin:
             raise ConfigError(
@@ -190,11 +198,15 @@ class Settings:
         data_dir = Path(get("DATA_DIR") or defaults.data_dir).expanduser()
         shared_root = Path(get("SHARED_ROOT") or data_dir / "shared").expanduser()
         remote_root = get("REMOTE_SHARED_ROOT")
+        tls = Tls(ca_file=get("TLS_CA_FILE"), cert_file=get("TLS_CERT_FILE"),
+                  key_file=get("TLS_KEY_FILE"))
+        tls.check_files(PREFIX)
         return cls(
             broker_url=secret("BROKER_URL") or defaults.broker_url,
             data_dir=data_dir,
             result_backend=secret("RESULT_BACKEND"),
             store_url=secret("STORE_URL"),
+            tls=tls,
             shared_root=shared_root,
             remote_shared_root=Path(remote_root) if remote_root else None,
             katana_root=get("KATANA_ROOT") or defaults.katana_root,

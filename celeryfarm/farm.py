@@ -61,7 +61,8 @@ class Farm:
     ) -> None:
         self.settings = settings or Settings.from_env()
         self.app = app or create_app(self.settings)
-        self.store = store or JobStore(connect(self.settings.records_url), self.settings.key_prefix)
+        self.store = store or JobStore(connect(self.settings.records_url, self.settings.tls),
+                                       self.settings.key_prefix)
         self.root = SharedRoot(self.settings.shared_root, self.settings.node_shared_root)
         self.host = socket.gethostname()
         self.who = f"{self.settings.user}@{self.host}"

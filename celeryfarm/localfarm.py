@@ -42,6 +42,7 @@ from .errors import FarmError, LocalFarmError
 from .passwords import require_strong
 from .process import become_subreaper
 from .redisserver import RedisServer, free_port
+from .tls import Tls
 from .worker import node_command, node_name, wait_for_workers
 
 STATE_FILE = "farm.json"
@@ -141,9 +142,11 @@ def wants_embedded_redis(settings: Settings, environ: Mapping[str, str]) -> bool
     return url == embedded.url
 
 
-def check_redis(url: str, timeout: float = 3.0) -> None:
-    """Raise :class:`FarmError` in one line unless the Redis at ``url`` answers."""
-    client = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout)
+def check_redis(url: str, tls: Tls | None = None, timeout: float = 3.0) -> None:
+    """Raise :class:`FarmError` in one line unless the Redis at ``url`` answers (over TLS
+    with its certificate verified, for ``rediss://``)."""
+    client = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout,
+                                  **(tls or Tls()).redis_options(url))
     try:
         client.ping()
     except redis.RedisError as error:
@@ -281,7 +284,7 @@ class LocalFarm:
         if self.embedded:
             self._start_redis(kept)
         else:
-            check_redis(self.broker_url)
+            check_redis(self.broker_url, self.settings.tls)
         names = [f"node{index}" for index in range(1, self.workers + 1)]
         for name in names:
             self._add(Child(name, lambda name=name: self._start_worker(name), _stop_worker))

@@ -51,7 +51,8 @@ class RenderNode(bootsteps.StartStopStep):
         self.settings = self.app.settings
         self.hostname: str = worker.hostname or ""
         self.protect()
-        self.store = JobStore(connect(self.settings.records_url), self.settings.key_prefix)
+        self.store = JobStore(connect(self.settings.records_url, self.settings.tls),
+                              self.settings.key_prefix)
         #: The user renders run as (``CELERYFARM_RENDER_USER``), or None: the node's own.
         self.render_user = renderenv.render_user(self.settings.render_user)
         self.reaper: Reaper | None = None

@@ -1,10 +1,12 @@
-"""A private ``redis-server`` child process: loopback only, optional password, append-only.
+"""A private ``redis-server`` child process: loopback only, optional password, append-only,
+optionally TLS only.
 
 ``celeryfarm up`` runs the farm's Redis this way, and the tests and benchmarks run theirs.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import socket
 import subprocess
@@ -14,6 +16,7 @@ from pathlib import Path
 import redis
 
 from .errors import RedisServerError
+from .tls import Tls
 
 INSTALL_HINT = "install it with: sudo apt-get install redis-server (Debian/Ubuntu)"
 
@@ -22,6 +25,28 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerTls:
+    """A Redis that listens on TLS only and requires client certificates signed by the
+    farm's CA, as ``docker-compose.tls.yml`` runs it, from the folder
+    ``worker_image/make-certs.sh`` wrote: ``redis/`` for the server, ``client/`` for its
+    clients (its own readiness check among them)."""
+
+    certs: Path
+
+    @property
+    def client(self) -> Tls:
+        folder = self.certs / "client"
+        return Tls(str(folder / "ca.crt"), str(folder / "client.crt"), str(folder / "client.key"))
+
+    def config(self, port: int) -> list[str]:
+        """Redis's configuration lines: TLS on ``port``, no plain-text port."""
+        folder = self.certs / "redis"
+        return ["port 0", f"tls-port {port}", f"tls-cert-file {folder / 'redis.crt'}",
+                f"tls-key-file {folder / 'redis.key'}", f"tls-ca-cert-file {folder / 'ca.crt'}",
+                "tls-auth-clients yes"]
 
 
 class RedisServer:
@@ -35,6 +60,7 @@ class RedisServer:
         appendonly: bool = True,
         executable: str = "redis-server",
         maxmemory: str = "1gb",
+        tls: ServerTls | None = None,
     ) -> None:
         self.data_dir = Path(data_dir)
         self.port = port or free_port()
@@ -42,12 +68,14 @@ class RedisServer:
         self.appendonly = appendonly
         self.executable = executable
         self.maxmemory = maxmemory
+        self.tls = tls
         self.process: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
         auth = f":{self.password}@" if self.password else ""
-        return f"redis://{auth}127.0.0.1:{self.port}/0"
+        scheme = "rediss" if self.tls else "redis"
+        return f"{scheme}://{auth}127.0.0.1:{self.port}/0"
 
     def command(self) -> list[str]:
         binary = shutil.which(self.executable)
@@ -57,9 +85,10 @@ class RedisServer:
         return [binary, "-"]
 
     def config(self) -> str:
+        listen = self.tls.config(self.port) if self.tls else [f"port {self.port}"]
         lines = [
             "bind 127.0.0.1",
-            f"port {self.port}",
+            *listen,
             f"dir {self.data_dir}",
             "daemonize no",
             'save ""',
@@ -85,7 +114,9 @@ class RedisServer:
         assert self.process.stdin is not None
         self.process.stdin.write(self.config().encode())
         self.process.stdin.close()
-        client = redis.Redis.from_url(self.url, socket_connect_timeout=0.5)
+        client_tls = self.tls.client if self.tls else Tls()
+        client = redis.Redis.from_url(self.url, socket_connect_timeout=0.5,
+                                      **client_tls.redis_options(self.url))
         deadline = time.monotonic() + timeout
         while True:
             if self.process.poll() is not None:

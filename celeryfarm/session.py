@@ -55,9 +55,10 @@ class Session:
         from .localfarm import check_redis
 
         settings = self.settings
-        check_redis(settings.broker_url)  # one quick, clear error rather than long retries
+        # One quick, clear error rather than long retries.
+        check_redis(settings.broker_url, settings.tls)
         if settings.records_url != settings.broker_url:
-            check_redis(settings.records_url)
+            check_redis(settings.records_url, settings.tls)
         return Farm(settings)
 
     def point_at(self, env: dict[str, str]) -> None:

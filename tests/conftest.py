@@ -38,13 +38,18 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
         farm.stop()
 
 
-@pytest.fixture
-def farm_env(cluster: LocalCluster, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    """The farm's environment in this process, with a user of this test's own."""
+def join(cluster: LocalCluster, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """Put ``cluster``'s environment in this process, with a user of this test's own."""
     env = {**cluster.env, "CELERYFARM_USER": f"artist-{uuid.uuid4().hex[:8]}"}
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     return env
+
+
+@pytest.fixture
+def farm_env(cluster: LocalCluster, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """The farm's environment in this process, with a user of this test's own."""
+    return join(cluster, monkeypatch)
 
 
 @pytest.fixture

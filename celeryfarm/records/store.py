@@ -22,6 +22,7 @@ from redis.retry import Retry
 
 from ..errors import CorruptRecord, JobNotFound
 from ..jobs import JobRecord
+from ..tls import Tls
 from . import fields as codec
 from . import states
 from .keys import Keys
@@ -33,11 +34,13 @@ logger = logging.getLogger(__name__)
 BATCH = 1000
 
 
-def connect(url: str) -> redis.Redis:
+def connect(url: str, tls: Tls | None = None) -> redis.Redis:
     """A Redis client that survives broker restarts: keepalive, health checks and retries,
-    and timeouts so an unreachable Redis is an error, not a hang."""
+    and timeouts so an unreachable Redis is an error, not a hang; over TLS for ``rediss://``,
+    with Redis's certificate verified."""
     return redis.Redis.from_url(
         url,
+        **(tls or Tls()).redis_options(url),
         decode_responses=True,
         socket_connect_timeout=5,
         socket_timeout=10,

@@ -15,7 +15,8 @@ from pathlib import Path
 from celery import Celery
 
 from ..config import Settings
-from ..redisserver import RedisServer
+from ..redisserver import RedisServer, ServerTls
+from ..tls import Tls
 from ..worker import celery_command, node_command, wait_for_workers
 
 
@@ -23,17 +24,18 @@ class LocalCluster:
     """A Redis and some render-node workers sharing one shared root under ``base``."""
 
     def __init__(self, base: Path, extra_env: Mapping[str, str] | None = None,
-                 password: str = "") -> None:
+                 password: str = "", tls: ServerTls | None = None) -> None:
         self.base = Path(base)
         self.shared_root = self.base / "shared"
-        self.redis = RedisServer(self.base / "redis", password=password)
+        self.redis = RedisServer(self.base / "redis", password=password, tls=tls)
         self.extra_env = dict(extra_env or {})
         self.workers: dict[str, subprocess.Popen] = {}
 
     @property
     def env(self) -> dict[str, str]:
         """The ``CELERYFARM_*`` variables every client and worker of this farm uses."""
-        settings = Settings(broker_url=self.redis.url, shared_root=self.shared_root)
+        tls = self.redis.tls.client if self.redis.tls else Tls()
+        settings = Settings(broker_url=self.redis.url, shared_root=self.shared_root, tls=tls)
         # Tests and CI run as root; the nodes are told they may (--allow-root).
         allow_root = {"CELERYFARM_ALLOW_ROOT": "1"} if os.geteuid() == 0 else {}
         return {**settings.client_environment(), **allow_root, **self.extra_env}

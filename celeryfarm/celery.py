@@ -16,6 +16,7 @@ from celery import Celery
 from celery.app.amqp import AMQP
 
 from .config import Settings
+from .sentinel import uses_sentinel
 
 #: The one task a render node runs: a step of a job (the client names it, never imports it).
 RENDER_STEP = "celeryfarm.render_step"
@@ -36,11 +37,17 @@ def celery_config(settings: Settings) -> dict:
         "queue_order_strategy": "priority",
         "global_keyprefix": settings.broker_key_prefix,
     }
+    results_transport = {"visibility_timeout": settings.visibility_timeout}
+    # sentinel://: kombu and Celery's backend ask the sentinels for this primary.
+    if uses_sentinel(settings.broker_url):
+        transport["master_name"] = settings.sentinel_master
+    if uses_sentinel(settings.results_url):
+        results_transport["master_name"] = settings.sentinel_master
     config = {
         "broker_url": settings.broker_url,
         "result_backend": settings.results_url,
         "broker_transport_options": transport,
-        "result_backend_transport_options": {"visibility_timeout": settings.visibility_timeout},
+        "result_backend_transport_options": results_transport,
         # A Redis restart must not fail the task writing its state: retry with backoff.
         "result_backend_always_retry": True,
         "result_backend_max_retries": 30,

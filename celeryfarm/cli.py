@@ -210,7 +210,7 @@ def worker(session: Session, queues: str, concurrency: int, name: str, check: bo
     settings = session.settings
     if not check and root_problem(settings):  # a health check runs nothing
         raise FarmError(root_problem(settings))
-    check_redis(settings.broker_url, settings.tls)
+    check_redis(settings.broker_url, settings.tls, settings.sentinel_master)
     if check:
         from .celery import create_app
 

@@ -10,6 +10,7 @@ records (in pipelined batches) and, for jobs still active, Celery's task states.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import socket
 import time
@@ -18,6 +19,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Callable
 
+import redis
 from celery import Celery, states
 from kombu.exceptions import OperationalError
 
@@ -61,8 +63,7 @@ class Farm:
     ) -> None:
         self.settings = settings or Settings.from_env()
         self.app = app or create_app(self.settings)
-        self.store = store or JobStore(connect(self.settings.records_url, self.settings.tls),
-                                       self.settings.key_prefix)
+        self.store = store or JobStore.from_settings(self.settings)
         self.root = SharedRoot(self.settings.shared_root, self.settings.node_shared_root)
         self.host = socket.gethostname()
         self.who = f"{self.settings.user}@{self.host}"
@@ -281,11 +282,19 @@ class Farm:
             fresh = self.store.get(record.job_id)
             record.state, record.end_ms, record.reason = fresh.state, fresh.end_ms, fresh.reason
 
+    @functools.cached_property
+    def _results(self) -> redis.Redis:
+        """Celery's results, read with the records' retries: Celery's own client gives up at
+        the first lost connection (a Redis restart, a failover)."""
+        settings = self.settings
+        return connect(settings.results_url, settings.tls, settings.sentinel_master)
+
     def _task_states(self, task_ids: list[str]) -> list[tuple[str, str]]:
         """Celery (state, exception type) of many tasks in one round trip; unknown ids are
         PENDING."""
         backend = self.app.backend
-        values = backend.mget([backend.get_key_for_task(task_id) for task_id in task_ids])
+        keys = [backend.get_key_for_task(task_id) for task_id in task_ids]
+        values = self._results.mget(keys)
         found = []
         for value in values:
             meta = backend.decode(value) if value else {"status": states.PENDING}

@@ -36,6 +36,7 @@ from typing import IO, Callable
 import psutil
 import redis
 
+from . import sentinel
 from .celery import create_app
 from .config import PREFIX, Settings, redact
 from .errors import FarmError, LocalFarmError
@@ -142,11 +143,13 @@ def wants_embedded_redis(settings: Settings, environ: Mapping[str, str]) -> bool
     return url == embedded.url
 
 
-def check_redis(url: str, tls: Tls | None = None, timeout: float = 3.0) -> None:
+def check_redis(url: str, tls: Tls | None = None, master: str = "",
+                timeout: float = 3.0) -> None:
     """Raise :class:`FarmError` in one line unless the Redis at ``url`` answers (over TLS
-    with its certificate verified, for ``rediss://``)."""
-    client = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout,
-                                  **(tls or Tls()).redis_options(url))
+    with its certificate verified, for ``rediss://``; the primary ``master``, for
+    ``sentinel://``)."""
+    client = sentinel.client(url, tls, master, socket_connect_timeout=timeout,
+                             socket_timeout=timeout)
     try:
         client.ping()
     except redis.RedisError as error:
@@ -284,7 +287,7 @@ class LocalFarm:
         if self.embedded:
             self._start_redis(kept)
         else:
-            check_redis(self.broker_url, self.settings.tls)
+            check_redis(self.broker_url, self.settings.tls, self.settings.sentinel_master)
         names = [f"node{index}" for index in range(1, self.workers + 1)]
         for name in names:
             self._add(Child(name, lambda name=name: self._start_worker(name), _stop_worker))

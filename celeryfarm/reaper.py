@@ -55,7 +55,7 @@ class Reaper(threading.Thread):
         super().__init__(name="celeryfarm-reaper", daemon=True)
         self.app, self.store, self.settings = app, store, settings
         self.node, self.pools, self.running = node, pools, running
-        self.broker = connect(settings.broker_url, settings.tls)
+        self.broker = connect(settings.broker_url, settings.tls, settings.sentinel_master)
         self.root = SharedRoot(settings.shared_root)
         self.lease_ms = int(settings.lease_seconds * 1000)
         self._done = threading.Event()

@@ -1,5 +1,5 @@
 """A private ``redis-server`` child process: loopback only, optional password, append-only,
-optionally TLS only.
+optionally TLS only; or a primary with replicas and three sentinels (:class:`ReplicatedRedis`).
 
 ``celeryfarm up`` runs the farm's Redis this way, and the tests and benchmarks run theirs.
 """
@@ -7,6 +7,7 @@ optionally TLS only.
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 import socket
 import subprocess
@@ -61,6 +62,7 @@ class RedisServer:
         executable: str = "redis-server",
         maxmemory: str = "1gb",
         tls: ServerTls | None = None,
+        replicaof: int | None = None,
     ) -> None:
         self.data_dir = Path(data_dir)
         self.port = port or free_port()
@@ -69,6 +71,8 @@ class RedisServer:
         self.executable = executable
         self.maxmemory = maxmemory
         self.tls = tls
+        #: The port of the primary this server starts as a replica of.
+        self.replicaof = replicaof
         self.process: subprocess.Popen | None = None
 
     @property
@@ -101,18 +105,22 @@ class RedisServer:
             f"logfile {self.data_dir / 'redis.log'}",
         ]
         if self.password:
-            lines.append(f"requirepass {self.password}")
+            # masterauth too: any server may become a replica after a failover.
+            lines += [f"requirepass {self.password}", f"masterauth {self.password}"]
+        if self.replicaof:
+            lines.append(f"replicaof 127.0.0.1 {self.replicaof}")
         return "\n".join(lines) + "\n"
 
     def start(self, timeout: float = 20.0) -> RedisServer:
         """Start the server and wait until it answers PING."""
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.process = subprocess.Popen(
             self.command(), stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE, start_new_session=True,
         )
         assert self.process.stdin is not None
-        self.process.stdin.write(self.config().encode())
+        if self.process.args[-1] == "-":
+            self.process.stdin.write(self.config().encode())
         self.process.stdin.close()
         client_tls = self.tls.client if self.tls else Tls()
         client = redis.Redis.from_url(self.url, socket_connect_timeout=0.5,
@@ -152,3 +160,134 @@ class RedisServer:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+
+class SentinelServer(RedisServer):
+    """A ``redis-server --sentinel`` watching the primary ``master`` at ``primary_port``.
+
+    Sentinels rewrite their configuration file as they learn, so it is a file (owner-only:
+    it holds the primary's password), not stdin. ``down_after_ms`` is how long the primary
+    must be silent before the sentinels agree it is down and promote a replica."""
+
+    def __init__(self, data_dir: Path, primary_port: int, master: str, password: str = "",
+                 down_after_ms: int = 5000) -> None:
+        super().__init__(data_dir, password=password, appendonly=False)
+        self.primary_port, self.master, self.down_after_ms = primary_port, master, down_after_ms
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def command(self) -> list[str]:
+        binary, _stdin = super().command()
+        self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path = self.data_dir / "sentinel.conf"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as file:
+            file.write(self.config())
+        return [binary, str(path), "--sentinel"]
+
+    def config(self) -> str:
+        name = self.master
+        lines = [
+            "bind 127.0.0.1", f"port {self.port}", f"dir {self.data_dir}", "daemonize no",
+            "loglevel warning", f"logfile {self.data_dir / 'sentinel.log'}",
+            f"sentinel monitor {name} 127.0.0.1 {self.primary_port} 2",
+            f"sentinel down-after-milliseconds {name} {self.down_after_ms}",
+            f"sentinel failover-timeout {name} {3 * self.down_after_ms}",
+        ]
+        if self.password:
+            lines.append(f"sentinel auth-pass {name} {self.password}")
+        return "\n".join(lines) + "\n"
+
+
+class ReplicatedRedis:
+    """A primary, ``replicas`` replicas and three sentinels, all on 127.0.0.1: a Redis that
+    survives the death of its primary. Its :attr:`url` is the sentinels' ``sentinel://``
+    URL; clients find the primary, named ``master``, through them."""
+
+    #: Three sentinels with a quorum of two: one may die, and one alone never fails over.
+    SENTINELS = 3
+    tls = None
+
+    def __init__(self, data_dir: Path, replicas: int = 2, password: str = "",
+                 master: str = "celeryfarm", maxmemory: str = "1gb",
+                 down_after_ms: int = 5000) -> None:
+        self.data_dir = Path(data_dir)
+        self.master = master
+        primary = RedisServer(self.data_dir / "redis-0", password=password, maxmemory=maxmemory)
+        self.servers = [primary] + [
+            RedisServer(self.data_dir / f"redis-{n}", password=password, maxmemory=maxmemory,
+                        replicaof=primary.port) for n in range(1, replicas + 1)]
+        self.sentinels = [
+            SentinelServer(self.data_dir / f"sentinel-{n}", primary.port, master, password,
+                           down_after_ms) for n in range(1, self.SENTINELS + 1)]
+        self.password = password
+
+    @property
+    def url(self) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        return ";".join(f"sentinel://{auth}127.0.0.1:{s.port}/0" for s in self.sentinels)
+
+    def start(self, timeout: float = 30.0) -> ReplicatedRedis:
+        """Start every server, then the sentinels, and wait until every replica has synced
+        and each sentinel knows the primary and every replica."""
+        try:
+            self.servers[0].start()
+            # Replicas synced at once, not after the default 5 s wait for more of them.
+            _client(self.servers[0]).config_set("repl-diskless-sync-delay", 0)
+            for server in [*self.servers[1:], *self.sentinels]:
+                server.start()
+            deadline = time.monotonic() + timeout
+            while not (all(self._synced(s) for s in self.servers[1:])
+                       and all(self._sees_everything(s) for s in self.sentinels)):
+                if time.monotonic() > deadline:
+                    raise RedisServerError(f"the sentinels did not see {len(self.servers)} "
+                                           f"servers within {timeout} s")
+                time.sleep(0.1)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    @staticmethod
+    def _synced(replica: RedisServer) -> bool:
+        try:
+            info = _client(replica).info("replication")
+        except redis.RedisError:
+            return False
+        return info.get("master_link_status") == "up"
+
+    def _sees_everything(self, sentinel: SentinelServer) -> bool:
+        client = redis.Redis.from_url(sentinel.url, socket_timeout=2, decode_responses=True)
+        try:
+            replicas = client.sentinel_slaves(self.master)
+            return len([r for r in replicas if "s_down" not in r["flags"]]) == \
+                len(self.servers) - 1
+        except redis.RedisError:
+            return False
+        finally:
+            client.close()
+
+    def primary(self) -> RedisServer:
+        """The server the sentinels now call the primary."""
+        client = redis.Redis.from_url(self.sentinels[0].url, socket_timeout=2)
+        try:
+            _host, port = client.sentinel_get_master_addr_by_name(self.master)
+        finally:
+            client.close()
+        return next(server for server in self.servers if server.port == int(port))
+
+    def stop(self) -> None:
+        for server in [*self.sentinels, *self.servers]:
+            server.stop()
+
+    def __enter__(self) -> ReplicatedRedis:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+def _client(server: RedisServer) -> redis.Redis:
+    return redis.Redis.from_url(server.url, socket_timeout=2, decode_responses=True)

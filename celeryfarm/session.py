@@ -56,9 +56,9 @@ class Session:
 
         settings = self.settings
         # One quick, clear error rather than long retries.
-        check_redis(settings.broker_url, settings.tls)
+        check_redis(settings.broker_url, settings.tls, settings.sentinel_master)
         if settings.records_url != settings.broker_url:
-            check_redis(settings.records_url, settings.tls)
+            check_redis(settings.records_url, settings.tls, settings.sentinel_master)
         return Farm(settings)
 
     def point_at(self, env: dict[str, str]) -> None:

@@ -31,7 +31,7 @@ from celeryfarm.testing.cluster import LocalCluster
 from celeryfarm.tls import Tls
 
 from .cli_fixtures import base_env, cli
-from .conftest import WORKER_ENV, join
+from .conftest import WORKER_ENV, join, running
 from .helpers import http_status, read_log, renderboot, submit, wait_for_state, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,13 +56,9 @@ def tls_farm(tmp_path_factory: pytest.TempPathFactory, certs: Path) -> Iterator[
     """A farm whose Redis listens on TLS only and requires client certificates, with one
     render node connected over ``rediss://``."""
     farm = LocalCluster(tmp_path_factory.mktemp("tls-farm"), extra_env=WORKER_ENV,
-                        password=PASSWORD, tls=ServerTls(certs)).start()
-    try:
-        farm.start_worker(NODE, concurrency=1)
-        farm.wait_for_workers(Farm(Settings.from_env(farm.env)).app, [NODE])
+                        password=PASSWORD, tls=ServerTls(certs))
+    with running(farm, [NODE]):
         yield farm
-    finally:
-        farm.stop()
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
-"""A farm on this machine for tests and benchmarks: a private Redis and real render nodes.
+"""A farm on this machine for tests and benchmarks: a private Redis (or a replicated one with
+sentinels) and real render nodes.
 
 Nodes are real ``celeryfarm worker`` processes (prefork pool), started with the same
 ``CELERYFARM_*`` environment a render node would have.
@@ -15,7 +16,7 @@ from pathlib import Path
 from celery import Celery
 
 from ..config import Settings
-from ..redisserver import RedisServer, ServerTls
+from ..redisserver import RedisServer, ReplicatedRedis, ServerTls
 from ..tls import Tls
 from ..worker import celery_command, node_command, wait_for_workers
 
@@ -24,10 +25,14 @@ class LocalCluster:
     """A Redis and some render-node workers sharing one shared root under ``base``."""
 
     def __init__(self, base: Path, extra_env: Mapping[str, str] | None = None,
-                 password: str = "", tls: ServerTls | None = None) -> None:
+                 password: str = "", tls: ServerTls | None = None, replicas: int = 0) -> None:
         self.base = Path(base)
         self.shared_root = self.base / "shared"
-        self.redis = RedisServer(self.base / "redis", password=password, tls=tls)
+        #: With ``replicas``, a primary, its replicas and three sentinels that fail over
+        #: within seconds of the primary's death.
+        self.redis: RedisServer | ReplicatedRedis = (
+            ReplicatedRedis(self.base / "redis", replicas, password, down_after_ms=1000)
+            if replicas else RedisServer(self.base / "redis", password=password, tls=tls))
         self.extra_env = dict(extra_env or {})
         self.workers: dict[str, subprocess.Popen] = {}
 

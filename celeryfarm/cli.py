@@ -108,10 +108,13 @@ def cli(ctx: click.Context, data_dir: str | None) -> None:
               help="Run Flower, the web monitor.")
 @click.option("--flower-port", type=click.IntRange(1, 65535), metavar="PORT",
               help="Flower's port (default: $CELERYFARM_FLOWER_PORT, else 5555 if free).")
+@click.option("--replicas", default=0, show_default=True, type=click.IntRange(0, 8),
+              help="Run Redis as a primary with this many replicas and three sentinels, "
+                   "which promote a replica when the primary dies.")
 @allow_root_option
 @pass_session
 def up(session: Session, workers: int, concurrency: int, queues: str, flower: bool,
-       flower_port: int | None) -> None:
+       flower_port: int | None, replicas: int) -> None:
     """Run a whole farm on this machine until Ctrl-C.
 
     Starts a private redis-server (loopback only, generated password, append-only data in
@@ -123,7 +126,7 @@ def up(session: Session, workers: int, concurrency: int, queues: str, flower: bo
 
     started = time.monotonic()
     farm = make_local_farm(session, workers=workers, concurrency=concurrency, queues=queues,
-                           flower=flower, flower_port=flower_port)
+                           flower=flower, flower_port=flower_port, replicas=replicas)
     click.echo(f"starting a farm from {farm.data_dir} ...")
     try:
         with supervised(farm) as state:
@@ -137,8 +140,9 @@ def up(session: Session, workers: int, concurrency: int, queues: str, flower: bo
 def _print_farm(state: FarmState, farm: LocalFarm, seconds: float) -> None:
     nodes = ", ".join(state.nodes)
     rows = [
-        ("broker", redact(state.broker_url)
-         + (" (embedded redis-server)" if state.embedded_redis else "")),
+        ("broker", redact(state.broker_url) + (
+            f" (embedded: a primary, {farm.replicas} replicas, 3 sentinels)" if farm.replicas
+            else " (embedded redis-server)" if state.embedded_redis else "")),
         ("shared root", state.shared_root),
         ("render nodes", f"{nodes}; pools {farm.queues}, {farm.concurrency} slot(s) each"),
     ]

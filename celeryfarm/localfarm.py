@@ -42,7 +42,7 @@ from .config import PREFIX, Settings, redact
 from .errors import FarmError, LocalFarmError
 from .passwords import require_strong
 from .process import become_subreaper
-from .redisserver import RedisServer, free_port
+from .redisserver import RedisServer, ReplicatedRedis, free_port
 from .tls import Tls
 from .worker import node_command, node_name, wait_for_workers
 
@@ -86,12 +86,13 @@ class FarmState:
     flower_url: str = ""
     flower_user: str = ""
     embedded_redis: bool = True
+    sentinel_master: str = Settings.sentinel_master
 
     @property
     def env(self) -> dict[str, str]:
         """The variables a Katana session or another process needs to use this farm."""
-        return Settings(broker_url=self.broker_url,
-                        shared_root=Path(self.shared_root)).client_environment()
+        return Settings(broker_url=self.broker_url, shared_root=Path(self.shared_root),
+                        sentinel_master=self.sentinel_master).client_environment()
 
 
 def _locked(path: Path) -> bool:
@@ -136,11 +137,17 @@ def wants_embedded_redis(settings: Settings, environ: Mapping[str, str]) -> bool
     one than the embedded Redis of this data folder (a shell that ran ``celeryfarm env``
     names that one, and must be able to start it again)."""
     url = environ.get(PREFIX + "BROKER_URL", "").strip()
+    if not url:
+        return True
     kept = _read_json(settings.data_dir / KEEP_FILE)
-    if not url or not kept.get("redis_port"):
-        return not url
-    embedded = RedisServer(settings.data_dir, kept["redis_port"], kept.get("redis_password", ""))
-    return url == embedded.url
+    password, embedded = kept.get("redis_password", ""), []
+    if kept.get("redis_port"):
+        embedded.append(RedisServer(settings.data_dir, kept["redis_port"], password).url)
+    if kept.get("redis_ports"):  # the sentinels of `up --replicas`
+        ports = kept["redis_ports"]
+        replicas = len(ports) - 1 - ReplicatedRedis.SENTINELS
+        embedded.append(ReplicatedRedis(settings.data_dir, replicas, password, ports=ports).url)
+    return url in embedded
 
 
 def check_redis(url: str, tls: Tls | None = None, master: str = "",
@@ -246,6 +253,7 @@ class LocalFarm:
         flower: bool = True,
         embedded_redis: bool = True,
         echo: Callable[[str], None] = print,
+        replicas: int = 0,
     ) -> None:
         self.settings = settings
         self.data_dir = settings.data_dir
@@ -257,7 +265,11 @@ class LocalFarm:
         self.echo = echo
         self.log_dir = self.data_dir / "logs"
         self.children: list[Child] = []
-        self.redis: RedisServer | None = None
+        #: With ``replicas``, the embedded Redis is a primary, that many replicas and three
+        #: sentinels, and clients get the sentinels' URL.
+        self.replicas = replicas
+        self.redis: RedisServer | ReplicatedRedis | None = None
+        self._kept: dict = {}
         self.broker_url = settings.broker_url
         self.flower_port = 0
         self.flower_password = settings.flower_password
@@ -283,8 +295,10 @@ class LocalFarm:
         become_subreaper()  # orphans of dead children come to us, so stop() can end them
         self.settings.shared_root.mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(exist_ok=True)
-        kept = _read_json(self.data_dir / KEEP_FILE)
-        if self.embedded:
+        kept = self._kept = _read_json(self.data_dir / KEEP_FILE)
+        if self.embedded and self.replicas:
+            self._start_replicated_redis(kept)
+        elif self.embedded:
             self._start_redis(kept)
         else:
             check_redis(self.broker_url, self.settings.tls, self.settings.sentinel_master)
@@ -314,6 +328,7 @@ class LocalFarm:
             flower_url=self.flower_url,
             flower_user=self.settings.flower_user if self.with_flower else "",
             embedded_redis=self.embedded,
+            sentinel_master=self.settings.sentinel_master,
         )
         write_private(self.data_dir / STATE_FILE, dataclasses.asdict(self.state))
         return self.state
@@ -343,6 +358,33 @@ class LocalFarm:
         self._add(Child("redis-server", lambda: self.redis.start().process,
                         lambda _process: self.redis.stop()))
         self.broker_url = self.redis.url
+
+    def _start_replicated_redis(self, kept: dict) -> None:
+        """A primary, replicas and sentinels, each a child started again if it dies (a
+        primary that comes back is made a replica by the sentinels). The last primary, as
+        the sentinels said when the farm stopped, starts as the primary again."""
+        kept.setdefault("redis_password", secrets.token_urlsafe(24))
+        ports = kept.get("redis_ports") or []
+        if len(ports) != self.replicas + 1 + ReplicatedRedis.SENTINELS or not all(
+                map(_port_free, ports)):
+            ports, kept["redis_primary"] = [], 0
+        self.redis = ReplicatedRedis(
+            self.data_dir, self.replicas, kept["redis_password"],
+            master=self.settings.sentinel_master, maxmemory=self.settings.redis_maxmemory,
+            ports=ports, primary=kept.get("redis_primary", 0))
+        kept["redis_ports"] = self.redis.ports
+        for server in self.redis.processes:
+            self._add(Child(server.data_dir.name, lambda s=server: s.start().process,
+                            lambda _process, s=server: s.stop()))
+        self.redis.wait_ready()
+        self.broker_url = self.redis.url
+
+    def _remember_primary(self) -> None:
+        """Note which server is the primary now, for the next start."""
+        if isinstance(self.redis, ReplicatedRedis):
+            with contextlib.suppress(redis.RedisError, StopIteration):
+                self._kept["redis_primary"] = self.redis.servers.index(self.redis.primary())
+                self._keep(self._kept)
 
     def _start_flower(self, kept: dict) -> None:
         if not self.flower_password:
@@ -427,13 +469,15 @@ class LocalFarm:
         with contextlib.suppress(FileNotFoundError):
             if self.state is not None:
                 (self.data_dir / STATE_FILE).unlink()
-        by_name = {child.name: child for child in self.children}
-        flower, redis_server = by_name.get("flower"), by_name.get("redis-server")
+        flower = next((c for c in self.children if c.name == "flower"), None)
+        redis_children = [c for c in self.children if c.name.startswith("redis")]
         if flower is not None:
             flower.stop()
-        _in_parallel([c.stop for c in self.children if c not in (flower, redis_server)])
-        if redis_server is not None:  # last: stopping workers still talk to it
-            redis_server.stop()
+        _in_parallel([c.stop for c in self.children
+                      if c is not flower and c not in redis_children])
+        self._remember_primary()
+        for child in redis_children:  # last: stopping workers still talk to it
+            child.stop()
         _end_descendants()
         self.children.clear()
         if self._lock is not None:

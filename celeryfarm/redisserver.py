@@ -12,6 +12,7 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import redis
@@ -109,6 +110,8 @@ class RedisServer:
             lines += [f"requirepass {self.password}", f"masterauth {self.password}"]
         if self.replicaof:
             lines.append(f"replicaof 127.0.0.1 {self.replicaof}")
+        # A replica syncs at once, not after the default 5 s wait for more of them.
+        lines.append("repl-diskless-sync-delay 0")
         return "\n".join(lines) + "\n"
 
     def start(self, timeout: float = 20.0) -> RedisServer:
@@ -166,13 +169,16 @@ class SentinelServer(RedisServer):
     """A ``redis-server --sentinel`` watching the primary ``master`` at ``primary_port``.
 
     Sentinels rewrite their configuration file as they learn, so it is a file (owner-only:
-    it holds the primary's password), not stdin. ``down_after_ms`` is how long the primary
-    must be silent before the sentinels agree it is down and promote a replica."""
+    it holds the primary's password), not stdin, written at the first start only: a
+    sentinel started again remembers what it learnt (which server is the primary now).
+    ``down_after_ms`` is how long the primary must be silent before the sentinels agree it
+    is down and promote a replica."""
 
     def __init__(self, data_dir: Path, primary_port: int, master: str, password: str = "",
-                 down_after_ms: int = 5000) -> None:
-        super().__init__(data_dir, password=password, appendonly=False)
+                 down_after_ms: int = 5000, port: int | None = None) -> None:
+        super().__init__(data_dir, port, password=password, appendonly=False)
         self.primary_port, self.master, self.down_after_ms = primary_port, master, down_after_ms
+        self._configured = False
 
     @property
     def url(self) -> str:
@@ -182,9 +188,11 @@ class SentinelServer(RedisServer):
         binary, _stdin = super().command()
         self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         path = self.data_dir / "sentinel.conf"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as file:
-            file.write(self.config())
+        if not self._configured:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as file:
+                file.write(self.config())
+            self._configured = True
         return [binary, str(path), "--sentinel"]
 
     def config(self) -> str:
@@ -204,7 +212,12 @@ class SentinelServer(RedisServer):
 class ReplicatedRedis:
     """A primary, ``replicas`` replicas and three sentinels, all on 127.0.0.1: a Redis that
     survives the death of its primary. Its :attr:`url` is the sentinels' ``sentinel://``
-    URL; clients find the primary, named ``master``, through them."""
+    URL; clients find the primary, named ``master``, through them.
+
+    Server 0 keeps its data in ``data_dir/redis`` (where a lone :class:`RedisServer` of
+    ``celeryfarm up`` keeps it), the others beside it. ``ports`` (servers, then sentinels)
+    and ``primary`` (the index of the server that starts as the primary) let a restart
+    keep the addresses clients know and the data of the last primary."""
 
     #: Three sentinels with a quorum of two: one may die, and one alone never fails over.
     SENTINELS = 3
@@ -212,43 +225,64 @@ class ReplicatedRedis:
 
     def __init__(self, data_dir: Path, replicas: int = 2, password: str = "",
                  master: str = "celeryfarm", maxmemory: str = "1gb",
-                 down_after_ms: int = 5000) -> None:
+                 down_after_ms: int = 5000, ports: Sequence[int] = (),
+                 primary: int = 0) -> None:
         self.data_dir = Path(data_dir)
-        self.master = master
-        primary = RedisServer(self.data_dir / "redis-0", password=password, maxmemory=maxmemory)
-        self.servers = [primary] + [
-            RedisServer(self.data_dir / f"redis-{n}", password=password, maxmemory=maxmemory,
-                        replicaof=primary.port) for n in range(1, replicas + 1)]
+        self.master, self.password = master, password
+        count = replicas + 1
+        ports = list(ports) or [free_port() for _ in range(count + self.SENTINELS)]
+        if len(ports) != count + self.SENTINELS or not 0 <= primary < count:
+            raise ValueError(f"{count} servers and {self.SENTINELS} sentinels need as many "
+                             f"ports, got {ports} with primary {primary}")
+        folders = [self.data_dir / "redis",
+                   *(self.data_dir / f"redis-replica-{n}" for n in range(1, count))]
+        self.servers = [
+            RedisServer(folders[n], ports[n], password, maxmemory=maxmemory,
+                        replicaof=None if n == primary else ports[primary])
+            for n in range(count)]
         self.sentinels = [
-            SentinelServer(self.data_dir / f"sentinel-{n}", primary.port, master, password,
-                           down_after_ms) for n in range(1, self.SENTINELS + 1)]
-        self.password = password
+            SentinelServer(self.data_dir / f"redis-sentinel-{n + 1}", ports[primary], master,
+                           password, down_after_ms, port=ports[count + n])
+            for n in range(self.SENTINELS)]
+
+    @property
+    def ports(self) -> list[int]:
+        return [server.port for server in [*self.servers, *self.sentinels]]
 
     @property
     def url(self) -> str:
         auth = f":{self.password}@" if self.password else ""
         return ";".join(f"sentinel://{auth}127.0.0.1:{s.port}/0" for s in self.sentinels)
 
+    @property
+    def processes(self) -> list[RedisServer]:
+        """Every server, the starting primary first, then the sentinels: the order to
+        start them in."""
+        first = [s for s in self.servers if s.replicaof is None]
+        return [*first, *(s for s in self.servers if s not in first), *self.sentinels]
+
     def start(self, timeout: float = 30.0) -> ReplicatedRedis:
-        """Start every server, then the sentinels, and wait until every replica has synced
-        and each sentinel knows the primary and every replica."""
+        """Start every server, then the sentinels, and :meth:`wait_ready`."""
         try:
-            self.servers[0].start()
-            # Replicas synced at once, not after the default 5 s wait for more of them.
-            _client(self.servers[0]).config_set("repl-diskless-sync-delay", 0)
-            for server in [*self.servers[1:], *self.sentinels]:
+            for server in self.processes:
                 server.start()
-            deadline = time.monotonic() + timeout
-            while not (all(self._synced(s) for s in self.servers[1:])
-                       and all(self._sees_everything(s) for s in self.sentinels)):
-                if time.monotonic() > deadline:
-                    raise RedisServerError(f"the sentinels did not see {len(self.servers)} "
-                                           f"servers within {timeout} s")
-                time.sleep(0.1)
+            self.wait_ready(timeout)
         except BaseException:
             self.stop()
             raise
         return self
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Wait until every replica has synced and each sentinel knows the primary and
+        every replica."""
+        deadline = time.monotonic() + timeout
+        replicas = [s for s in self.servers if s.replicaof is not None]
+        while not (all(self._synced(s) for s in replicas)
+                   and all(self._sees_everything(s) for s in self.sentinels)):
+            if time.monotonic() > deadline:
+                raise RedisServerError(f"the replicas did not sync, or the sentinels did not "
+                                       f"see {len(self.servers)} servers, within {timeout} s")
+            time.sleep(0.1)
 
     @staticmethod
     def _synced(replica: RedisServer) -> bool:

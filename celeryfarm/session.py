@@ -88,7 +88,7 @@ class Session:
 
 def make_local_farm(session: Session, *, workers: int, concurrency: int = 1, queues: str = "",
                     flower: bool = True, flower_port: int | None = None,
-                    echo: Callable[[str], None] = print) -> LocalFarm:
+                    echo: Callable[[str], None] = print, replicas: int = 0) -> LocalFarm:
     """The LocalFarm that ``up`` (and the demo) run, from the session's environment."""
     from .localfarm import LocalFarm, wants_embedded_redis
     from .renderenv import root_problem
@@ -101,4 +101,5 @@ def make_local_farm(session: Session, *, workers: int, concurrency: int = 1, que
     return LocalFarm(
         settings, workers=workers, concurrency=concurrency, queues=queues, flower=flower,
         embedded_redis=wants_embedded_redis(settings, session.environ), echo=echo,
+        replicas=replicas,
     )

@@ -5,6 +5,10 @@ follow a failover after losing its primary)."""
 
 from __future__ import annotations
 
+import json
+import os
+import shlex
+import signal
 import uuid
 from collections.abc import Iterator
 
@@ -22,6 +26,8 @@ from celeryfarm.sentinel import SentinelUrl
 from celeryfarm.testing.cluster import LocalCluster
 from celeryfarm.tls import Tls
 
+from .cli_fixtures import Up, ok, up_env
+from .cli_fixtures import wait_for_state as wait_for_cli_state
 from .conftest import WORKER_ENV, join, running
 from .helpers import (
     FINISHED,
@@ -117,10 +123,17 @@ def test_sentinel_urls_name_the_primary_for_every_client():
     config = celery_config(settings)
     assert config["broker_transport_options"]["master_name"] == "farm-a"
     assert config["result_backend_transport_options"]["master_name"] == "farm-a"
+    # A frozen primary is given up within seconds, by connections that ask the sentinels
+    # again (Celery issue 6348).
+    assert config["broker_transport"] == "celeryfarm.sentinel:Transport"
+    assert config["broker_transport_options"]["socket_timeout"] == 10
+    assert config["redis_socket_timeout"] == 10
     assert SentinelUrl.parse(URL) == SentinelUrl(
         (("10.0.0.1", 26379), ("10.0.0.2", 26380)), None, "pw", 2)
     assert settings.client_environment()["CELERYFARM_SENTINEL_MASTER"] == "farm-a"
-    assert "master_name" not in celery_config(Settings())["broker_transport_options"]
+    plain = celery_config(Settings())
+    assert "master_name" not in plain["broker_transport_options"]
+    assert "broker_transport" not in plain and "redis_socket_timeout" not in plain
     assert redact(URL) == ("sentinel://:***@10.0.0.1:26379/2;"
                            "sentinel://:***@10.0.0.2:26380/2")
 
@@ -132,3 +145,64 @@ def test_bad_sentinel_settings_are_refused():
         Settings(broker_url=URL, tls=Tls(ca_file="/etc/ca.crt"))
     with pytest.raises(ConfigError, match="SENTINEL_MASTER: the primary's name is needed"):
         Settings(broker_url=URL, sentinel_master="")
+
+
+# -- celeryfarm up --replicas ----------------------------------------------------------------
+def test_up_with_replicas_survives_its_primary_and_restarts_on_the_last_one(tmp_path):
+    """``celeryfarm up --replicas 2``: clients get the sentinels' URL; the primary SIGKILLed,
+    a job submitted afterwards completes, ``up`` starts the dead server again (the
+    sentinels make it a replica), and a later ``up`` starts on the last primary, with every
+    job still there."""
+    env = up_env(tmp_path, CELERYFARM_REAP_SECONDS="0.5")
+    up = Up(env, "--workers", "1", "--no-flower", "--replicas", "2").wait_ready()
+    try:
+        assert "sentinel://" in up.output.text and "2 replicas, 3 sentinels" in up.output.text
+        exports = [shlex.split(line)[1] for line in ok(env, "env").splitlines()
+                   if line.startswith("export ")]
+        joined = {**env, **dict(item.split("=", 1) for item in exports)}
+        assert joined["CELERYFARM_BROKER_URL"].startswith("sentinel://")
+        first = submit_cli(joined, "first")
+        wait_for_cli_state(joined, first, ("Completed",))
+
+        # A frozen primary (a hung host): up's supervisor would start a dead one again
+        # before the sentinels agree it is down, but a frozen one is not dead. Its clients'
+        # connections are not reset: Celery issue 6348's case.
+        kept = json.loads((tmp_path / "data" / "embedded.json").read_text())
+        primary = primary_server(kept)
+        pid = primary.info("server")["process_id"]
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            wait_until(lambda: primary_server(kept, unless=primary) is not None, 60,
+                       "a replica to be promoted")
+            second = submit_cli(joined, "second")
+            wait_for_cli_state(joined, second, ("Completed",), timeout=90)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+    finally:
+        assert up.stop() == 0, up.output.text
+    kept = json.loads((tmp_path / "data" / "embedded.json").read_text())
+    assert kept["redis_primary"] != 0  # the promoted replica starts as the primary next time
+
+    again = Up(env, "--workers", "1", "--no-flower", "--replicas", "2").wait_ready()
+    try:
+        for job_id in (first, second):
+            wait_for_cli_state(joined, job_id, ("Completed",), timeout=10)
+    finally:
+        assert again.stop() == 0, again.output.text
+
+
+def submit_cli(env: dict[str, str], name: str) -> str:
+    return ok(env, "submit", "--name", name, "--", *renderboot("--seconds", "0.2")).strip()
+
+
+def primary_server(kept: dict, unless: redis.Redis | None = None) -> redis.Redis | None:
+    """A client of the server the sentinels of ``up`` call the primary (None while that is
+    still ``unless``)."""
+    sentinel = redis.Redis(port=kept["redis_ports"][-1], socket_timeout=2)
+    try:
+        _host, port = sentinel.sentinel_get_master_addr_by_name("celeryfarm")
+    except redis.RedisError:
+        return None
+    if unless is not None and unless.connection_pool.connection_kwargs["port"] == int(port):
+        return None
+    return redis.Redis(port=int(port), password=kept["redis_password"], socket_timeout=2)

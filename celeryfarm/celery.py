@@ -16,7 +16,8 @@ from celery import Celery
 from celery.app.amqp import AMQP
 
 from .config import Settings
-from .sentinel import TRANSPORT, uses_sentinel
+from .redisclient import TRANSPORT
+from .sentinel import uses_sentinel
 
 #: The one task a render node runs: a step of a job (the client names it, never imports it).
 RENDER_STEP = "celeryfarm.render_step"

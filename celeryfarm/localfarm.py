@@ -36,7 +36,7 @@ from typing import IO, Callable
 import psutil
 import redis
 
-from . import sentinel
+from . import redisclient
 from .celery import create_app
 from .config import PREFIX, Settings, redact
 from .errors import FarmError, LocalFarmError
@@ -155,7 +155,7 @@ def check_redis(url: str, tls: Tls | None = None, master: str = "",
     """Raise :class:`FarmError` in one line unless the Redis at ``url`` answers (over TLS
     with its certificate verified, for ``rediss://``; the primary ``master``, for
     ``sentinel://``)."""
-    client = sentinel.client(url, tls, master, socket_connect_timeout=timeout,
+    client = redisclient.client(url, tls, master, socket_connect_timeout=timeout,
                              socket_timeout=timeout)
     try:
         client.ping()
@@ -367,11 +367,12 @@ class LocalFarm:
         ports = kept.get("redis_ports") or []
         if len(ports) != self.replicas + 1 + ReplicatedRedis.SENTINELS or not all(
                 map(_port_free, ports)):
-            ports, kept["redis_primary"] = [], 0
+            ports = []  # new ports; the last primary's data still decides who is primary
+        primary = kept.get("redis_primary", 0)
         self.redis = ReplicatedRedis(
             self.data_dir, self.replicas, kept["redis_password"],
             master=self.settings.sentinel_master, maxmemory=self.settings.redis_maxmemory,
-            ports=ports, primary=kept.get("redis_primary", 0))
+            ports=ports, primary=primary if primary <= self.replicas else 0)
         kept["redis_ports"] = self.redis.ports
         for server in self.redis.processes:
             self._add(Child(server.data_dir.name, lambda s=server: s.start().process,

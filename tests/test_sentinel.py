@@ -125,7 +125,7 @@ def test_sentinel_urls_name_the_primary_for_every_client():
     assert config["result_backend_transport_options"]["master_name"] == "farm-a"
     # A frozen primary is given up within seconds, by connections that ask the sentinels
     # again (Celery issue 6348).
-    assert config["broker_transport"] == "celeryfarm.sentinel:Transport"
+    assert config["broker_transport"] == "celeryfarm.redisclient:Transport"
     assert config["broker_transport_options"]["socket_timeout"] == 10
     assert config["redis_socket_timeout"] == 10
     assert SentinelUrl.parse(URL) == SentinelUrl(

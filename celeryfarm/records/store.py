@@ -21,7 +21,7 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from .. import sentinel
+from .. import redisclient
 from ..errors import CorruptRecord, JobNotFound
 from ..jobs import JobRecord
 from ..tls import Tls
@@ -44,7 +44,7 @@ def connect(url: str, tls: Tls | None = None, master: str = "") -> redis.Redis:
     and retries, and timeouts so an unreachable Redis is an error, not a hang; over TLS for
     ``rediss://``, with Redis's certificate verified; through the sentinels to the primary
     ``master`` for ``sentinel://``."""
-    return sentinel.client(
+    return redisclient.client(
         url, tls, master,
         decode_responses=True,
         socket_connect_timeout=5,

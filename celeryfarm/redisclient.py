@@ -50,10 +50,7 @@ def client(url: str, tls: Tls | None = None, master: str = "", **options: Any) -
     for a Sentinel URL."""
     if not uses_sentinel(url):
         return redis.Redis.from_url(url, **(tls or Tls()).redis_options(url), **options)
-    target = SentinelUrl.parse(url)
-    timeouts = {name: options[name] for name in ("socket_timeout", "socket_connect_timeout")
-                if name in options}
-    sentinels = Sentinel(list(target.sentinels), sentinel_kwargs=timeouts)
+    target, sentinels = _sentinels(url, options)
     return sentinels.master_for(master, username=target.username, password=target.password,
                                 db=target.db, connection_class=FollowingConnection, **options)
 
@@ -65,11 +62,16 @@ def every_server(url: str, tls: Tls | None = None, master: str = "",
     primary = client(url, tls, master, **options)
     if not uses_sentinel(url):
         return [primary]
-    target = SentinelUrl.parse(url)
-    sentinels = Sentinel(list(target.sentinels), sentinel_kwargs={
-        name: options[name] for name in ("socket_timeout", "socket_connect_timeout")
-        if name in options})
+    target, sentinels = _sentinels(url, options)
     replicas = [redis.Redis(host, port, db=target.db, username=target.username,
                             password=target.password, **options)
                 for host, port in sentinels.discover_slaves(master)]
     return [primary, *replicas]
+
+
+def _sentinels(url: str, options: dict[str, Any]) -> tuple[SentinelUrl, Sentinel]:
+    """The parts of a Sentinel URL, and its sentinels (with ``options``' timeouts)."""
+    target = SentinelUrl.parse(url)
+    timeouts = {name: options[name] for name in ("socket_timeout", "socket_connect_timeout")
+                if name in options}
+    return target, Sentinel(list(target.sentinels), sentinel_kwargs=timeouts)

@@ -41,10 +41,17 @@ import redis
 from .config import Settings
 from .errors import ConfigError
 from .records.keys import Keys
+from .sentinel import SEPARATOR
 
 #: The farm's own roles; artists are users of other names.
 NODE, FLOWER, ADMIN = "node", "flower", "admin"
 ROLES = (NODE, FLOWER, ADMIN)
+#: The users of a replicated Redis (``celeryfarm up --replicas``): replicas copy the
+#: primary as ``replica``, sentinels watch the servers and fail over as ``sentinel``.
+REPLICA, SENTINEL = "replica", "sentinel"
+REPLICATION_ROLES = (REPLICA, SENTINEL)
+#: Names no artist may take.
+RESERVED = ("default", *ROLES, *REPLICATION_ROLES)
 #: Artists' user names: no glob or key-separator characters, so their key patterns say
 #: exactly their keys.
 USER_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
@@ -59,6 +66,14 @@ BASE = ("resetkeys", "resetchannels", "-@all", "+@read", "+@write", "+@keyspace"
         "+@transaction", "+@connection", "+@scripting", "+@pubsub", "+time",
         "-@admin", "-@dangerous", "-function", "-script|flush", "-script|kill",
         "+acl|whoami")
+#: The commands each of ``REPLICATION_ROLES`` needs (Redis's replication and Sentinel
+#: documentation), no key: ``sentinel`` may make any server a replica (it fails over).
+REPLICATION_RULES = {
+    REPLICA: ("resetkeys", "resetchannels", "-@all", "+psync", "+replconf", "+ping"),
+    SENTINEL: ("resetkeys", "resetchannels", "-@all", "&__sentinel__:hello", "+multi",
+               "+exec", "+slaveof", "+ping", "+subscribe", "+publish", "+config|rewrite",
+               "+role", "+info", "+client|setname", "+client|kill", "+script|kill"),
+}
 
 
 def _broker_db(settings: Settings) -> str:
@@ -108,10 +123,10 @@ def artist_rules(name: str, settings: Settings, wrangler: bool = False) -> list[
 
 def check_name(name: str) -> str:
     """``name`` if it may name an artist's user; raises :class:`ConfigError`."""
-    if not USER_NAME.fullmatch(name) or name in (*ROLES, "default"):
+    if not USER_NAME.fullmatch(name) or name in RESERVED:
         raise ConfigError(f"user name {name!r}: use 1-32 lowercase letters, digits, '-' or "
                           f"'_', starting with a letter or digit, and none of "
-                          f"{', '.join((*ROLES, 'default'))}")
+                          f"{', '.join(RESERVED)}")
     return name
 
 
@@ -133,11 +148,12 @@ class FarmUser:
         return [self.name, "reset", "on", f">{self.password}", *self.rules]
 
     def url(self, base_url: str) -> str:
-        """``base_url`` (the farm's Redis) with this user's credentials."""
-        parts = urlsplit(base_url)
-        host = parts.netloc.rpartition("@")[2]
+        """``base_url`` (the farm's Redis, or its sentinels) with this user's credentials."""
         auth = f"{quote(self.name, safe='')}:{quote(self.password, safe='')}@"
-        return urlunsplit(parts._replace(netloc=auth + host))
+        parts = [urlsplit(part) for part in base_url.split(SEPARATOR)]
+        return SEPARATOR.join(
+            urlunsplit(part._replace(netloc=auth + part.netloc.rpartition("@")[2]))
+            for part in parts)
 
 
 def new_password() -> str:
@@ -149,6 +165,12 @@ def role_users(settings: Settings, passwords: dict[str, str]) -> list[FarmUser]:
     """The farm's ``ROLES`` as users, with ``passwords`` (role -> password)."""
     return [FarmUser(role, passwords[role], tuple(role_rules(role, settings)))
             for role in ROLES]
+
+
+def replication_users(passwords: Mapping[str, str]) -> list[FarmUser]:
+    """The users of ``REPLICATION_ROLES`` with ``passwords`` (role -> password)."""
+    return [FarmUser(role, passwords[role], REPLICATION_RULES[role])
+            for role in REPLICATION_ROLES]
 
 
 def artist_user(name: str, settings: Settings, wrangler: bool = False,

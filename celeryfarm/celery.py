@@ -15,6 +15,8 @@ from typing import Any
 from celery import Celery
 
 from .config import Settings
+from .redisclient import TRANSPORT
+from .sentinel import uses_sentinel
 
 #: The one task a render node runs: a step of a job (the client names it, never imports it).
 RENDER_STEP = "celeryfarm.render_step"
@@ -22,6 +24,11 @@ RENDER_STEP = "celeryfarm.render_step"
 PRIORITY_STEPS = list(range(10))
 #: Between a queue's name and a priority in the name of that priority's list ("renders:3").
 PRIORITY_SEP = ":"
+#: Broker connections through sentinels: a command unanswered this long fails and the
+#: connection is made again through the sentinels; kombu checks its waiting BRPOP and
+#: pub/sub connections every ``health_check_interval`` seconds.
+SENTINEL_TIMEOUTS = {"socket_timeout": 10, "socket_connect_timeout": 5,
+                     "health_check_interval": 5}
 
 
 def celery_config(settings: Settings) -> dict:
@@ -35,11 +42,12 @@ def celery_config(settings: Settings) -> dict:
         "queue_order_strategy": "priority",
         "global_keyprefix": settings.broker_key_prefix,
     }
-    return {
+    results_transport = {"visibility_timeout": settings.visibility_timeout}
+    config = {
         "broker_url": settings.broker_url,
         "result_backend": settings.results_url,
         "broker_transport_options": transport,
-        "result_backend_transport_options": {"visibility_timeout": settings.visibility_timeout},
+        "result_backend_transport_options": results_transport,
         # A Redis restart must not fail the task writing its state: retry with backoff.
         "result_backend_always_retry": True,
         "result_backend_max_retries": 30,
@@ -62,6 +70,23 @@ def celery_config(settings: Settings) -> dict:
         # enable_events control, sent every few seconds), so a farm without Flower does not
         # publish three events a step that no one reads.
     }
+    # rediss://: the certificate and host name verified, by kombu, the backend and Flower.
+    broker_ssl = settings.tls.celery_options(settings.broker_url)
+    # sentinel://: kombu and Celery's backend ask the sentinels for this primary, and a
+    # primary that froze (a hung host: no connection is reset) is given up within seconds,
+    # so every process asks again (Celery issue 6348).
+    if uses_sentinel(settings.broker_url):
+        transport.update(master_name=settings.sentinel_master, **SENTINEL_TIMEOUTS)
+        config["broker_transport"] = TRANSPORT
+    if uses_sentinel(settings.results_url):
+        results_transport["master_name"] = settings.sentinel_master
+        # Celery's Sentinel backend takes its socket timeouts from these, not its options.
+        config["redis_socket_timeout"] = SENTINEL_TIMEOUTS["socket_timeout"]
+        config["redis_socket_connect_timeout"] = SENTINEL_TIMEOUTS["socket_connect_timeout"]
+    if broker_ssl:
+        config["broker_use_ssl"] = broker_ssl
+        config["redis_backend_use_ssl"] = settings.tls.celery_options(settings.results_url)
+    return config
 
 
 class FarmApp(Celery):

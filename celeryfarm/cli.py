@@ -112,10 +112,13 @@ def cli(ctx: click.Context, data_dir: str | None) -> None:
               help="Run Flower, the web monitor.")
 @click.option("--flower-port", type=click.IntRange(1, 65535), metavar="PORT",
               help="Flower's port (default: $CELERYFARM_FLOWER_PORT, else 5555 if free).")
+@click.option("--replicas", default=0, show_default=True, type=click.IntRange(0, 8),
+              help="Run Redis as a primary with this many replicas and three sentinels, "
+                   "which promote a replica when the primary dies.")
 @allow_root_option
 @pass_session
 def up(session: Session, workers: int, concurrency: int, queues: str, flower: bool,
-       flower_port: int | None) -> None:
+       flower_port: int | None, replicas: int) -> None:
     """Run a whole farm on this machine until Ctrl-C.
 
     Starts a private redis-server (loopback only, generated password, append-only data in
@@ -127,7 +130,7 @@ def up(session: Session, workers: int, concurrency: int, queues: str, flower: bo
 
     started = time.monotonic()
     farm = make_local_farm(session, workers=workers, concurrency=concurrency, queues=queues,
-                           flower=flower, flower_port=flower_port)
+                           flower=flower, flower_port=flower_port, replicas=replicas)
     click.echo(f"starting a farm from {farm.data_dir} ...")
     try:
         with supervised(farm) as state:
@@ -141,8 +144,9 @@ def up(session: Session, workers: int, concurrency: int, queues: str, flower: bo
 def _print_farm(state: FarmState, farm: LocalFarm, seconds: float) -> None:
     nodes = ", ".join(state.nodes)
     rows = [
-        ("broker", redact(state.broker_url)
-         + (" (embedded redis-server)" if state.embedded_redis else "")),
+        ("broker", redact(state.broker_url) + (
+            f" (embedded: a primary, {farm.replicas} replicas, 3 sentinels)" if farm.replicas
+            else " (embedded redis-server)" if state.embedded_redis else "")),
         ("shared root", state.shared_root),
         ("render nodes", f"{nodes}; pools {farm.queues}, {farm.concurrency} slot(s) each"),
     ]
@@ -214,7 +218,7 @@ def worker(session: Session, queues: str, concurrency: int, name: str, check: bo
     settings = session.node_settings
     if not check and root_problem(settings):  # a health check runs nothing
         raise FarmError(root_problem(settings))
-    check_redis(settings.broker_url)
+    check_redis(settings.broker_url, settings.tls, settings.sentinel_master)
     if check:
         from .celery import create_app
 
@@ -527,18 +531,18 @@ def user_add(session: Session, name: str, wrangler: bool) -> None:
     A job's user is the Redis user its workstation authenticated as; the artist reads
     every job and may stop or restart only their own (all, with --wrangler).
     """
-    import redis
-
-    from . import acl
+    from . import acl, redisclient
 
     admin_url = session.admin_url()
     settings = session.local_settings
     artist = acl.artist_user(acl.check_name(name), settings, wrangler)
-    admin = redis.Redis.from_url(admin_url, socket_connect_timeout=5, socket_timeout=10)
-    try:
-        acl.set_user(admin, artist)
-    finally:
-        admin.close()
+    # Every server of a replicated Redis: users are not replicated.
+    for admin in redisclient.every_server(admin_url, settings.tls, settings.sentinel_master,
+                                          socket_connect_timeout=5, socket_timeout=10):
+        try:
+            acl.set_user(admin, artist)
+        finally:
+            admin.close()
     click.echo(f"# {name}'s settings{' (a wrangler)' if wrangler else ''}: hand them to "
                f"that workstation only; they hold {name}'s password.")
     values = {PREFIX + "BROKER_URL": artist.url(admin_url)}

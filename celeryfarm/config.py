@@ -16,6 +16,8 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from .errors import ConfigError
+from .sentinel import SentinelUrl, uses_sentinel
+from .tls import Tls, check_urls
 
 PREFIX = "CELERYFARM_"
 #: Settings that hold credentials; each may instead come from a file named by ``NAME_FILE``.
@@ -46,6 +48,10 @@ class Settings:
     result_backend: str = ""
     #: Redis URL where job records live (defaults to the broker).
     store_url: str = ""
+    #: TLS files for ``rediss://`` URLs (see :mod:`celeryfarm.tls`).
+    tls: Tls = dataclasses.field(default_factory=Tls)
+    #: The primary's name, for ``sentinel://`` URLs (see :mod:`celeryfarm.sentinel`).
+    sentinel_master: str = "celeryfarm"
     #: Where ``celeryfarm up`` keeps the embedded Redis's data, its credentials and logs;
     #: also where the command line looks for the farm that ``up`` runs on this machine.
     data_dir: Path = Path("~/.celeryfarm")
@@ -154,12 +160,20 @@ class Settings:
             ("KEY_PREFIX", self.key_prefix, defaults.key_prefix),
             ("MAX_RENDER_SECONDS", self.max_render_seconds, defaults.max_render_seconds),
             ("KEEP_DAYS", self.keep_days, defaults.keep_days),
+            ("TLS_CA_FILE", self.tls.ca_file, defaults.tls.ca_file),
+            ("TLS_CERT_FILE", self.tls.cert_file, defaults.tls.cert_file),
+            ("TLS_KEY_FILE", self.tls.key_file, defaults.tls.key_file),
+            ("SENTINEL_MASTER", self.sentinel_master, defaults.sentinel_master),
         ):
             if value != default:
                 env[PREFIX + name] = f"{value:g}" if isinstance(value, float) else str(value)
         return env
 
     def __post_init__(self) -> None:
+        urls = [("BROKER_URL", self.broker_url), ("RESULT_BACKEND", self.result_backend),
+                ("STORE_URL", self.store_url)]
+        self._check_sentinel_urls(urls)
+        check_urls(urls, self.tls, PREFIX)
         margin = self.stop_grace_seconds + self.poll_seconds + 1.0
         if self.lease_seconds <= margin:
             raise ConfigError(
@@ -167,6 +181,20 @@ class Settings:
                 f"period plus the poll interval plus 1 s ({margin:g}): a node stops trusting "
                 "its lease that long before it expires"
             )
+
+    def _check_sentinel_urls(self, urls: list[tuple[str, str]]) -> None:
+        sentinel = [(name, url) for name, url in urls if url and uses_sentinel(url)]
+        for name, url in sentinel:
+            try:
+                SentinelUrl.parse(url)
+            except ValueError as error:
+                raise ConfigError(f"{PREFIX}{name}: {error}") from None
+        if sentinel and not self.sentinel_master:
+            raise ConfigError(f"{PREFIX}SENTINEL_MASTER: the primary's name is needed with "
+                              f"sentinel:// URLs")
+        if sentinel and self.tls:
+            raise ConfigError(f"{PREFIX}{sentinel[0][0]}: TLS through Sentinel is not "
+                              f"supported: use rediss:// URLs, or Sentinel without TLS")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -196,11 +224,16 @@ class Settings:
         data_dir = Path(get("DATA_DIR") or defaults.data_dir).expanduser()
         shared_root = Path(get("SHARED_ROOT") or data_dir / "shared").expanduser()
         remote_root = get("REMOTE_SHARED_ROOT")
+        tls = Tls(ca_file=get("TLS_CA_FILE"), cert_file=get("TLS_CERT_FILE"),
+                  key_file=get("TLS_KEY_FILE"))
+        tls.check_files(PREFIX)
         return cls(
             broker_url=secret("BROKER_URL") or defaults.broker_url,
             data_dir=data_dir,
             result_backend=secret("RESULT_BACKEND"),
             store_url=secret("STORE_URL"),
+            tls=tls,
+            sentinel_master=get("SENTINEL_MASTER") or defaults.sentinel_master,
             shared_root=shared_root,
             remote_shared_root=Path(remote_root) if remote_root else None,
             katana_root=get("KATANA_ROOT") or defaults.katana_root,
@@ -293,7 +326,10 @@ def _login_name() -> str:
 
 
 def redact(url: str) -> str:
-    """``url`` with any password replaced, for messages and logs."""
+    """``url`` with any password replaced, for messages and logs (each sentinel's, in a
+    Sentinel URL)."""
+    if ";" in url:
+        return ";".join(redact(part) for part in url.split(";"))
     scheme, sep, rest = url.partition("://")
     credentials, at, host = rest.rpartition("@")
     if not sep or not at:

@@ -67,7 +67,7 @@ class Farm:
     ) -> None:
         self.settings = settings or Settings.from_env()
         self.app = app or create_app(self.settings)
-        self.store = store or JobStore(connect(self.settings.records_url), self.settings.key_prefix)
+        self.store = store or JobStore.from_settings(self.settings)
         self.root = SharedRoot(self.settings.shared_root, self.settings.node_shared_root)
         self.host = socket.gethostname()
         #: Identifies this client's jobs (``getJobs({'session': ...})``).
@@ -336,10 +336,17 @@ class Farm:
             settled = True
         return settled
 
+    @functools.cached_property
+    def _results(self) -> redis.Redis:
+        """Celery's results, read with the records' retries: Celery's own client gives up at
+        the first lost connection (a Redis restart, a failover)."""
+        settings = self.settings
+        return connect(settings.results_url, settings.tls, settings.sentinel_master)
+
     def _task_states(self, task_ids: list[str]) -> list[str]:
         """Celery states of many tasks in one round trip; unknown ids are PENDING."""
         backend = self.app.backend
-        values = backend.mget([backend.get_key_for_task(task_id) for task_id in task_ids])
+        values = self._results.mget([backend.get_key_for_task(task_id) for task_id in task_ids])
         return [backend.decode(value)["status"] if value else states.PENDING
                 for value in values]
 

@@ -34,7 +34,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Callable
@@ -43,13 +43,15 @@ from urllib.parse import urlsplit
 import psutil
 import redis
 
-from . import acl
+from . import acl, redisclient
 from .celery import create_app
 from .config import PREFIX, Settings, redact
 from .errors import FarmError, LocalFarmError
 from .passwords import require_strong
 from .process import become_subreaper
-from .redisserver import RedisServer, free_port
+from .redisserver import RedisServer, ReplicatedRedis, free_port
+from .sentinel import SentinelUrl, uses_sentinel
+from .tls import Tls
 from .worker import node_command, node_name, wait_for_workers
 
 #: The key of the machine owner's artist user in :func:`embedded_users`.
@@ -106,12 +108,13 @@ class FarmState:
     #: The broker URL with the ``node`` user's credentials, for nodes joining from this
     #: machine ("": the farm has no ACL users, nodes use ``broker_url``).
     node_broker_url: str = ""
+    sentinel_master: str = Settings.sentinel_master
 
     @property
     def env(self) -> dict[str, str]:
         """The variables a Katana session or another process needs to use this farm."""
-        return Settings(broker_url=self.broker_url,
-                        shared_root=Path(self.shared_root)).client_environment()
+        return Settings(broker_url=self.broker_url, shared_root=Path(self.shared_root),
+                        sentinel_master=self.sentinel_master).client_environment()
 
     @property
     def node_env(self) -> dict[str, str]:
@@ -165,15 +168,25 @@ def embedded_admin_url(data_dir: Path) -> str:
         return ""
     kept = _read_json(data_dir / KEEP_FILE)
     password = kept.get("acl_passwords", {}).get(acl.ADMIN)
-    if not password or not kept.get("redis_port"):
+    if not password:
         return ""
-    return RedisServer(data_dir, kept["redis_port"], password, user=acl.ADMIN).url
+    return acl.FarmUser(acl.ADMIN, password, ()).url(state.broker_url)
+
+
+def _write_acl_files(paths: list[Path], users: Iterable[acl.FarmUser], last: Path) -> None:
+    """Write the embedded Redis's ACL file(s): the roles as this version defines them, and
+    the artists added since, as the ``last`` file (the last primary's) has them."""
+    others = last.read_text().splitlines() if last.exists() else []
+    text = acl.acl_file(users, others)
+    for path in paths:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        write_text_private(path, text)
 
 
 def owner_name(login: str) -> str:
     """The artist user of the machine's owner, named after the login where it can be."""
     name = re.sub(r"[^a-z0-9_-]", "-", login.lower())[:32].strip("-") or "owner"
-    if not re.match(r"[a-z0-9]", name) or name in (*acl.ROLES, "default"):
+    if not re.match(r"[a-z0-9]", name) or name in acl.RESERVED:
         name = f"owner-{name}"[:32]
     return acl.check_name(name)
 
@@ -195,16 +208,26 @@ def wants_embedded_redis(settings: Settings, environ: Mapping[str, str]) -> bool
     one than the embedded Redis of this data folder (a shell that ran ``celeryfarm env``
     names that one, and must be able to start it again)."""
     url = environ.get(PREFIX + "BROKER_URL", "").strip()
+    if not url:
+        return True
     kept = _read_json(settings.data_dir / KEEP_FILE)
-    if not url or not kept.get("redis_port"):
-        return not url
+    kept = _read_json(settings.data_dir / KEEP_FILE)
+    if uses_sentinel(url):  # the sentinels of `up --replicas`?
+        sentinels = (kept.get("redis_ports") or [])[-ReplicatedRedis.SENTINELS:]
+        return bool(sentinels) and set(SentinelUrl.parse(url).sentinels) == {
+            ("127.0.0.1", port) for port in sentinels}
     parts = urlsplit(url)
-    return (parts.hostname, parts.port) == ("127.0.0.1", kept["redis_port"])
+    return bool(kept.get("redis_port")) and (
+        (parts.hostname, parts.port) == ("127.0.0.1", kept["redis_port"]))
 
 
-def check_redis(url: str, timeout: float = 3.0) -> None:
-    """Raise :class:`FarmError` in one line unless the Redis at ``url`` answers."""
-    client = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout)
+def check_redis(url: str, tls: Tls | None = None, master: str = "",
+                timeout: float = 3.0) -> None:
+    """Raise :class:`FarmError` in one line unless the Redis at ``url`` answers (over TLS
+    with its certificate verified, for ``rediss://``; the primary ``master``, for
+    ``sentinel://``)."""
+    client = redisclient.client(url, tls, master, socket_connect_timeout=timeout,
+                             socket_timeout=timeout)
     try:
         client.ping()
     except redis.RedisError as error:
@@ -301,6 +324,7 @@ class LocalFarm:
         flower: bool = True,
         embedded_redis: bool = True,
         echo: Callable[[str], None] = print,
+        replicas: int = 0,
     ) -> None:
         self.settings = settings
         self.data_dir = settings.data_dir
@@ -312,7 +336,11 @@ class LocalFarm:
         self.echo = echo
         self.log_dir = self.data_dir / "logs"
         self.children: list[Child] = []
-        self.redis: RedisServer | None = None
+        #: With ``replicas``, the embedded Redis is a primary, that many replicas and three
+        #: sentinels, and clients get the sentinels' URL.
+        self.replicas = replicas
+        self.redis: RedisServer | ReplicatedRedis | None = None
+        self._kept: dict = {}
         self.broker_url = settings.broker_url
         #: The broker URL with each role's credentials (the embedded Redis's ACL users).
         self.role_urls: dict[str, str] = {}
@@ -340,11 +368,13 @@ class LocalFarm:
         become_subreaper()  # orphans of dead children come to us, so stop() can end them
         self.settings.shared_root.mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(exist_ok=True)
-        kept = _read_json(self.data_dir / KEEP_FILE)
-        if self.embedded:
+        kept = self._kept = _read_json(self.data_dir / KEEP_FILE)
+        if self.embedded and self.replicas:
+            self._start_replicated_redis(kept)
+        elif self.embedded:
             self._start_redis(kept)
         else:
-            check_redis(self.broker_url)
+            check_redis(self.broker_url, self.settings.tls, self.settings.sentinel_master)
         names = [f"node{index}" for index in range(1, self.workers + 1)]
         for name in names:
             self._add(Child(name, lambda name=name: self._start_worker(name), _stop_worker))
@@ -372,6 +402,7 @@ class LocalFarm:
             flower_user=self.settings.flower_user if self.with_flower else "",
             embedded_redis=self.embedded,
             node_broker_url=self.role_urls.get(acl.NODE, ""),
+            sentinel_master=self.settings.sentinel_master,
         )
         write_private(self.data_dir / STATE_FILE, dataclasses.asdict(self.state))
         return self.state
@@ -397,11 +428,8 @@ class LocalFarm:
             port = free_port()
         kept["redis_port"] = port
         folder = self.data_dir / "redis"
-        folder.mkdir(mode=0o700, exist_ok=True)
         acl_file = folder / "users.acl"
-        # The roles as this version defines them; artists added since are kept.
-        others = acl_file.read_text().splitlines() if acl_file.exists() else []
-        write_text_private(acl_file, acl.acl_file(users.values(), others))
+        _write_acl_files([acl_file], users.values(), acl_file)
         self.redis = RedisServer(folder, port=port, password=users[acl.ADMIN].password,
                                  user=acl.ADMIN, acl_file=acl_file,
                                  maxmemory=self.settings.redis_maxmemory)
@@ -409,6 +437,48 @@ class LocalFarm:
                         lambda _process: self.redis.stop()))
         self.role_urls = {role: user.url(self.redis.url) for role, user in users.items()}
         self.broker_url = self.role_urls[OWNER]
+
+    def _start_replicated_redis(self, kept: dict) -> None:
+        """A primary, replicas and sentinels, each a child started again if it dies (a
+        primary that comes back is made a replica by the sentinels). The last primary, as
+        the sentinels said when the farm stopped, starts as the primary again.
+
+        Every server has the farm's ACL users (replicas and sentinels their own, which may
+        only replicate and fail over); artists added since are kept from the primary's."""
+        kept.pop("redis_password", None)  # the default user's, before ACL users
+        users = embedded_users(self.settings, kept)
+        passwords = kept["acl_passwords"]
+        for role in acl.REPLICATION_ROLES:
+            passwords.setdefault(role, acl.new_password())
+        ports = kept.get("redis_ports") or []
+        if len(ports) != self.replicas + 1 + ReplicatedRedis.SENTINELS or not all(
+                map(_port_free, ports)):
+            ports = []  # new ports; the last primary's data still decides who is primary
+        primary = kept.get("redis_primary", 0)
+        primary = primary if primary <= self.replicas else 0
+        self.redis = ReplicatedRedis(
+            self.data_dir, self.replicas, users[acl.ADMIN].password,
+            master=self.settings.sentinel_master, maxmemory=self.settings.redis_maxmemory,
+            ports=ports, primary=primary, acl_users=True, user=acl.ADMIN,
+            replication=(acl.REPLICA, passwords[acl.REPLICA]),
+            sentinel=(acl.SENTINEL, passwords[acl.SENTINEL]))
+        kept["redis_ports"] = self.redis.ports
+        _write_acl_files([server.acl_file for server in self.redis.servers],
+                         [*users.values(), *acl.replication_users(passwords)],
+                         self.redis.servers[primary].acl_file)
+        for server in self.redis.processes:
+            self._add(Child(server.data_dir.name, lambda s=server: s.start().process,
+                            lambda _process, s=server: s.stop()))
+        self.redis.wait_ready()
+        self.role_urls = {role: user.url(self.redis.url) for role, user in users.items()}
+        self.broker_url = self.role_urls[OWNER]
+
+    def _remember_primary(self) -> None:
+        """Note which server is the primary now, for the next start."""
+        if isinstance(self.redis, ReplicatedRedis):
+            with contextlib.suppress(redis.RedisError, StopIteration):
+                self._kept["redis_primary"] = self.redis.servers.index(self.redis.primary())
+                self._keep(self._kept)
 
     def _start_flower(self, kept: dict) -> None:
         if not self.flower_password:
@@ -495,13 +565,15 @@ class LocalFarm:
         with contextlib.suppress(FileNotFoundError):
             if self.state is not None:
                 (self.data_dir / STATE_FILE).unlink()
-        by_name = {child.name: child for child in self.children}
-        flower, redis_server = by_name.get("flower"), by_name.get("redis-server")
+        flower = next((c for c in self.children if c.name == "flower"), None)
+        redis_children = [c for c in self.children if c.name.startswith("redis")]
         if flower is not None:
             flower.stop()
-        _in_parallel([c.stop for c in self.children if c not in (flower, redis_server)])
-        if redis_server is not None:  # last: stopping workers still talk to it
-            redis_server.stop()
+        _in_parallel([c.stop for c in self.children
+                      if c is not flower and c not in redis_children])
+        self._remember_primary()
+        for child in redis_children:  # last: stopping workers still talk to it
+            child.stop()
         _end_descendants()
         self.children.clear()
         if self._lock is not None:

@@ -37,7 +37,9 @@ class FarmCollector:
         from .records.store import connect
 
         store = self.farm.store
-        self.broker = self.broker or connect(self.farm.settings.broker_url)
+        settings = self.farm.settings
+        self.broker = self.broker or connect(settings.broker_url, settings.tls,
+                                             settings.sentinel_master)
         nodes = self.nodes.list()
         pools = sorted({pool for node in nodes for pool in node.pools}
                        | {self.farm.settings.default_queue})

@@ -34,7 +34,7 @@ from .celery import RENDER_STEP, FarmApp
 from .lease import owner_prefix
 from .nodes import drained_at_start
 from .reaper import Reaper
-from .records.store import JobStore, connect
+from .records.store import JobStore
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ class RenderNode(bootsteps.StartStopStep):
         self.settings = self.app.settings
         self.hostname: str = worker.hostname or ""
         self.protect()
-        self.store = JobStore(connect(self.settings.records_url), self.settings.key_prefix)
+        self.store = JobStore.from_settings(self.settings)
         #: The user renders run as (``CELERYFARM_RENDER_USER``), or None: the node's own.
         self.render_user = renderenv.render_user(self.settings.render_user)
         self.reaper: Reaper | None = None

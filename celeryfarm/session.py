@@ -67,9 +67,10 @@ class Session:
         from .localfarm import check_redis
 
         settings = self.settings
-        check_redis(settings.broker_url)  # one quick, clear error rather than long retries
+        # One quick, clear error rather than long retries.
+        check_redis(settings.broker_url, settings.tls, settings.sentinel_master)
         if settings.records_url != settings.broker_url:
-            check_redis(settings.records_url)
+            check_redis(settings.records_url, settings.tls, settings.sentinel_master)
         return Farm(settings)
 
     def point_at(self, env: dict[str, str]) -> None:
@@ -128,7 +129,7 @@ class Session:
 
 def make_local_farm(session: Session, *, workers: int, concurrency: int = 1, queues: str = "",
                     flower: bool = True, flower_port: int | None = None,
-                    echo: Callable[[str], None] = print) -> LocalFarm:
+                    echo: Callable[[str], None] = print, replicas: int = 0) -> LocalFarm:
     """The LocalFarm that ``up`` (and the demo) run, from the session's environment."""
     from .localfarm import LocalFarm, wants_embedded_redis
     from .renderenv import root_problem
@@ -141,4 +142,5 @@ def make_local_farm(session: Session, *, workers: int, concurrency: int = 1, que
     return LocalFarm(
         settings, workers=workers, concurrency=concurrency, queues=queues, flower=flower,
         embedded_redis=wants_embedded_redis(settings, session.environ), echo=echo,
+        replicas=replicas,
     )

@@ -5,8 +5,9 @@ Every test gets its own ``CELERYFARM_USER`` so ``getJobs(None)`` sees only its o
 
 from __future__ import annotations
 
+import contextlib
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import pytest
 
@@ -25,26 +26,40 @@ WORKER_ENV = {
 NODES = ("node1", "node2")
 
 
-@pytest.fixture(scope="session")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    """A farm of two single-slot render nodes, so two jobs run on two different nodes."""
-    farm = LocalCluster(tmp_path_factory.mktemp("farm"), extra_env=WORKER_ENV).start()
+@contextlib.contextmanager
+def running(farm: LocalCluster, nodes: Iterable[str], concurrency: int = 1
+            ) -> Iterator[LocalCluster]:
+    """``farm`` started with these render nodes, all answering; stopped on the way out."""
+    farm.start()
     try:
-        for name in NODES:
-            farm.start_worker(name, concurrency=1)
-        farm.wait_for_workers(Farm(Settings.from_env(farm.env)).app, list(NODES))
+        for name in nodes:
+            farm.start_worker(name, concurrency=concurrency)
+        farm.wait_for_workers(Farm(Settings.from_env(farm.env)).app, list(nodes))
         yield farm
     finally:
         farm.stop()
 
 
-@pytest.fixture
-def farm_env(cluster: LocalCluster, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    """The farm's environment in this process, with a user of this test's own."""
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """A farm of two single-slot render nodes, so two jobs run on two different nodes."""
+    with running(LocalCluster(tmp_path_factory.mktemp("farm"), extra_env=WORKER_ENV),
+                 NODES) as farm:
+        yield farm
+
+
+def join(cluster: LocalCluster, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """Put ``cluster``'s environment in this process, with a user of this test's own."""
     env = {**cluster.env, "CELERYFARM_USER": f"artist-{uuid.uuid4().hex[:8]}"}
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     return env
+
+
+@pytest.fixture
+def farm_env(cluster: LocalCluster, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """The farm's environment in this process, with a user of this test's own."""
+    return join(cluster, monkeypatch)
 
 
 @pytest.fixture

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import docker
 import pytest
+import redis
 from pytest_celery import (
     CeleryBackendCluster,
     CeleryBrokerCluster,
@@ -42,9 +43,12 @@ from pytest_celery.vendors.worker.container import CeleryWorkerContainer
 from pytest_docker_tools import container, fxtr
 
 from celeryfarm.config import Settings
+from celeryfarm.errors import FarmError
 from celeryfarm.farm import Farm
 from celeryfarm.farmapi import Job
+from celeryfarm.localfarm import check_redis
 from celeryfarm.plugin import CeleryFarmPlugin
+from celeryfarm.tls import Tls
 
 from .helpers import (
     FINISHED,
@@ -154,11 +158,13 @@ def shared_dir(tmp_path: Path) -> Iterator[Path]:
         os.umask(previous)
 
 
-def host_plugin(broker_url: str, backend_url: str, shared: Path) -> CeleryFarmPlugin:
-    """The plug-in as a Katana host builds it: the farm's URLs as this host reaches them,
-    and the shared folder as this host and as the nodes see it."""
+def host_plugin(broker_url: str, backend_url: str, shared: Path,
+                tls: Tls | None = None) -> CeleryFarmPlugin:
+    """The plug-in as a Katana host builds it: the farm's URLs as this host reaches them
+    (with its TLS files for rediss://), and the shared folder as this host and as the nodes
+    see it."""
     farm = Settings(broker_url=broker_url, result_backend=backend_url, shared_root=shared,
-                    remote_shared_root=Path("/shared"))
+                    remote_shared_root=Path("/shared"), tls=tls or Tls())
     env = {**farm.client_environment(), "CELERYFARM_USER": f"artist-{uuid.uuid4().hex[:8]}",
            **NODE_ENV}
     return CeleryFarmPlugin(Farm(Settings.from_env(env)))
@@ -406,7 +412,8 @@ class ComposeFarm:
     """One docker-compose project of the real docker-compose.yml, with its own name, ports,
     passwords and shared folder."""
 
-    def __init__(self, tmp_path: Path, shared: Path, **settings: object) -> None:
+    def __init__(self, tmp_path: Path, shared: Path, files: tuple[str, ...] = (),
+                 **settings: object) -> None:
         self.project = f"cfarmtest{uuid.uuid4().hex[:10]}"
         self.shared = shared
         self.redis_port, self.flower_port = free_port(), free_port()
@@ -435,8 +442,11 @@ class ComposeFarm:
         }
         env_file = tmp_path / "compose.env"
         env_file.write_text("".join(f"{name}={value}\n" for name, value in values.items()))
+        self.tls = bool(files)
         self.base = [*compose_command(), "--project-name", self.project,
-                     "--file", str(REPO / "docker-compose.yml"), "--env-file", str(env_file)]
+                     "--file", str(REPO / "docker-compose.yml"),
+                     *[arg for name in files for arg in ("--file", str(REPO / name))],
+                     "--env-file", str(env_file)]
         # Only the env file configures the project, not this shell's CELERYFARM_* or COMPOSE_*.
         self.env = {name: value for name, value in os.environ.items()
                     if not name.startswith(("CELERYFARM_", "COMPOSE_"))}
@@ -448,7 +458,8 @@ class ComposeFarm:
     @property
     def broker_url(self) -> str:
         """The host's URL of the farm's Redis, as its admin (who may ping the nodes)."""
-        return f"redis://admin:{self.passwords['admin']}@127.0.0.1:{self.redis_port}/0"
+        scheme = "rediss" if self.tls else "redis"
+        return f"{scheme}://admin:{self.passwords['admin']}@127.0.0.1:{self.redis_port}/0"
 
     def containers(self, service: str = "") -> list:
         labels = [f"com.docker.compose.project={self.project}"]
@@ -629,4 +640,40 @@ def test_compose_studio_set_up_with_a_submitter_umask_of_022(tmp_path: Path):
             assert (stat.S_IMODE(info.st_mode), info.st_gid) == (mode, RENDER_GID), path
     finally:
         os.umask(previous)
+        farm.compose("down", "-v", "--remove-orphans", "--timeout", "10", check=False)
+
+
+def test_compose_tls_override_serves_redis_on_tls_only(tmp_path: Path, shared_dir: Path):
+    """docker-compose.tls.yml with certificates from worker_image/make-certs.sh, mounted from
+    a host folder: a job submitted from this host over rediss:// renders on a node that
+    reached Redis over TLS; the published port speaks TLS only and refuses a client that
+    does not trust the farm's CA; Flower and every container are healthy."""
+    if os.getuid() != 0:
+        unavailable("giving the keys to the containers' users (groups 999 and 1001) needs root")
+    certs = tmp_path / "tls"
+    run([str(REPO / "worker_image/make-certs.sh"), "--dir", str(certs), "--redis-group", "999",
+         "--client-group", "1001"], timeout=60)
+    farm = ComposeFarm(tmp_path, shared_dir, files=("docker-compose.tls.yml",),
+                       CELERYFARM_HOST_TLS_DIR=certs)
+    try:
+        farm.compose("up", "-d", "--no-build", "--scale", "worker=1")
+        client = certs / "client"
+        tls = Tls(str(client / "ca.crt"), str(client / "client.crt"), str(client / "client.key"))
+        plugin = host_plugin(farm.broker_url, farm.broker_url, farm.shared, tls)
+        nodes_ready(farm, plugin, 1)
+        job_id = submit(plugin, "tls010", "--seconds", 0.5)
+        assert finished(plugin, job_id) == State.kCompleted
+        assert_frames(farm.shared, "tls010")
+
+        plain = redis.Redis.from_url(farm.broker_url.replace("rediss://", "redis://"),
+                                     socket_timeout=5, socket_connect_timeout=5)
+        with pytest.raises(redis.ConnectionError):
+            plain.ping()
+        with pytest.raises(FarmError, match="certificate verify failed"):
+            check_redis(farm.broker_url, Tls(cert_file=tls.cert_file, key_file=tls.key_file))
+        assert wait_until(lambda: farm.flower_status(farm.flower_auth) == 200, timeout=60,
+                          what="Flower to answer with basic auth")
+        wait_until(lambda: set(farm.health().values()) == {"healthy"}, timeout=180,
+                   what="redis (its TLS health check), flower and the worker to be healthy")
+    finally:
         farm.compose("down", "-v", "--remove-orphans", "--timeout", "10", check=False)

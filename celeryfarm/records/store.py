@@ -16,19 +16,25 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from .. import redisclient
 from ..errors import CorruptRecord, JobNotFound
 from ..jobs import JobRecord, Listed
 from ..metrics import STEP_BUCKETS
+from ..tls import Tls
 from . import fields as codec
 from . import states
 from .keys import Keys, owner_of
 from .scripts import Scripts
 from .states import TRANSITIONS, Event, sources_arg
+
+if TYPE_CHECKING:
+    from ..config import Settings
 
 logger = logging.getLogger(__name__)
 #: Ids per pipeline round trip when reading many records.
@@ -39,11 +45,13 @@ CHANGES_KEPT = 10_000
 STEP_BOUNDS = ",".join(f"{bound:g}" for bound in STEP_BUCKETS)
 
 
-def connect(url: str) -> redis.Redis:
-    """A Redis client that survives broker restarts: keepalive, health checks and retries,
-    and timeouts so an unreachable Redis is an error, not a hang."""
-    return redis.Redis.from_url(
-        url,
+def connect(url: str, tls: Tls | None = None, master: str = "") -> redis.Redis:
+    """A Redis client that survives broker restarts and failovers: keepalive, health checks
+    and retries, and timeouts so an unreachable Redis is an error, not a hang; over TLS for
+    ``rediss://``, with Redis's certificate verified; through the sentinels to the primary
+    ``master`` for ``sentinel://``."""
+    return redisclient.client(
+        url, tls, master,
         decode_responses=True,
         socket_connect_timeout=5,
         socket_timeout=10,
@@ -103,6 +111,12 @@ class JobStore:
         self.redis = client
         self.keys = Keys(prefix)
         self.scripts = Scripts(client)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> JobStore:
+        """The store at the farm's records URL."""
+        return cls(connect(settings.records_url, settings.tls, settings.sentinel_master),
+                   settings.key_prefix)
 
     # -- creating ----------------------------------------------------------------------------
     def create(self, record: JobRecord, dispatching: bool = True) -> None:

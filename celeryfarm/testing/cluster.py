@@ -1,4 +1,5 @@
-"""A farm on this machine for tests and benchmarks: a private Redis and real render nodes.
+"""A farm on this machine for tests and benchmarks: a private Redis (or a replicated one with
+sentinels) and real render nodes.
 
 Nodes are real ``celeryfarm worker`` processes (prefork pool), started with the same
 ``CELERYFARM_*`` environment a render node would have.
@@ -17,7 +18,8 @@ from celery import Celery
 
 from .. import acl
 from ..config import Settings
-from ..redisserver import RedisServer
+from ..redisserver import RedisServer, ReplicatedRedis, ServerTls
+from ..tls import Tls
 from ..worker import celery_command, node_command, wait_for_workers
 
 
@@ -25,17 +27,24 @@ class LocalCluster:
     """A Redis and some render-node workers sharing one shared root under ``base``."""
 
     def __init__(self, base: Path, extra_env: Mapping[str, str] | None = None,
-                 password: str = "", acl_users: bool = False) -> None:
+                 password: str = "", acl_users: bool = False, tls: ServerTls | None = None,
+                 replicas: int = 0) -> None:
         """With ``acl_users``, Redis has the farm's ACL roles (:mod:`celeryfarm.acl`) and
         the nodes use the ``node`` user; :meth:`url_as` and :meth:`add_artist` give the
-        others' credentials."""
+        others' credentials. With ``replicas``, a primary, its replicas and three sentinels
+        that fail over within seconds of the primary's death (with ``password``, not ACL
+        users)."""
+        if replicas and (acl_users or tls):
+            raise ValueError("a LocalCluster with replicas has a password only")
         self.base = Path(base)
         self.shared_root = self.base / "shared"
         self.passwords = {role: acl.new_password() for role in acl.ROLES} if acl_users else {}
-        self.redis = RedisServer(
-            self.base / "redis", password=self.passwords.get(acl.ADMIN, password),
-            acl_file=self.base / "redis" / "users.acl" if acl_users else None,
-            user=acl.ADMIN if acl_users else "")
+        self.redis: RedisServer | ReplicatedRedis = (
+            ReplicatedRedis(self.base / "redis", replicas, password, down_after_ms=1000)
+            if replicas else RedisServer(
+                self.base / "redis", password=self.passwords.get(acl.ADMIN, password),
+                acl_file=self.base / "redis" / "users.acl" if acl_users else None,
+                user=acl.ADMIN if acl_users else "", tls=tls))
         self.extra_env = dict(extra_env or {})
         self.workers: dict[str, subprocess.Popen] = {}
 
@@ -43,14 +52,15 @@ class LocalCluster:
     def env(self) -> dict[str, str]:
         """The ``CELERYFARM_*`` variables every client and worker of this farm uses."""
         url = self.url_as(acl.NODE) if self.passwords else self.redis.url
-        settings = Settings(broker_url=url, shared_root=self.shared_root)
+        tls = self.redis.tls.client if self.redis.tls else Tls()
+        settings = Settings(broker_url=url, shared_root=self.shared_root, tls=tls)
         # Tests and CI run as root; the nodes are told they may (--allow-root).
         allow_root = {"CELERYFARM_ALLOW_ROOT": "1"} if os.geteuid() == 0 else {}
         return {**settings.client_environment(), **allow_root, **self.extra_env}
 
     def start(self) -> LocalCluster:
         self.shared_root.mkdir(parents=True, exist_ok=True)
-        if self.redis.acl_file is not None:
+        if isinstance(self.redis, RedisServer) and self.redis.acl_file is not None:
             self.redis.acl_file.parent.mkdir(parents=True, exist_ok=True)
             users = acl.role_users(self.settings, self.passwords)
             self.redis.acl_file.write_text(acl.acl_file(users))

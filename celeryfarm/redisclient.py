@@ -1,0 +1,77 @@
+"""A Redis client for any farm URL: ``redis://``, ``rediss://`` or Redis Sentinel.
+
+Clients made here through the sentinels ask them for the primary whenever they connect, so
+the records, the reapers and the command line follow a failover as kombu and Celery do;
+:class:`Transport` is kombu's ``sentinel://`` transport with the same connections.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis
+from kombu.transport import redis as kombu_redis
+from redis.sentinel import Sentinel, SentinelManagedConnection
+
+from .sentinel import SentinelUrl, uses_sentinel
+from .tls import Tls
+
+
+class FollowingConnection(SentinelManagedConnection):
+    """A connection to the primary that asks the sentinels where it is each time it
+    connects. redis-py's own reconnects a retried command to the address it had: a
+    primary that froze (a hung host) then gets every retry, until they run out."""
+
+    def connect_check_health(self, check_health: bool = True,
+                             retry_socket_connect: bool = True) -> None:
+        if not self._sock and self.connection_pool.is_master:
+            self.host, self.port = self.connection_pool.get_master_address()
+        super().connect_check_health(check_health, retry_socket_connect)
+
+
+class Channel(kombu_redis.SentinelChannel):
+    connection_class = FollowingConnection
+
+
+class Transport(kombu_redis.SentinelTransport):
+    """kombu's ``sentinel://`` transport with :class:`FollowingConnection`: a node whose
+    primary froze finds the new one (``broker_transport`` names it)."""
+
+    Channel = Channel
+
+
+#: What ``broker_transport`` is for ``sentinel://`` broker URLs.
+TRANSPORT = f"{__name__}:Transport"
+
+
+def client(url: str, tls: Tls | None = None, master: str = "", **options: Any) -> redis.Redis:
+    """A client for the farm's Redis at ``url`` (``options`` are redis-py's: timeouts,
+    retries, ``decode_responses``...); through the sentinels to the primary ``master``
+    for a Sentinel URL."""
+    if not uses_sentinel(url):
+        return redis.Redis.from_url(url, **(tls or Tls()).redis_options(url), **options)
+    target, sentinels = _sentinels(url, options)
+    return sentinels.master_for(master, username=target.username, password=target.password,
+                                db=target.db, connection_class=FollowingConnection, **options)
+
+
+def every_server(url: str, tls: Tls | None = None, master: str = "",
+                 **options: Any) -> list[redis.Redis]:
+    """Clients of every server behind ``url``: the primary and, through the sentinels, each
+    replica (for what Redis does not replicate, such as ACL users)."""
+    primary = client(url, tls, master, **options)
+    if not uses_sentinel(url):
+        return [primary]
+    target, sentinels = _sentinels(url, options)
+    replicas = [redis.Redis(host, port, db=target.db, username=target.username,
+                            password=target.password, **options)
+                for host, port in sentinels.discover_slaves(master)]
+    return [primary, *replicas]
+
+
+def _sentinels(url: str, options: dict[str, Any]) -> tuple[SentinelUrl, Sentinel]:
+    """The parts of a Sentinel URL, and its sentinels (with ``options``' timeouts)."""
+    target = SentinelUrl.parse(url)
+    timeouts = {name: options[name] for name in ("socket_timeout", "socket_connect_timeout")
+                if name in options}
+    return target, Sentinel(list(target.sentinels), sentinel_kwargs=timeouts)

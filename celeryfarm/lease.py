@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import redis
 
@@ -80,8 +80,11 @@ class StepLease:
         return status, detail, record
 
     # -- while the step runs -----------------------------------------------------------------
-    def keep(self) -> StepLease:
-        """Start renewing the lease in a background thread; returns self for ``with``."""
+    def keep(self, on_problem: Callable[[], None] = lambda: None) -> StepLease:
+        """Start renewing the lease in a background thread; returns self for ``with``. When
+        a renewal finds that the step must stop, the thread calls ``on_problem``, so the
+        render loop hears of it at once rather than at its next poll."""
+        self._on_problem = on_problem
         self._thread = threading.Thread(target=self._renew, name="celeryfarm-lease",
                                         daemon=True)
         self._thread.start()
@@ -107,10 +110,10 @@ class StepLease:
                 continue
             if kind is None:
                 self._valid_until = sent + self.settings.lease_seconds
-            elif kind == FailureKind.STOPPED:
-                self._set_problem(kind, "stop requested")
-            else:
-                self._set_problem(kind, "the step was given to another node")
+            elif not self._problem:
+                self._set_problem(kind, "stop requested" if kind == FailureKind.STOPPED
+                                  else "the step was given to another node")
+                self._on_problem()
 
     def frame_done(self, frame: int) -> None:
         """Count a frame the render reported done (written with the next renewal)."""

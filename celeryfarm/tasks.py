@@ -39,6 +39,14 @@ logger = logging.getLogger(__name__)
 #: Sent to a pool process when its worker's main process dies. Not SIGTERM: billiard's
 #: handler for that leaves an idle pool process blocked on a pipe no one reads, for ever.
 PARENT_DIED = signal.SIGRTMIN + 2
+#: Sent by a step's lease thread to its own process when the step must stop (a stop
+#: request, another node given the step): it wakes the render loop at once instead of at its
+#: next poll. Ignored by default, so one that arrives outside a step does nothing.
+WAKE = signal.SIGWINCH
+
+
+def _wake() -> None:
+    os.kill(os.getpid(), WAKE)
 
 
 def render_environment(record: JobRecord, folders: dict[str, str], settings: Settings,
@@ -78,10 +86,11 @@ def stop_signals(check: Callable[[], str]) -> Iterator[Callable[[], str]]:
     one is left to report to.
     """
     received: list[int] = []
-    signals = (signal.SIGTERM, PARENT_DIED)
+    signals = (signal.SIGTERM, PARENT_DIED, WAKE)
 
     def on_signal(signum: int, _frame: object) -> None:
-        received.append(signum)
+        if signum != WAKE:  # WAKE only wakes the render loop, which then asks ``check``
+            received.append(signum)
 
     previous = [signal.signal(signum, on_signal) for signum in signals]
 
@@ -229,7 +238,7 @@ def run_step(
                                    done=lease.frame_done)
     output = retries.OutputWatcher(frames, rules)
     started = time.monotonic()
-    with log, lease.keep(), stop_signals(lease.stop_reason) as should_stop, \
+    with log, stop_signals(lease.stop_reason) as should_stop, lease.keep(on_problem=_wake), \
             renderenv.private_folders(user, self.request.id) as folders:
         log.step_started(step, steps, command, node, attempt,
                          retries.try_label(record.failures, spec.retries))

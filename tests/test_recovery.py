@@ -213,6 +213,28 @@ def test_a_step_lost_on_three_nodes_in_a_row_fails_the_job(pool: Pool):
     assert_never_two_current(pool.plugin.farm.events(job_id))
 
 
+def test_a_lease_that_hears_of_a_stop_wakes_its_step_at_once(pool: Pool):
+    """Stopping writes only the job's record; the step's lease thread reads it at its next
+    renewal and wakes the render loop then, rather than leaving it to its own next poll."""
+    import threading
+
+    from celeryfarm.lease import StepLease
+    from celeryfarm.records.store import Token
+
+    job_id = pool.submit([["true"]])  # a pool no node serves: only the lease below runs it
+    lease = StepLease(pool.plugin.farm.store, pool.plugin.farm.settings,
+                      Token(job_id, 1, 1, 0), f"{job_id}-1.1-0/n@host/1")
+    assert lease.claim("n@host")[0] == "ok"
+    woken, calls = threading.Event(), []
+    with lease.keep(on_problem=lambda: calls.append(1) or woken.set()):
+        assert not woken.is_set()
+        pool.plugin.stopJob(job_id)
+        assert woken.wait(30), "the lease thread never woke the step"
+        assert lease.stop_reason() == "stop requested"
+    assert calls == [1]
+    assert pool.plugin.getJobState(job_id) == State.kCancelled
+
+
 def test_the_log_says_why_a_job_failed_for_lost_nodes_before_its_state_does(pool: Pool):
     """Katana reads the render log once a job has ended, so the reaper that fails a job
     whose step was lost too often writes why first. Here the render log is a FIFO: each of

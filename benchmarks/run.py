@@ -47,6 +47,7 @@ from celeryfarm.farmapi import FarmPluginManager
 from celeryfarm.jobs import JobRecord, JobSpec
 from celeryfarm.plugin import CeleryFarmPlugin, register_farm_settings
 from celeryfarm.records import FINISHED, JobState
+from celeryfarm.records.keys import new_job_id
 from celeryfarm.testing.cluster import LocalCluster
 
 from . import bare, history, watched
@@ -208,7 +209,7 @@ class Bench:
         first = int(time.time() * 1000) - HISTORY * 60_000  # a job a minute
         records = []
         for index in range(HISTORY):
-            job_id = uuid.uuid4().hex
+            job_id = new_job_id(self.farm.user)  # as submitJob names them
             context = f"history-{index:05d}"
             state = (JobState.WAITING if index >= HISTORY - 50 else
                      JobState.FAILED if index % 40 == 0 else
@@ -220,7 +221,7 @@ class Bench:
                 environment={"KATANA_TMPDIR": f"/shared/{context}"},
                 frames=range(1, 101),
                 context=context,
-                user=self.settings.user,
+                user=self.farm.user,
                 host=host,
                 session=f"{host}-session-{index // 500}",
             )

@@ -54,20 +54,20 @@ class SentinelComposeFarm(ComposeFarm):
     """The compose project with the Sentinel override, on ports of its own, published on
     (and announced as) the Docker host's address."""
 
-    def __init__(self, tmp_path: Path, shared: Path) -> None:
+    def __init__(self, tmp_path: Path, shared: Path, **settings: object) -> None:
         self.host = docker_host_address()
         self.server_ports = {"redis": free_port(), **{name: free_port() for name in REPLICAS}}
         self.sentinel_ports = {name: free_port() for name in SENTINELS}
-        super().__init__(
-            tmp_path, shared, files=("docker-compose.sentinel.yml",),
-            CELERYFARM_REDIS_HOST=self.host, CELERYFARM_REDIS_BIND=self.host,
-            CELERYFARM_REDIS_REPLICA_PASSWORD=secrets.token_hex(16),
-            CELERYFARM_REDIS_SENTINEL_PASSWORD=secrets.token_hex(16),
-            CELERYFARM_SENTINEL_DOWN_AFTER_MS=1000,
-            CELERYFARM_REDIS_REPLICA_1_PORT=self.server_ports["redis-replica-1"],
-            CELERYFARM_REDIS_REPLICA_2_PORT=self.server_ports["redis-replica-2"],
+        super().__init__(tmp_path, shared, files=("docker-compose.sentinel.yml",), **{
+            "CELERYFARM_REDIS_HOST": self.host, "CELERYFARM_REDIS_BIND": self.host,
+            "CELERYFARM_REDIS_REPLICA_PASSWORD": secrets.token_hex(16),
+            "CELERYFARM_REDIS_SENTINEL_PASSWORD": secrets.token_hex(16),
+            "CELERYFARM_SENTINEL_DOWN_AFTER_MS": 1000,
+            "CELERYFARM_REDIS_REPLICA_1_PORT": self.server_ports["redis-replica-1"],
+            "CELERYFARM_REDIS_REPLICA_2_PORT": self.server_ports["redis-replica-2"],
             **{f"CELERYFARM_SENTINEL_{n}_PORT": self.sentinel_ports[f"sentinel-{n}"]
-               for n in (1, 2, 3)})
+               for n in (1, 2, 3)},
+            **settings})
         # ComposeFarm chose the first primary's port; it is published on self.host.
         self.server_ports["redis"] = self.redis_port
 
@@ -155,3 +155,23 @@ def test_compose_sentinel_farm_follows_the_primary_s_death(tmp_path: Path, share
     finally:
         farm.compose("down", "-v", "--remove-orphans", "--timeout", "10", check=False)
     assert farm.leftovers() == []
+
+
+@pytest.mark.parametrize(("setting", "value"), [("CELERYFARM_REDIS_BIND", "127.0.0.1"),
+                                                 ("CELERYFARM_REDIS_HOST", "localhost")])
+def test_compose_sentinel_refuses_loopback_addresses(tmp_path: Path, shared_dir: Path,
+                                                     setting: str, value: str):
+    """The nodes reach Redis at the announced address through the published ports: a
+    loopback one of either would leave them with no Redis, so the preflight refuses it and
+    nothing else starts."""
+    farm = SentinelComposeFarm(tmp_path, shared_dir, **{setting: value})
+    try:
+        started = farm.compose("up", "-d", "--no-build", "--scale", "worker=1", check=False)
+        assert started.returncode != 0
+        (preflight,) = farm.containers("preflight")
+        log = preflight.logs().decode()
+        assert f"{setting}={value}: with Sentinel" in log and "loopback" in log, log
+        assert not farm.containers("redis") or farm.containers("redis")[0].status != "running"
+        assert farm.containers("worker") == []
+    finally:
+        farm.compose("down", "-v", "--remove-orphans", "--timeout", "10", check=False)

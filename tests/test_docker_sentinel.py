@@ -9,9 +9,11 @@ its published port, so what the sentinels say is reachable from both sides.
 
 from __future__ import annotations
 
+import json
 import secrets
 import subprocess
 import sys
+import urllib.error
 from pathlib import Path
 
 import docker
@@ -32,6 +34,7 @@ from .test_docker import (
     render_log,
     submit,
 )
+from .test_tls import _get
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(900)]
 
@@ -97,6 +100,19 @@ class SentinelComposeFarm(ComposeFarm):
                 and replica["ip"] == self.host and "s_down" not in replica["flags"]}
 
 
+def queue_lengths(farm: SentinelComposeFarm) -> dict[str, int]:
+    """Flower's ``/api/queues/length`` as {queue: messages}; {} while it has no primary to
+    ask (it answers 500 then)."""
+    try:
+        answer = _get(f"http://127.0.0.1:{farm.flower_port}/api/queues/length",
+                      farm.flower_auth)
+    except urllib.error.HTTPError as error:
+        if error.code != 500:
+            raise
+        return {}
+    return {queue["name"]: queue["messages"] for queue in json.loads(answer)["active_queues"]}
+
+
 def add_artist(farm: SentinelComposeFarm, name: str) -> str:
     """``celeryfarm user add NAME`` from this host through the sentinels: the artist's
     broker URL it prints."""
@@ -152,6 +168,9 @@ def test_compose_sentinel_farm_follows_the_primary_s_death(tmp_path: Path, share
         assert farm.primary() == promoted
         assert wait_until(lambda: farm.flower_status(farm.flower_auth) == 200, timeout=60,
                           what="Flower to answer through the sentinels")
+        # Its broker page's queue lengths, read through the sentinels from the new primary.
+        assert wait_until(lambda: "renders" in queue_lengths(farm), timeout=60,
+                          what="Flower to list the farm's queue")
     finally:
         farm.compose("down", "-v", "--remove-orphans", "--timeout", "10", check=False)
     assert farm.leftovers() == []

@@ -17,6 +17,7 @@ import urllib.error
 from pathlib import Path
 
 import docker
+import kombu.exceptions
 import pytest
 import redis
 
@@ -113,6 +114,16 @@ def queue_lengths(farm: SentinelComposeFarm) -> dict[str, int]:
     return {queue["name"]: queue["messages"] for queue in json.loads(answer)["active_queues"]}
 
 
+def nodes_answering(plugin) -> set[str]:
+    """The nodes that answer a ping (none while the client's broker connection is being
+    made again: kombu does not retry collecting replies)."""
+    try:
+        replies = plugin.farm.app.control.ping(timeout=1)
+    except (redis.ConnectionError, kombu.exceptions.OperationalError):
+        return set()
+    return {name for reply in replies for name in reply}
+
+
 def add_artist(farm: SentinelComposeFarm, name: str) -> str:
     """``celeryfarm user add NAME`` from this host through the sentinels: the artist's
     broker URL it prints."""
@@ -128,8 +139,9 @@ def test_compose_sentinel_farm_follows_the_primary_s_death(tmp_path: Path, share
     """A job from this host renders on a node in Docker; the primary's container is killed;
     the sentinels promote a replica, announced at the Docker host's address; a job submitted
     after that by an artist (a user made on every server before the failover) renders on the
-    same nodes, which followed by themselves; the dead primary, started again, becomes a
-    replica; Flower answers throughout."""
+    same nodes, which followed by themselves; the whole farm, stopped and started again
+    with the dead primary, keeps every job, the dead primary now a replica; Flower reads
+    the queues through the sentinels."""
     farm = SentinelComposeFarm(tmp_path, shared_dir)
     try:
         farm.compose("up", "-d", "--no-build", "--scale", "worker=2")
@@ -162,10 +174,21 @@ def test_compose_sentinel_farm_follows_the_primary_s_death(tmp_path: Path, share
         # The job from before the failover is still there, on the new primary.
         assert plugin.getJobState(before) == State.kCompleted
 
-        primary.start()
-        wait_until(lambda: "redis" in farm.replicas(), timeout=120,
-                   what="the old primary to come back as a replica")
-        assert farm.primary() == promoted
+        # The whole farm stopped and started again, the dead primary with it: each server
+        # asks the sentinels which is the primary and starts as it or as its replica, so
+        # the first primary, with data older than the failover, comes back as a replica
+        # and no server copies its data over the newer; every job is still there.
+        farm.compose("stop", "--timeout", "10")
+        farm.compose("up", "-d", "--no-build", "--scale", "worker=2")
+        wait_until(lambda: farm.replicas() == set(farm.server_ports) - {farm.primary()}, 120,
+                   what="one primary and two replicas again")
+        assert farm.primary() != "redis"
+        wait_until(lambda: nodes_answering(plugin) >= nodes, 120,
+                   what="the nodes to answer through the primary")
+        assert artist.getJobState(after) == State.kCompleted
+        assert plugin.getJobState(before) == State.kCompleted
+        again = submit(artist, "again", "--seconds", 0.5)
+        assert finished(artist, again, timeout=180) == State.kCompleted
         assert wait_until(lambda: farm.flower_status(farm.flower_auth) == 200, timeout=60,
                           what="Flower to answer through the sentinels")
         # Its broker page's queue lengths, read through the sentinels from the new primary.

@@ -16,10 +16,12 @@ import logging
 import os
 import signal
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 import redis
 
@@ -29,8 +31,10 @@ from celeryfarm.farm import Farm
 from celeryfarm.records.replication import ReplicaWait
 from celeryfarm.records.states import JobState
 from celeryfarm.redisserver import RedisServer, ReplicatedRedis
+from celeryfarm.testing.cluster import LocalCluster
 
-from .helpers import submit, wait_until
+from .conftest import WORKER_ENV
+from .helpers import all_gone, assert_never_two_current, submit, wait_until
 
 PASSWORD = "failover-" + uuid.uuid4().hex
 #: A pool no node takes from: its messages stay in the broker's queue for the test to see.
@@ -165,3 +169,129 @@ def test_wait_settings():
         Settings(wait_seconds=12)
     lines = ReplicatedRedis(Path("/nonexistent"), replicas=2).servers[0].config()
     assert "min-replicas-to-write 1" in lines and "min-replicas-max-lag 5" in lines
+
+
+# -- the primary killed in the middle of 300 jobs --------------------------------------------
+NODES = ("failover-node1", "failover-node2")
+JOBS = 300
+#: A step of the test's renders: a start line and an end line (or "killed", on SIGTERM)
+#: with the time in ns and the shell's pid, appended to the marker file its argument names.
+MARKED_STEP = ('m() { echo "$1 $(date +%s%N) $$" >> "$0"; }; '
+               'trap "m killed; exit 143" TERM; m start; sleep "$1" & wait $!; m end')
+
+
+def marked(markers: Path, name: str, step: int, seconds: float) -> list[str]:
+    return ["sh", "-c", MARKED_STEP, str(markers / f"{name}.{step}"), str(seconds)]
+
+
+def runs(marker: Path) -> list[tuple[int, int | None]]:
+    """The (start, end) of each run a marker file records, in ns; end None if the run
+    wrote none (it was SIGKILLed)."""
+    found: dict[str, list] = {}
+    for line in marker.read_text().splitlines():
+        what, at, pid = line.split()
+        run = found.setdefault(pid, [None, None])
+        run[0 if what == "start" else 1] = int(at)
+    return sorted((start, end) for start, end in found.values())
+
+
+def assert_never_two_at_once(marker: Path) -> None:
+    ordered = runs(marker)
+    for (_start, end), (later, _) in zip(ordered, ordered[1:]):
+        assert end is not None and end <= later, f"{marker.name} ran twice at once: {ordered}"
+
+
+def processes_of(pids: list[int]) -> set[int]:
+    """``pids`` and all their descendants now."""
+    found = set(pids)
+    for pid in pids:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            found |= {child.pid for child in psutil.Process(pid).children(recursive=True)}
+    return found
+
+
+def test_the_primary_killed_mid_300_jobs_every_job_ends_as_intended(tmp_path: Path):
+    """300 two-step jobs (0.1 s renders) on two nodes of two slots, a primary, two replicas
+    (``min-replicas-to-write 1``, as ``up --replicas`` runs them) and three sentinels. The
+    primary is SIGKILLed once a third of the jobs completed, renders running. Then: the
+    sentinels promote a replica; a running job and two waiting ones are stopped through
+    the new primary; every other job completes. The renders' marker lines show no step
+    running twice at once; both nodes take steps from the new primary (Celery issue 6348);
+    nothing of the farm is left afterwards. The time from the kill to the next job
+    completing on the new primary is printed, not asserted."""
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    cluster = LocalCluster(tmp_path / "farm", extra_env=WORKER_ENV, password=PASSWORD,
+                           replicas=2)
+    cluster.start()
+    farm_pids: list[int] = []
+    try:
+        for name in NODES:
+            cluster.start_worker(name, concurrency=2)
+        farm = Farm(Settings.from_env({**cluster.env, "CELERYFARM_USER": "ann"}))
+        cluster.wait_for_workers(farm.app, list(NODES))
+        servers = cluster.redis
+        assert isinstance(servers, ReplicatedRedis)
+        farm_pids = [p.process.pid for p in [*servers.servers, *servers.sentinels]]
+        long_job, _ = submit(farm, [marked(markers, "long", 0, 600)], name="long")
+        jobs = [submit(farm, [marked(markers, f"job{n}", step, 0.1) for step in (0, 1)],
+                       name=f"job{n}")[0] for n in range(JOBS)]
+        to_stop = [long_job, *jobs[-2:]]
+        wanted = jobs[:-2]
+
+        def states() -> dict[str, str]:
+            return {record.job_id: record.state for record in farm.store.summaries(jobs)}
+
+        completed = wait_until(
+            lambda: (done := [j for j, s in states().items() if s == JobState.COMPLETED])
+            and len(done) >= JOBS // 3 and done, 240, f"{JOBS // 3} jobs to complete")
+        assert not all(s == JobState.COMPLETED for s in states().values())
+        running = [path for path in markers.iterdir() if path.read_text().count("start")
+                   > path.read_text().count("end")]
+        assert running, "renders run at the kill"
+
+        old = servers.primary()
+        killed = time.time()
+        old.process.kill()
+        old.process.wait()
+        # The time the farm takes to carry on: until a job that had not completed at the
+        # kill is Completed in the new primary's records.
+        carried_on = wait_until(
+            lambda: any(state == JobState.COMPLETED and job_id not in completed
+                        for job_id, state in states().items()) and time.time(),
+            120, "a job to complete after the kill")
+        new = servers.primary()
+        assert new is not old
+        print(f"\nfailover: {len(completed)} of {JOBS} jobs completed at the kill; the next "
+              f"job completed {carried_on - killed:.2f} s after it, on the new primary "
+              f"(down-after 1 s)")
+
+        for job_id in to_stop:
+            farm.stop(job_id)
+        ended = wait_until(
+            lambda: (found := {r.job_id: r.state for r in farm.store.summaries(
+                [*wanted, *to_stop])}) and all(s in (JobState.COMPLETED, JobState.FAILED,
+                                                     JobState.CANCELLED)
+                                               for s in found.values()) and found,
+            240, "every job to end")
+        assert {j for j in wanted if ended[j] != JobState.COMPLETED} == set()
+        assert {ended[j] for j in to_stop} == {JobState.CANCELLED}
+
+        ran = list(markers.iterdir())
+        assert len(ran) >= 2 * len(wanted) + 1  # every step of every job, and the long one
+        for marker in ran:
+            assert_never_two_at_once(marker)
+        for job_id in jobs:
+            assert_never_two_current(farm.events(job_id))
+        # Both nodes took steps from the new primary (each had lost its connection).
+        after = {event["node"].split("@")[0] for job_id in wanted
+                 if job_id not in completed for event in farm.events(job_id)
+                 if event["event"] == "start" and int(event["at"]) / 1000 > carried_on}
+        assert after == set(NODES), after
+        farm_pids += processes_of([p.pid for p in cluster.workers.values()])
+    finally:
+        cluster.stop()
+    wait_until(lambda: all_gone(set(farm_pids)), 30, "no process of the farm left")
+    renders = [p for p in psutil.process_iter(["cmdline"])
+               if str(markers) in " ".join(p.info["cmdline"] or [])]
+    assert not renders, renders

@@ -1,9 +1,10 @@
 """What acknowledged writes cost on a replicated Redis, and how long a failover stops the farm.
 
 A primary, two replicas and three sentinels (``ReplicatedRedis``, as ``celeryfarm up
---replicas 2`` runs them, ``down-after-milliseconds`` 1000) and one render node of two
-slots. Measured twice, with ``WAIT`` (``CELERYFARM_WAIT_REPLICAS=1``, the default) and
-without (``0``), for the client and the node alike:
+--replicas 2`` runs them, ``down-after-milliseconds`` 1000). Measured with ``WAIT``
+(``CELERYFARM_WAIT_REPLICAS=1``, the default) and without (``0``): a client and a render
+node of two slots for each, on a pool of their own; and a lone Redis with no replica
+(``up`` without ``--replicas``), the same way. Samples alternate between the three:
 
 * submitJob p50 and p99: ``Farm.submit_commands`` of a one-step job to a pool no node
   serves (its render context made beforehand, as Katana's createTemporaryDirectory does);
@@ -68,34 +69,53 @@ def submit(farm: Farm, commands: list[list[str]], pool: str = "") -> str:
     return farm.submit_commands(commands, context=context.name, settings=settings).job_id
 
 
-def measure(cluster: LocalCluster, wait_replicas: int, submits: int, runs: int
-            ) -> dict[str, float]:
-    """submitJob p50/p99 and the 20-step job's median (ms), with this ``WAIT`` setting."""
-    env = {"CELERYFARM_WAIT_REPLICAS": str(wait_replicas)}
-    cluster.start_worker(NODE, concurrency=2, env=env)
-    farm = Farm(Settings.from_env({**cluster.env, **env, "CELERYFARM_USER": "bench"}))
+#: What is compared: with ``WAIT``, without it (both on the replicated Redis), and a lone
+#: Redis with no replica (``celeryfarm up`` without ``--replicas``).
+VARIANTS = {"wait": {"CELERYFARM_WAIT_REPLICAS": "1"},
+            "no wait": {"CELERYFARM_WAIT_REPLICAS": "0"}, "single": {}}
+
+
+def measure(clusters: dict[str, LocalCluster], submits: int, runs: int
+            ) -> dict[str, dict[str, float]]:
+    """submitJob p50/p99 and the 20-step job's median (ms) of each variant: a node and a
+    client of each, on a pool of their own, samples alternating so the machine's other
+    load hits them alike."""
+    farms: dict[str, Farm] = {}
+    for label, env in VARIANTS.items():
+        cluster, node = clusters[label], f"{NODE}-{label.replace(' ', '-')}"
+        cluster.start_worker(node, concurrency=2, queues=_pool(label), env=env)
+        farms[label] = Farm(Settings.from_env({**cluster.env, **env,
+                                               "CELERYFARM_USER": "bench"}))
+        cluster.wait_for_workers(farms[label].app, [node])
+    times: dict[str, list[float]] = {label: [] for label in farms}
+    chains: dict[str, list[float]] = {label: [] for label in farms}
     try:
-        cluster.wait_for_workers(farm.app, [NODE])
-        contexts = [farm.create_context() for _ in range(submits + 20)]
-        times = []
-        for index, context in enumerate(contexts):
-            started = time.perf_counter()
-            farm.submit_commands([["renderboot", "--frames", "1-100"]], context=context.name,
-                                 settings={"pool": IDLE_POOL})
-            if index >= 20:  # the first ones warm connections and scripts
-                times.append((time.perf_counter() - started) * 1000)
-        chains = []
-        for index in range(runs + 1):
-            started = time.time() * 1000
-            job_id = submit(farm, [["true"]] * 20)
-            end = wait_for(lambda job_id=job_id: completed_at(farm, job_id), 120,
-                           "the 20-step job")
-            if index:  # the first one warms the node's pool processes
-                chains.append(end - started)
+        for block in range(-1, submits // 10):
+            for label, farm in farms.items():
+                for _ in range(10):
+                    context = farm.create_context()
+                    started = time.perf_counter()
+                    farm.submit_commands([["renderboot", "--frames", "1-100"]],
+                                         context=context.name, settings={"pool": IDLE_POOL})
+                    if block >= 0:  # block -1 warms connections and scripts
+                        times[label].append((time.perf_counter() - started) * 1000)
+        for index in range(-1, runs):
+            for label, farm in farms.items():
+                started = time.time() * 1000
+                job_id = submit(farm, [["true"]] * 20, pool=_pool(label))
+                end = wait_for(lambda farm=farm, job_id=job_id: completed_at(farm, job_id),
+                               120, "the 20-step job")
+                if index >= 0:  # run -1 warms the nodes' pool processes
+                    chains[label].append(end - started)
     finally:
-        cluster.stop_worker(NODE)
-    return {"submit50": median(times), "submit99": percentile(times, 99),
-            "chain": median(chains)}
+        for label, cluster in clusters.items():
+            cluster.stop_worker(f"{NODE}-{label.replace(' ', '-')}")
+    return {label: {"submit50": median(times[label]), "submit99": percentile(times[label], 99),
+                    "chain": median(chains[label])} for label in farms}
+
+
+def _pool(label: str) -> str:
+    return f"bench-{label.replace(' ', '-')}"
 
 
 def failover_bound(cluster: LocalCluster, jobs: int) -> tuple[float, int]:
@@ -123,8 +143,9 @@ def failover_bound(cluster: LocalCluster, jobs: int) -> tuple[float, int]:
     return carried_on, len(before)
 
 
-def table(rows: Sequence[tuple[str, str, str, str]]) -> str:
-    lines = ["| figure | with WAIT | without | cost |", "|---|---|---|---|"]
+def table(rows: Sequence[tuple[str, ...]]) -> str:
+    lines = ["| figure | replicas, WAIT | replicas, no WAIT | WAIT's cost | one Redis, no "
+             "replica |", "|---|---|---|---|---|"]
     lines += [f"| {' | '.join(row)} |" for row in rows]
     return "\n".join(lines)
 
@@ -133,28 +154,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer samples")
     args = parser.parse_args(argv)
-    submits, runs, jobs = (100, 3, 40) if args.quick else (300, 7, 80)
+    submits, runs, jobs = (100, 5, 40) if args.quick else (300, 15, 80)
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="celeryfarm-failover-") as base:
-        cluster = LocalCluster(Path(base), extra_env=NODE_ENV,
+        cluster = LocalCluster(Path(base) / "replicated", extra_env=NODE_ENV,
                                password="bench-" + uuid.uuid4().hex, replicas=2)
-        cluster.start()
+        single = LocalCluster(Path(base) / "single", extra_env=NODE_ENV)
         try:
-            without = measure(cluster, 0, submits, runs)
-            with_wait = measure(cluster, 1, submits, runs)
+            cluster.start()
+            single.start()
+            measured = measure({"wait": cluster, "no wait": cluster, "single": single},
+                               submits, runs)
             carried_on, done = failover_bound(cluster, jobs)
         finally:
+            single.stop()
             cluster.stop()
-    rows = [(f"submitJob p50 (n={submits})", *_cells(with_wait["submit50"], without["submit50"])),
-            ("submitJob p99", *_cells(with_wait["submit99"], without["submit99"])),
-            (f"20-step job of `true`, submit to Completed (median of {runs})",
-             *_cells(with_wait["chain"], without["chain"]))]
+    figures = {"submit50": f"submitJob p50 (n={submits})", "submit99": "submitJob p99",
+               "chain": f"20-step job of `true`, submit to Completed (median of {runs})"}
+    rows = [(name, *_cells(*(measured[label][key] for label in VARIANTS)))
+            for key, name in figures.items()]
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     text = "\n".join([
         BEGIN,
         f"Measured with `python -m benchmarks.failover{' --quick' if args.quick else ''}` "
         f"({time.monotonic() - started:.0f} s, load {load}): "
-        f"a primary, 2 replicas, 3 sentinels, one node of 2 slots, on this machine.",
+        f"a primary, 2 replicas, 3 sentinels, and a lone Redis; a node of 2 slots "
+        f"for each variant, on this machine.",
         "",
         table(rows),
         "",
@@ -174,9 +199,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _cells(with_wait: float, without: float) -> tuple[str, str, str]:
+def _cells(with_wait: float, without: float, single: float) -> tuple[str, ...]:
     return (f"{with_wait:.2f} ms", f"{without:.2f} ms",
-            f"{with_wait - without:+.2f} ms ({with_wait / without:.2f}x)")
+            f"{with_wait - without:+.2f} ms ({with_wait / without:.2f}x)", f"{single:.2f} ms")
 
 
 if __name__ == "__main__":

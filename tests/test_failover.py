@@ -33,7 +33,7 @@ from celeryfarm.records.states import JobState
 from celeryfarm.redisserver import RedisServer, ReplicatedRedis
 from celeryfarm.testing.cluster import LocalCluster
 
-from .conftest import WORKER_ENV
+from .conftest import WORKER_ENV, running
 from .helpers import all_gone, assert_never_two_current, submit, wait_until
 
 PASSWORD = "failover-" + uuid.uuid4().hex
@@ -152,6 +152,37 @@ def test_submit_returns_once_a_replica_has_the_job_and_its_message(
     wait_until(lambda: one_replica.primary() is replica, 60, "the replica to be promoted")
     assert farm.store.state(job_id) == JobState.WAITING
     assert replica_has(replica, job_id) == (True, True)
+
+
+# -- a primary with no replica takes no write ----------------------------------------------
+def test_a_primary_left_without_replicas_takes_no_write_and_the_farm_waits(tmp_path: Path):
+    """``min-replicas-to-write 1`` (as ``up --replicas`` runs it): the only replica gone, the
+    primary refuses writes, even the nodes' ``BRPOP``. A submission then fails with a
+    clear error after the clients' retries (never acknowledged, so nothing is lost), and
+    the node is not stopped by the refusals (Celery takes a reply error from its broker as
+    unrecoverable: the connection turns it into a lost connection); once the replica is
+    back, a job submitted runs on that same node."""
+    cluster = LocalCluster(tmp_path, extra_env=WORKER_ENV, password=PASSWORD, replicas=1)
+    with running(cluster, ["lonely-node"]):
+        farm = Farm(Settings.from_env({**cluster.env, "CELERYFARM_USER": "ann"}))
+        servers = cluster.redis
+        assert isinstance(servers, ReplicatedRedis)
+        primary = servers.primary()
+        replica = next(s for s in servers.servers if s is not primary)
+        first, _ = submit(farm, [["true"]])
+        wait_until(lambda: farm.store.state(first) == JobState.COMPLETED, 60, "a first job")
+        replica.stop()
+        direct = redis.Redis.from_url(primary.url, socket_timeout=5)
+        with pytest.raises(redis.ResponseError, match="NOREPLICAS"):
+            direct.set("celeryfarm:probe", 1)
+        with pytest.raises(redis.ConnectionError, match="the primary refuses writes"):
+            submit(farm, [["true"]])
+        replica.start()
+        servers.wait_ready(30)
+        second, _ = submit(farm, [["true"]])
+        wait_until(lambda: farm.store.state(second) == JobState.COMPLETED, 60,
+                   "a job submitted once the replica is back")
+        assert cluster.workers["lonely-node"].poll() is None
 
 
 # -- settings --------------------------------------------------------------------------------

@@ -15,16 +15,15 @@ When ``WAIT`` times out (no replica answered in time: the replicas are down or f
 the write stands, as it must: it was made, and an artist who saw an error would submit the
 same job again. It is logged as not yet replicated, and the farm carries on: a farm with a
 dead replica keeps rendering. A primary cut off from every replica for longer refuses
-writes itself (``min-replicas-to-write``, set by ``celeryfarm up --replicas``); that
-refusal (``NOREPLICAS``) is retried here for a bounded time, then raised as a
-:class:`redis.ConnectionError`: for the farm, that primary is unreachable.
+writes itself (``min-replicas-to-write``, set by ``celeryfarm up --replicas``): for the
+farm's clients, that primary is out of reach (see
+:class:`celeryfarm.redisclient.FollowingConnection`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -37,10 +36,6 @@ if TYPE_CHECKING:
     from ..config import Settings
 
 logger = logging.getLogger(__name__)
-#: How Redis starts its refusal of a write when too few replicas are connected.
-NO_REPLICAS = "NOREPLICAS"
-#: Back-off between tries of a refused write (seconds), and how long to keep trying.
-RETRY_SECONDS, RETRY_FOR_SECONDS = 0.25, 10.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,38 +67,21 @@ def run(client: redis.Redis, script: Script, keys: Sequence[Any], args: Sequence
     with ``wait``, ``WAIT`` for its replicas in the same round trip; the script's reply."""
     if not wait:
         return script(keys=keys, args=args, client=client)
-    deadline = time.monotonic() + RETRY_FOR_SECONDS
-    while True:
+    for loaded in (False, True):
         pipe = client.pipeline(transaction=False)
         pipe.evalsha(script.sha, len(keys), *keys, *args)
         pipe.execute_command("WAIT", wait.replicas, wait.timeout_ms)
         try:
             reply, acknowledged = pipe.execute()
+            break
         except redis.exceptions.NoScriptError:  # a new primary, or a restarted one
-            if time.monotonic() > deadline:
+            if loaded:
                 raise
             client.script_load(script.script)
-            continue
-        except redis.ResponseError as error:
-            if not _refused(error):
-                raise
-            if time.monotonic() > deadline:
-                raise redis.ConnectionError(f"the primary refuses writes: {error}") from None
-            # Cut off from its replicas, it may no longer be the primary: connect afresh,
-            # through the sentinels, to the one they name.
-            client.connection_pool.disconnect(inuse_connections=False)
-            time.sleep(RETRY_SECONDS)
-            continue
-        if acknowledged < wait.replicas:
-            logger.warning("%s: not yet on %d replica(s) after %d ms (%d acknowledged); it "
-                           "stands, but a failover now would lose it", what, wait.replicas,
-                           wait.timeout_ms, acknowledged)
-        return reply
+    if acknowledged < wait.replicas:
+        logger.warning("%s: not yet on %d replica(s) after %d ms (%d acknowledged); it "
+                       "stands, but a failover now would lose it", what, wait.replicas,
+                       wait.timeout_ms, acknowledged)
+    return reply
 
 
-
-def _refused(error: redis.ResponseError) -> bool:
-    """Whether Redis refused the write for want of replicas (a pipeline's error names the
-    command first: "Command # 1 (...) of pipeline caused error: NOREPLICAS ...")."""
-    text = str(error)
-    return text.startswith(NO_REPLICAS) or f"caused error: {NO_REPLICAS}" in text

@@ -29,7 +29,8 @@ from celeryfarm.config import Settings
 from celeryfarm.errors import ConfigError
 from celeryfarm.farm import Farm
 from celeryfarm.records.replication import ReplicaWait
-from celeryfarm.records.states import JobState
+from celeryfarm.records.states import ClaimStatus, JobState, StepOutcome
+from celeryfarm.records.store import Token
 from celeryfarm.redisserver import RedisServer, ReplicatedRedis
 from celeryfarm.testing.cluster import LocalCluster
 
@@ -115,6 +116,31 @@ def test_a_write_no_replica_acknowledges_in_time_stands_and_is_logged(
     assert f"job {job_id} sent: not yet on 1 replica(s)" in caplog.text
     wait_until(lambda: replica_has(replica, job_id) == (True, True), 10,
                "the resumed replica to have the job")
+
+
+def test_a_steps_start_and_end_and_a_stop_wait_for_a_replica(
+    one_replica: ReplicatedRedis, tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    """The other writes the farm acknowledges wait for a replica too, each on its own
+    connection: a node's claim of a step (its fencing token: the render starts after it),
+    the step's end (here Completed), and a stop. The replica frozen, each is logged as not
+    yet replicated: the ``WAIT`` ran after it and timed out."""
+    farm = farm_on(one_replica, tmp_path, wait_seconds=0.2)
+    replica = next(s for s in one_replica.servers if s is not one_replica.primary())
+    ran, _ = submit(farm, [["true"]], settings={"pool": IDLE_POOL})
+    stopped, _ = submit(farm, [["true"]], settings={"pool": IDLE_POOL})
+    token, owner = Token(ran, 1, 1, 0), "test-owner"
+    with caplog.at_level(logging.WARNING, "celeryfarm.records.replication"), frozen(replica):
+        status, _detail, _record = farm.store.claim(token, owner, "test-node", 60_000)
+        assert status == ClaimStatus.OK
+        assert farm.store.finish(token, owner, StepOutcome.SUCCEEDED, last=True)
+        farm.stop(stopped)
+    not_yet = ": not yet on 1 replica(s) after 200 ms"
+    for what in (f"job {ran} step 0 claimed", f"job {ran} step 0 succeeded",
+                 f"job {stopped} cancel"):
+        assert what + not_yet in caplog.text, caplog.text
+    wait_until(lambda: farm.store.state(ran) == JobState.COMPLETED
+               and farm.store.state(stopped) == JobState.CANCELLED, 10, "the writes")
 
 
 def test_submit_returns_once_a_replica_has_the_job_and_its_message(

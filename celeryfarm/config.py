@@ -20,9 +20,9 @@ from .sentinel import SentinelUrl, uses_sentinel
 from .tls import Tls, check_urls
 
 PREFIX = "CELERYFARM_"
-#: Settings that hold credentials; each may instead come from a file named by ``NAME_FILE``.
 #: How long the farm's Redis clients wait for a reply (``records.store.connect``).
 STORE_SOCKET_TIMEOUT = 10
+#: Settings that hold credentials; each may instead come from a file named by ``NAME_FILE``.
 SECRETS = ("BROKER_URL", "RESULT_BACKEND", "STORE_URL", "FLOWER_PASSWORD", "ADMIN_URL")
 
 

@@ -16,20 +16,23 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import redis
 from redis.backoff import ExponentialBackoff
+from redis.commands.core import Script
 from redis.retry import Retry
 
 from .. import redisclient
+from ..config import STORE_SOCKET_TIMEOUT
 from ..errors import CorruptRecord, JobNotFound
 from ..jobs import JobRecord, Listed
 from ..metrics import STEP_BUCKETS
 from ..tls import Tls
 from . import fields as codec
-from . import states
+from . import replication, states
 from .keys import Keys, owner_of
+from .replication import ReplicaWait
 from .scripts import Scripts
 from .states import TRANSITIONS, Event, sources_arg
 
@@ -54,7 +57,7 @@ def connect(url: str, tls: Tls | None = None, master: str = "") -> redis.Redis:
         url, tls, master,
         decode_responses=True,
         socket_connect_timeout=5,
-        socket_timeout=10,
+        socket_timeout=STORE_SOCKET_TIMEOUT,
         socket_keepalive=True,
         health_check_interval=15,
         retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=8),
@@ -107,16 +110,20 @@ def _seconds_arg(seconds: float | None) -> str:
 class JobStore:
     """Reads and writes job records. Safe to share between threads."""
 
-    def __init__(self, client: redis.Redis, prefix: str = "celeryfarm") -> None:
+    def __init__(self, client: redis.Redis, prefix: str = "celeryfarm",
+                 wait: ReplicaWait = replication.NO_WAIT) -> None:
         self.redis = client
         self.keys = Keys(prefix)
         self.scripts = Scripts(client)
+        #: With a replicated Redis, the writes the farm acknowledges wait for replicas
+        #: (see :mod:`celeryfarm.records.replication`).
+        self.wait = wait
 
     @classmethod
     def from_settings(cls, settings: Settings) -> JobStore:
         """The store at the farm's records URL."""
         return cls(connect(settings.records_url, settings.tls, settings.sentinel_master),
-                   settings.key_prefix)
+                   settings.key_prefix, ReplicaWait.of(settings))
 
     # -- creating ----------------------------------------------------------------------------
     def create(self, record: JobRecord, dispatching: bool = True) -> None:
@@ -190,8 +197,11 @@ class JobStore:
         out of the outbox and makes its next step await a node, in the same write. A
         client's job is taken into those shared sets by a node (:meth:`adopt`)."""
         shared = [self.keys.outbox, self.keys.awaiting] if by_node else []
-        self.scripts.sent(keys=[self.keys.job(job_id), self.feed(job_id), *shared],
-                          args=[job_id, json.dumps(list(task_ids)), dispatch])
+        # A submission's last write: once a replica has it, it has the record and the
+        # broker message written before it too (see replication.py).
+        self._acknowledged(self.scripts.sent, f"job {job_id} sent",
+                           keys=[self.keys.job(job_id), self.feed(job_id), *shared],
+                           args=[job_id, json.dumps(list(task_ids)), dispatch])
 
     def unsendable(self, job_id: str) -> None:
         """Take a job whose dispatch must not be sent (it ended meanwhile) out of the
@@ -219,7 +229,8 @@ class JobStore:
         (LIMITED). ``commands`` (a step message's, from its step on) must be the record's,
         else nothing changes (FORGED)."""
         claim = TRANSITIONS[Event.CLAIM]
-        status, detail, *record = self.scripts.claim(
+        status, detail, *record = self._acknowledged(
+            self.scripts.claim, f"job {token.job_id} step {token.step} claimed",
             keys=[*self._step_keys(token.job_id), self.keys.limits, self.keys.limit_holders,
                   self.keys.retries, self.feed(token.job_id)],
             args=[token.job_id, token.attempt, token.dispatch, token.step, owner, node,
@@ -263,7 +274,8 @@ class JobStore:
         next_step = token.step + 1 if succeeded else ""
         # The next step awaits a node from now on: Celery sends it once the task returns.
         awaited = sources_arg(Event.CLAIM) if succeeded and not last else ""
-        return bool(self.scripts.finish(
+        return bool(self._acknowledged(
+            self.scripts.finish, f"job {token.job_id} step {token.step} {outcome}",
             keys=[*self._step_keys(token.job_id), self.keys.stats,
                   self.keys.frames_done(token.job_id, token.attempt), self.feed(token.job_id)],
             args=[token.job_id, token.attempt, token.dispatch, token.step, owner,
@@ -279,7 +291,8 @@ class JobStore:
         :meth:`finish`. Returns the try's counter after it, 0 if the execution was no longer
         current or the job was stopped meanwhile."""
         retry = TRANSITIONS[Event.RETRY]
-        return int(self.scripts.retry(
+        return int(self._acknowledged(
+            self.scripts.retry, f"job {token.job_id} step {token.step} to retry",
             keys=[*self._step_keys(token.job_id)[:3], self.keys.retries, self.keys.stats,
                   self.keys.frames_done(token.job_id, token.attempt), self.feed(token.job_id)],
             args=[token.job_id, token.attempt, token.dispatch, token.step, owner, delay_ms,
@@ -391,7 +404,8 @@ class JobStore:
         False if the hold had expired (another reaper took the step) or the job had moved
         on (cancelled, restarted)."""
         job_id = loss.job_id
-        return bool(self.scripts.fail_lost(
+        return bool(self._acknowledged(
+            self.scripts.fail_lost, f"job {job_id} failed",
             keys=[self.keys.job(job_id), self.keys.leases, self.keys.events(job_id),
                   self.feed(job_id)],
             args=[job_id, loss.hold, loss.attempt, loss.lost, reason, sources_arg(Event.FAIL),
@@ -436,17 +450,28 @@ class JobStore:
         args: list[object] = [job_id, attempt, sources_arg(event), TRANSITIONS[event].target]
         for name, value in changes.items():
             args += [name, codec.text(value)]
-        pipe = self.redis.pipeline(transaction=True)
-        self.scripts.transition(keys=[self.keys.job(job_id), self.feed(job_id)], args=args,
-                                client=pipe)
+        keys = [self.keys.job(job_id), self.feed(job_id)]
         if dispatching:
+            pipe = self.redis.pipeline(transaction=True)
+            self.scripts.transition(keys=keys, args=args, client=pipe)
             # In the same write, outside the script: an artist may push to the inbox, but
             # not name it in a script. An entry for a change refused is harmless (adopt.lua).
+            # Replicas: its dispatch's sent() follows, and waits for them.
             pipe.rpush(self.keys.inbox, job_id)
-        applied = pipe.execute()[0]
+            applied = pipe.execute()[0]
+        else:
+            applied = self._acknowledged(self.scripts.transition, f"job {job_id} {event}",
+                                         keys=keys, args=args)
         if applied == -1:
             raise JobNotFound(job_id)
         return applied == 1
+
+    def _acknowledged(self, script: Script, what: str, keys: Sequence[object],
+                      args: Sequence[object]) -> Any:
+        """Run a script whose write the farm acknowledges (a submission, a step's start or
+        end, a stop): with replicas, only once they have it (``what`` names it in the log
+        if they do not in time; see :mod:`celeryfarm.records.replication`)."""
+        return replication.run(self.redis, script, keys, args, self.wait, what)
 
     # -- reads -------------------------------------------------------------------------------
     def get(self, job_id: str) -> JobRecord:

@@ -22,7 +22,8 @@ rights. A job's user is the authenticated Redis user (:func:`authenticated_user`
 Run as ``python -m celeryfarm.acl [--replication] PATH`` (the compose file's ``preflight``
 service), it writes the roles' lines of a Redis ACL file to PATH, with the passwords of the
 variables ``CELERYFARM_REDIS_{ADMIN,NODE,FLOWER}_PASSWORD`` (and with ``--replication``,
-``CELERYFARM_REDIS_{REPLICA,SENTINEL}_PASSWORD``) as SHA-256 hashes.
+``CELERYFARM_REDIS_{REPLICA,SENTINEL}_PASSWORD``) as SHA-256 hashes; as
+``python -m celeryfarm.acl --sentinels PATH``, the sentinels' own users' ACL file.
 """
 
 from __future__ import annotations
@@ -74,6 +75,23 @@ REPLICATION_RULES = {
     SENTINEL: ("resetkeys", "resetchannels", "-@all", "&__sentinel__:hello", "+multi",
                "+exec", "+slaveof", "+ping", "+subscribe", "+publish", "+config|rewrite",
                "+role", "+info", "+client|setname", "+client|kill", "+script|kill"),
+}
+#: The users of the sentinels themselves (they have no keys, only Sentinel's commands):
+#: ``default`` is the farm's clients' (its password is ``CELERYFARM_SENTINEL_PASSWORD``):
+#: it may only find the primary and the replicas and follow a failover, never reconfigure
+#: the sentinels (``SENTINEL SET``, ``MONITOR``, ``REMOVE``, ``RESET``, ``FAILOVER``,
+#: ``CONFIG``, ``ACL``, ``SHUTDOWN``); ``sentinel`` is the sentinels' own among themselves
+#: (``sentinel sentinel-user``): hellos and failover votes; ``admin`` is the operators'.
+SENTINEL_CLIENT = "default"
+SENTINEL_RULES = {
+    SENTINEL_CLIENT: ("resetchannels", "-@all", "+ping", "+hello", "+client|setname",
+                      "+sentinel|get-master-addr-by-name",
+                      "+sentinel|master", "+sentinel|masters", "+sentinel|replicas",
+                      "+sentinel|slaves", "+sentinel|sentinels", "+subscribe",
+                      "+unsubscribe", "&+switch-master"),
+    SENTINEL: ("resetchannels", "-@all", "&__sentinel__:hello", "+ping", "+publish",
+               "+client|setname", "+sentinel|is-master-down-by-addr"),
+    ADMIN: ("+@all", "&*"),
 }
 
 
@@ -174,6 +192,11 @@ def replication_users(passwords: Mapping[str, str]) -> list[FarmUser]:
             for role in REPLICATION_ROLES]
 
 
+def sentinel_users(passwords: Mapping[str, str]) -> list[FarmUser]:
+    """The sentinels' users (``SENTINEL_RULES``) with ``passwords`` (user -> password)."""
+    return [FarmUser(name, passwords[name], rules) for name, rules in SENTINEL_RULES.items()]
+
+
 def artist_user(name: str, settings: Settings, wrangler: bool = False,
                 password: str = "") -> FarmUser:
     return FarmUser(name, password or new_password(),
@@ -235,17 +258,44 @@ def write_roles(path: Path, environ: Mapping[str, str], replication: bool = Fals
     users = role_users(settings, passwords)
     if replication:
         users += replication_users(passwords)
+    _write_hashes(path, acl_file(users))
+
+
+#: Where :func:`write_sentinel_users` reads each sentinel user's password.
+SENTINEL_PASSWORD_VARIABLES = {SENTINEL_CLIENT: "CELERYFARM_SENTINEL_PASSWORD",
+                               SENTINEL: password_variable(SENTINEL),
+                               ADMIN: password_variable(ADMIN)}
+
+
+def write_sentinel_users(path: Path, environ: Mapping[str, str]) -> None:
+    """Write the sentinels' ACL file (their ``aclfile``): :func:`sentinel_users` with the
+    passwords of ``SENTINEL_PASSWORD_VARIABLES``; readable by all: it holds only hashes."""
+    passwords = {user: environ.get(variable, "")
+                 for user, variable in SENTINEL_PASSWORD_VARIABLES.items()}
+    missing = [SENTINEL_PASSWORD_VARIABLES[user] for user, value in passwords.items()
+               if not value]
+    if missing:
+        raise ConfigError(f"{', '.join(missing)} not set")
+    _write_hashes(path, "".join(user.acl_line() + "\n" for user in sentinel_users(passwords)))
+
+
+def _write_hashes(path: Path, text: str) -> None:
+    """Replace the ACL file ``path`` at once with ``text`` (hashes only: readable by all)."""
     partial = path.with_name(f".{path.name}.{os.getpid()}")
-    partial.write_text(acl_file(users))
+    partial.write_text(text)
     partial.chmod(0o644)
     partial.replace(path)
 
 
 if __name__ == "__main__":
-    # --replication (docker-compose.sentinel.yml): the replicas' and sentinels' users too.
-    replicated = "--replication" in sys.argv[1:]
-    arguments = [arg for arg in sys.argv[1:] if arg != "--replication"]
+    # --replication (docker-compose.sentinel.yml): the replicas' and sentinels' users too;
+    # --sentinels: the users of the sentinels themselves.
+    flags = {arg for arg in sys.argv[1:] if arg.startswith("--")}
+    arguments = [arg for arg in sys.argv[1:] if arg not in flags]
     try:
-        write_roles(Path(arguments[0]), os.environ, replicated)
+        if "--sentinels" in flags:
+            write_sentinel_users(Path(arguments[0]), os.environ)
+        else:
+            write_roles(Path(arguments[0]), os.environ, "--replication" in flags)
     except (ConfigError, OSError, IndexError) as error:
         sys.exit(f"cannot write the farm's Redis users: {error}")

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import redis
 
+from . import acl
 from .errors import RedisServerError
 from .tls import Tls
 
@@ -149,9 +150,11 @@ class RedisServer:
     def start(self, timeout: float = 20.0) -> RedisServer:
         """Start the server and wait until it answers PING."""
         self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # Owner-only files: a sentinel rewrites its configuration (which holds passwords)
+        # with the mode its umask allows.
         self.process = subprocess.Popen(
             self.command(), stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE, start_new_session=True,
+            stderr=subprocess.PIPE, start_new_session=True, umask=0o077,
         )
         assert self.process.stdin is not None
         if self.process.args[-1] == "-":
@@ -205,17 +208,25 @@ class SentinelServer(RedisServer):
     sentinel started again remembers what it learnt (which server is the primary now).
     ``down_after_ms`` is how long the primary must be silent before the sentinels agree it
     is down and promote a replica. ``user`` and ``password`` are what it authenticates to
-    the servers as."""
+    the servers as.
+
+    With ``acl_lines`` (:func:`celeryfarm.acl.sentinel_users`' lines), the sentinel asks
+    its own clients to authenticate: this object as the ``default`` user with
+    ``client_password``, the other sentinels as ``peer`` (user, password)."""
 
     def __init__(self, data_dir: Path, primary_port: int, master: str, password: str = "",
-                 down_after_ms: int = 5000, port: int | None = None, user: str = "") -> None:
+                 down_after_ms: int = 5000, port: int | None = None, user: str = "",
+                 acl_lines: Sequence[str] = (), client_password: str = "",
+                 peer: tuple[str, str] | None = None) -> None:
         super().__init__(data_dir, port, password=password, appendonly=False, user=user)
         self.primary_port, self.master, self.down_after_ms = primary_port, master, down_after_ms
+        self.acl_lines, self.client_password, self.peer = list(acl_lines), client_password, peer
         self._configured = False
 
     @property
     def url(self) -> str:
-        return f"{'rediss' if self.tls else 'redis'}://127.0.0.1:{self.port}/0"
+        auth = f":{self.client_password}@" if self.client_password else ""
+        return f"{'rediss' if self.tls else 'redis'}://{auth}127.0.0.1:{self.port}/0"
 
     def command(self) -> list[str]:
         binary, _stdin = super().command()
@@ -242,6 +253,10 @@ class SentinelServer(RedisServer):
             lines.append(f"sentinel auth-user {name} {self.user}")
         if self.password:
             lines.append(f"sentinel auth-pass {name} {self.password}")
+        lines += self.acl_lines
+        if self.peer:
+            lines += [f"sentinel sentinel-user {self.peer[0]}",
+                      f"sentinel sentinel-pass {self.peer[1]}"]
         return "\n".join(lines) + "\n"
 
 
@@ -261,6 +276,12 @@ class ReplicatedRedis:
     authenticate to the primary with, ``sentinel`` the sentinels' (see
     :data:`celeryfarm.acl.REPLICATION_ROLES`). Without, they all use ``password``.
 
+    With ``sentinel_password``, the sentinels ask their clients to authenticate (the
+    users of :func:`celeryfarm.acl.sentinel_users`): the farm's clients with that
+    password, which lets them only find the primary; the sentinels among themselves as
+    ``sentinel`` (with the password of ``sentinel``, else ``password``); operators as
+    ``admin`` with ``password``.
+
     Every server, as a primary, refuses writes while fewer than ``min_replicas`` replicas
     are connected and caught up: a primary cut off from all its replicas takes nothing it
     would lose (with one replica, its death pauses the farm's writes until it is back)."""
@@ -274,7 +295,8 @@ class ReplicatedRedis:
                  down_after_ms: int = 5000, ports: Sequence[int] = (),
                  primary: int = 0, acl_users: bool = False, user: str = "",
                  replication: tuple[str, str] | None = None,
-                 sentinel: tuple[str, str] | None = None, min_replicas: int = 1) -> None:
+                 sentinel: tuple[str, str] | None = None, min_replicas: int = 1,
+                 sentinel_password: str = "") -> None:
         self.data_dir = Path(data_dir)
         self.master, self.password, self.user = master, password, user
         count = replicas + 1
@@ -290,11 +312,17 @@ class ReplicatedRedis:
                         acl_file=folders[n] / "users.acl" if acl_users else None, user=user,
                         masterauth=replication, min_replicas=min(min_replicas, replicas))
             for n in range(count)]
-        sentinel_user, sentinel_password = sentinel or ("", password)
+        auth_user, auth_password = sentinel or ("", password)
+        peer = (acl.SENTINEL, auth_password)
+        users = acl.sentinel_users({acl.SENTINEL_CLIENT: sentinel_password,
+                                    acl.SENTINEL: peer[1], acl.ADMIN: password})
+        guarded = {"acl_lines": [user.acl_line() for user in users],
+                   "client_password": sentinel_password, "peer": peer} \
+            if sentinel_password else {}
         self.sentinels = [
             SentinelServer(self.data_dir / f"redis-sentinel-{n + 1}", ports[primary], master,
-                           sentinel_password, down_after_ms, port=ports[count + n],
-                           user=sentinel_user)
+                           auth_password, down_after_ms, port=ports[count + n],
+                           user=auth_user, **guarded)
             for n in range(self.SENTINELS)]
 
     @property

@@ -15,7 +15,7 @@ from typing import Any
 from celery import Celery
 
 from .config import Settings
-from .redisclient import TRANSPORT
+from .redisclient import TRANSPORT, sentinel_kwargs
 from .sentinel import uses_sentinel
 
 #: The one task a render node runs: a step of a job (the client names it, never imports it).
@@ -77,20 +77,22 @@ def celery_config(settings: Settings) -> dict:
     # primary that froze (a hung host: no connection is reset) is given up within seconds,
     # so every process asks again (Celery issue 6348).
     # With TLS, the sentinels too are reached over TLS (``sentinel_kwargs``: the connections
-    # to the sentinels; ``broker_use_ssl`` and ``redis_backend_use_ssl``: to the servers).
+    # to the sentinels; ``broker_use_ssl`` and ``redis_backend_use_ssl``: to the servers);
+    # with CELERYFARM_SENTINEL_PASSWORD, authenticated to them.
+    guarded = bool(settings.sentinel_password)
     if uses_sentinel(settings.broker_url):
         transport.update(master_name=settings.sentinel_master, **SENTINEL_TIMEOUTS)
         config["broker_transport"] = TRANSPORT
-        if settings.tls.encrypts(settings.broker_url):
+        if guarded or settings.tls.encrypts(settings.broker_url):
             timeouts = {name: value for name, value in SENTINEL_TIMEOUTS.items()
                         if name.startswith("socket_")}
-            transport["sentinel_kwargs"] = {
-                **timeouts, **settings.tls.sentinel_options(settings.broker_url)}
+            transport["sentinel_kwargs"] = sentinel_kwargs(
+                settings.broker_url, settings.tls, settings.sentinel_password, **timeouts)
     if uses_sentinel(settings.results_url):
         results_transport["master_name"] = settings.sentinel_master
-        if settings.tls.encrypts(settings.results_url):
-            results_transport["sentinel_kwargs"] = settings.tls.sentinel_options(
-                settings.results_url)
+        if guarded or settings.tls.encrypts(settings.results_url):
+            results_transport["sentinel_kwargs"] = sentinel_kwargs(
+                settings.results_url, settings.tls, settings.sentinel_password)
         # Celery's Sentinel backend takes its socket timeouts from these, not its options.
         config["redis_socket_timeout"] = SENTINEL_TIMEOUTS["socket_timeout"]
         config["redis_socket_connect_timeout"] = SENTINEL_TIMEOUTS["socket_connect_timeout"]

@@ -32,6 +32,7 @@ from .progress import frame_count, seconds_left
 from .records.keys import short_id
 from .records.states import JobState
 from .retries import bad_nodes, try_label
+from .sentinel import uses_sentinel
 from .session import Session, make_local_farm
 from .terminal import styled_state, table, when
 
@@ -218,7 +219,8 @@ def worker(session: Session, queues: str, concurrency: int, name: str, check: bo
     settings = session.node_settings
     if not check and root_problem(settings):  # a health check runs nothing
         raise FarmError(root_problem(settings))
-    check_redis(settings.broker_url, settings.tls, settings.sentinel_master)
+    check_redis(settings.broker_url, settings.tls, settings.sentinel_master,
+                settings.sentinel_password)
     if check:
         from .celery import create_app
 
@@ -535,10 +537,13 @@ def user_add(session: Session, name: str, wrangler: bool) -> None:
 
     admin_url = session.admin_url()
     settings = session.local_settings
+    # The sentinels' password: this environment's, or that of the farm `up` runs here.
+    sentinel_password = session.settings.sentinel_password
     artist = acl.artist_user(acl.check_name(name), settings, wrangler)
     # Every server of a replicated Redis: users are not replicated.
     for admin in redisclient.every_server(admin_url, settings.tls, settings.sentinel_master,
-                                          socket_connect_timeout=5, socket_timeout=10):
+                                          sentinel_password, socket_connect_timeout=5,
+                                          socket_timeout=10):
         try:
             acl.set_user(admin, artist)
         finally:
@@ -548,6 +553,8 @@ def user_add(session: Session, name: str, wrangler: bool) -> None:
     values = {PREFIX + "BROKER_URL": artist.url(admin_url)}
     if settings.key_prefix != Settings().key_prefix:
         values[PREFIX + "KEY_PREFIX"] = settings.key_prefix
+    if sentinel_password and uses_sentinel(admin_url):
+        values[PREFIX + "SENTINEL_PASSWORD"] = sentinel_password
     for variable, value in values.items():
         click.echo(f"export {variable}={shlex.quote(value)}")
     click.echo(f"# and {PREFIX}SHARED_ROOT: where that workstation mounts the shared folder")

@@ -23,7 +23,8 @@ PREFIX = "CELERYFARM_"
 #: How long the farm's Redis clients wait for a reply (``records.store.connect``).
 STORE_SOCKET_TIMEOUT = 10
 #: Settings that hold credentials; each may instead come from a file named by ``NAME_FILE``.
-SECRETS = ("BROKER_URL", "RESULT_BACKEND", "STORE_URL", "FLOWER_PASSWORD", "ADMIN_URL")
+SECRETS = ("BROKER_URL", "RESULT_BACKEND", "STORE_URL", "FLOWER_PASSWORD", "ADMIN_URL",
+           "SENTINEL_PASSWORD")
 
 
 def _parse_dso_paths(text: str) -> dict[str, str]:
@@ -54,6 +55,9 @@ class Settings:
     tls: Tls = dataclasses.field(default_factory=Tls)
     #: The primary's name, for ``sentinel://`` URLs (see :mod:`celeryfarm.sentinel`).
     sentinel_master: str = "celeryfarm"
+    #: The password the sentinels ask of the farm's clients, for ``sentinel://`` URLs: it
+    #: lets them only find the primary and the replicas (see :mod:`celeryfarm.acl`).
+    sentinel_password: str = ""
     #: With ``sentinel://`` URLs (a replicated Redis): how many replicas must have a write
     #: the farm acknowledges (a submission, a step's start and end, a stop) before it is
     #: acknowledged (0: none), and how long to wait for them before going on without (see
@@ -172,6 +176,7 @@ class Settings:
             ("TLS_CERT_FILE", self.tls.cert_file, defaults.tls.cert_file),
             ("TLS_KEY_FILE", self.tls.key_file, defaults.tls.key_file),
             ("SENTINEL_MASTER", self.sentinel_master, defaults.sentinel_master),
+            ("SENTINEL_PASSWORD", self.sentinel_password, defaults.sentinel_password),
         ):
             if value != default:
                 env[PREFIX + name] = f"{value:g}" if isinstance(value, float) else str(value)
@@ -244,6 +249,7 @@ class Settings:
             store_url=secret("STORE_URL"),
             tls=tls,
             sentinel_master=get("SENTINEL_MASTER") or defaults.sentinel_master,
+            sentinel_password=secret("SENTINEL_PASSWORD"),
             wait_replicas=_count("WAIT_REPLICAS", get("WAIT_REPLICAS"), defaults.wait_replicas),
             wait_seconds=number("WAIT_SECONDS", defaults.wait_seconds),
             shared_root=shared_root,

@@ -72,7 +72,8 @@ def _redis(settings: Settings) -> str:
 
     urls = dict.fromkeys([settings.broker_url, settings.records_url, settings.results_url])
     for url in urls:
-        check_redis(url, settings.tls, settings.sentinel_master)
+        check_redis(url, settings.tls, settings.sentinel_master,
+                    settings.sentinel_password)
     return f"{redact(settings.broker_url)} answers"
 
 

@@ -341,7 +341,8 @@ class Farm:
         """Celery's results, read with the records' retries: Celery's own client gives up at
         the first lost connection (a Redis restart, a failover)."""
         settings = self.settings
-        return connect(settings.results_url, settings.tls, settings.sentinel_master)
+        return connect(settings.results_url, settings.tls, settings.sentinel_master,
+                       settings.sentinel_password)
 
     def _task_states(self, task_ids: list[str]) -> list[str]:
         """Celery states of many tasks in one round trip; unknown ids are PENDING."""

@@ -33,9 +33,12 @@ def protect_metrics() -> None:
 
 def sentinel_queues(settings: Settings, broker_options: dict[str, Any]) -> Any:
     """Flower's Redis queue reader for the farm's ``sentinel://`` broker: every sentinel
-    of the URL, the primary they name, over TLS (verified) when the farm's Redis is."""
+    of the URL (with the sentinels' password), the primary they name, over TLS (verified)
+    when the farm's Redis is."""
     from flower.utils.broker import RedisBase
     from redis.asyncio.sentinel import Sentinel
+
+    from .redisclient import sentinel_kwargs
 
     class SentinelQueues(RedisBase):
         def __init__(self) -> None:
@@ -44,9 +47,8 @@ def sentinel_queues(settings: Settings, broker_options: dict[str, Any]) -> Any:
             target = SentinelUrl.parse(url)
             timeouts = {"socket_timeout": self.socket_timeout,
                         "socket_connect_timeout": self.socket_connect_timeout}
-            sentinels = Sentinel(
-                list(target.sentinels),
-                sentinel_kwargs={**timeouts, **settings.tls.sentinel_options(url)})
+            sentinels = Sentinel(list(target.sentinels), sentinel_kwargs=sentinel_kwargs(
+                url, settings.tls, settings.sentinel_password, **timeouts))
             self.redis = sentinels.master_for(
                 settings.sentinel_master, username=target.username,
                 password=target.password, db=target.db, **timeouts,

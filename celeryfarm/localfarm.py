@@ -109,12 +109,15 @@ class FarmState:
     #: machine ("": the farm has no ACL users, nodes use ``broker_url``).
     node_broker_url: str = ""
     sentinel_master: str = Settings.sentinel_master
+    #: The password the sentinels of ``up --replicas`` ask of the farm's clients.
+    sentinel_password: str = ""
 
     @property
     def env(self) -> dict[str, str]:
         """The variables a Katana session or another process needs to use this farm."""
         return Settings(broker_url=self.broker_url, shared_root=Path(self.shared_root),
-                        sentinel_master=self.sentinel_master).client_environment()
+                        sentinel_master=self.sentinel_master,
+                        sentinel_password=self.sentinel_password).client_environment()
 
     @property
     def node_env(self) -> dict[str, str]:
@@ -222,15 +225,16 @@ def wants_embedded_redis(settings: Settings, environ: Mapping[str, str]) -> bool
 
 
 def check_redis(url: str, tls: Tls | None = None, master: str = "",
-                timeout: float = 3.0) -> None:
+                sentinel_password: str = "", timeout: float = 3.0) -> None:
     """Raise :class:`FarmError` in one line unless the Redis at ``url`` answers (over TLS
     with its certificate verified, for ``rediss://``; the primary ``master``, for
-    ``sentinel://``)."""
+    ``sentinel://``, asked of sentinels that may want ``sentinel_password``)."""
     timeouts = {"socket_connect_timeout": timeout, "socket_timeout": timeout}
-    trouble = uses_sentinel(url) and redisclient.sentinel_trouble(url, tls, master, **timeouts)
+    trouble = uses_sentinel(url) and redisclient.sentinel_trouble(
+        url, tls, master, sentinel_password, **timeouts)
     if trouble:
         raise FarmError(f"cannot reach the farm's Redis at {redact(url)}: {trouble}")
-    client = redisclient.client(url, tls, master, **timeouts)
+    client = redisclient.client(url, tls, master, sentinel_password, **timeouts)
     try:
         client.ping()
     except redis.RedisError as error:
@@ -377,7 +381,8 @@ class LocalFarm:
         elif self.embedded:
             self._start_redis(kept)
         else:
-            check_redis(self.broker_url, self.settings.tls, self.settings.sentinel_master)
+            check_redis(self.broker_url, self.settings.tls, self.settings.sentinel_master,
+                        self.settings.sentinel_password)
         names = [f"node{index}" for index in range(1, self.workers + 1)]
         for name in names:
             self._add(Child(name, lambda name=name: self._start_worker(name), _stop_worker))
@@ -406,6 +411,7 @@ class LocalFarm:
             embedded_redis=self.embedded,
             node_broker_url=self.role_urls.get(acl.NODE, ""),
             sentinel_master=self.settings.sentinel_master,
+            sentinel_password=self.settings.sentinel_password,
         )
         write_private(self.data_dir / STATE_FILE, dataclasses.asdict(self.state))
         return self.state
@@ -447,12 +453,16 @@ class LocalFarm:
         the sentinels said when the farm stopped, starts as the primary again.
 
         Every server has the farm's ACL users (replicas and sentinels their own, which may
-        only replicate and fail over); artists added since are kept from the primary's."""
+        only replicate and fail over); artists added since are kept from the primary's.
+        The sentinels ask a password of their clients (kept, and given to every client
+        with the farm's settings), which only lets them find the primary."""
         kept.pop("redis_password", None)  # the default user's, before ACL users
         users = embedded_users(self.settings, kept)
         passwords = kept["acl_passwords"]
         for role in acl.REPLICATION_ROLES:
             passwords.setdefault(role, acl.new_password())
+        sentinel_password = kept.setdefault("sentinel_password", acl.new_password())
+        self.settings = dataclasses.replace(self.settings, sentinel_password=sentinel_password)
         ports = kept.get("redis_ports") or []
         if len(ports) != self.replicas + 1 + ReplicatedRedis.SENTINELS or not all(
                 map(_port_free, ports)):
@@ -464,7 +474,8 @@ class LocalFarm:
             master=self.settings.sentinel_master, maxmemory=self.settings.redis_maxmemory,
             ports=ports, primary=primary, acl_users=True, user=acl.ADMIN,
             replication=(acl.REPLICA, passwords[acl.REPLICA]),
-            sentinel=(acl.SENTINEL, passwords[acl.SENTINEL]))
+            sentinel=(acl.SENTINEL, passwords[acl.SENTINEL]),
+            sentinel_password=sentinel_password)
         kept["redis_ports"] = self.redis.ports
         _write_acl_files([server.acl_file for server in self.redis.servers],
                          [*users.values(), *acl.replication_users(passwords)],

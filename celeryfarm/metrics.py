@@ -39,7 +39,8 @@ class FarmCollector:
         store = self.farm.store
         settings = self.farm.settings
         self.broker = self.broker or connect(settings.broker_url, settings.tls,
-                                             settings.sentinel_master)
+                                             settings.sentinel_master,
+                                             settings.sentinel_password)
         nodes = self.nodes.list()
         pools = sorted({pool for node in nodes for pool in node.pools}
                        | {self.farm.settings.default_queue})

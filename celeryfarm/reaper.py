@@ -64,7 +64,8 @@ class Reaper(threading.Thread):
         self.app, self.store, self.settings = app, store, settings
         self.node, self.pools, self.running = node, pools, running
         self.render_user = render_user
-        self.broker = connect(settings.broker_url, settings.tls, settings.sentinel_master)
+        self.broker = connect(settings.broker_url, settings.tls, settings.sentinel_master,
+                              settings.sentinel_password)
         self.root = SharedRoot(settings.shared_root)
         self.lease_ms = int(settings.lease_seconds * 1000)
         self.keep_ms = int(settings.keep_days * DAY_MS)

@@ -72,14 +72,24 @@ class Transport(kombu_redis.SentinelTransport):
 TRANSPORT = f"{__name__}:Transport"
 
 
-def client(url: str, tls: Tls | None = None, master: str = "", **options: Any) -> redis.Redis:
+def sentinel_kwargs(url: str, tls: Tls, password: str = "",
+                    **options: Any) -> dict[str, Any]:
+    """redis-py's options for the connections to the sentinels of ``url`` (its
+    ``sentinel_kwargs``, kombu's and Celery's too): ``options`` (timeouts), over TLS if the
+    farm's Redis is, authenticated with the sentinels' ``password`` if they ask one."""
+    auth = {"password": password} if password else {}
+    return {**options, **tls.sentinel_options(url), **auth}
+
+
+def client(url: str, tls: Tls | None = None, master: str = "", sentinel_password: str = "",
+           **options: Any) -> redis.Redis:
     """A client for the farm's Redis at ``url`` (``options`` are redis-py's: timeouts,
     retries, ``decode_responses``...); through the sentinels to the primary ``master``
-    for a Sentinel URL."""
+    for a Sentinel URL, authenticated to them with ``sentinel_password``."""
     tls = tls or Tls()
     if not uses_sentinel(url):
         return redis.Redis.from_url(url, **tls.redis_options(url), **options)
-    target, sentinels = _sentinels(url, tls, options)
+    target, sentinels = _sentinels(url, tls, sentinel_password, options)
     secure = tls.encrypts(url)
     return sentinels.master_for(
         master, username=target.username, password=target.password, db=target.db,
@@ -88,14 +98,14 @@ def client(url: str, tls: Tls | None = None, master: str = "", **options: Any) -
 
 
 def every_server(url: str, tls: Tls | None = None, master: str = "",
-                 **options: Any) -> list[redis.Redis]:
+                 sentinel_password: str = "", **options: Any) -> list[redis.Redis]:
     """Clients of every server behind ``url``: the primary and, through the sentinels, each
     replica (for what Redis does not replicate, such as ACL users)."""
-    primary = client(url, tls, master, **options)
+    primary = client(url, tls, master, sentinel_password, **options)
     if not uses_sentinel(url):
         return [primary]
     tls = tls or Tls()
-    target, sentinels = _sentinels(url, tls, options)
+    target, sentinels = _sentinels(url, tls, sentinel_password, options)
     replicas = [redis.Redis(host, port, db=target.db, username=target.username,
                             password=target.password, **tls.sentinel_options(url), **options)
                 for host, port in sentinels.discover_slaves(master)]
@@ -103,12 +113,13 @@ def every_server(url: str, tls: Tls | None = None, master: str = "",
 
 
 def sentinel_trouble(url: str, tls: Tls | None = None, master: str = "",
-                     **options: Any) -> str:
+                     sentinel_password: str = "", **options: Any) -> str:
     """Why the sentinels of ``url`` cannot name the primary ``master``, in one line, or ""
     if one does. Each is asked once, with no retry: redis-py's own search retries each
     sentinel with back-off for half a minute, then lists every sentinel's client rather
     than what went wrong (a certificate it cannot verify...)."""
-    _target, sentinels = _sentinels(url, tls or Tls(), {**options, "retry": None})
+    _target, sentinels = _sentinels(url, tls or Tls(), sentinel_password,
+                                    {**options, "retry": None})
     errors = []
     for sentinel in sentinels.sentinels:
         try:
@@ -123,12 +134,12 @@ def sentinel_trouble(url: str, tls: Tls | None = None, master: str = "",
     return f"no sentinel knows a primary named {master!r}"
 
 
-def _sentinels(url: str, tls: Tls,
+def _sentinels(url: str, tls: Tls, password: str,
                options: dict[str, Any]) -> tuple[SentinelUrl, Sentinel]:
     """The parts of a Sentinel URL, and its sentinels (with ``options``' timeouts, over
-    TLS if the farm's Redis is)."""
+    TLS if the farm's Redis is, with their ``password``)."""
     target = SentinelUrl.parse(url)
     timeouts = {name: options[name] for name in ("socket_timeout", "socket_connect_timeout",
                                                  "retry") if name in options}
     return target, Sentinel(list(target.sentinels),
-                            sentinel_kwargs={**timeouts, **tls.sentinel_options(url)})
+                            sentinel_kwargs=sentinel_kwargs(url, tls, password, **timeouts))

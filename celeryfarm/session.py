@@ -68,9 +68,11 @@ class Session:
 
         settings = self.settings
         # One quick, clear error rather than long retries.
-        check_redis(settings.broker_url, settings.tls, settings.sentinel_master)
+        check_redis(settings.broker_url, settings.tls, settings.sentinel_master,
+                    settings.sentinel_password)
         if settings.records_url != settings.broker_url:
-            check_redis(settings.records_url, settings.tls, settings.sentinel_master)
+            check_redis(settings.records_url, settings.tls, settings.sentinel_master,
+                        settings.sentinel_password)
         return Farm(settings)
 
     def point_at(self, env: dict[str, str]) -> None:

@@ -48,13 +48,14 @@ CHANGES_KEPT = 10_000
 STEP_BOUNDS = ",".join(f"{bound:g}" for bound in STEP_BUCKETS)
 
 
-def connect(url: str, tls: Tls | None = None, master: str = "") -> redis.Redis:
+def connect(url: str, tls: Tls | None = None, master: str = "",
+            sentinel_password: str = "") -> redis.Redis:
     """A Redis client that survives broker restarts and failovers: keepalive, health checks
     and retries, and timeouts so an unreachable Redis is an error, not a hang; over TLS for
     ``rediss://``, with Redis's certificate verified; through the sentinels to the primary
-    ``master`` for ``sentinel://``."""
+    ``master`` for ``sentinel://`` (sentinels that may ask ``sentinel_password``)."""
     return redisclient.client(
-        url, tls, master,
+        url, tls, master, sentinel_password,
         decode_responses=True,
         socket_connect_timeout=5,
         socket_timeout=STORE_SOCKET_TIMEOUT,
@@ -122,7 +123,8 @@ class JobStore:
     @classmethod
     def from_settings(cls, settings: Settings) -> JobStore:
         """The store at the farm's records URL."""
-        return cls(connect(settings.records_url, settings.tls, settings.sentinel_master),
+        return cls(connect(settings.records_url, settings.tls, settings.sentinel_master,
+                           settings.sentinel_password),
                    settings.key_prefix, ReplicaWait.of(settings))
 
     # -- creating ----------------------------------------------------------------------------

@@ -33,16 +33,19 @@ class LocalCluster:
         the nodes use the ``node`` user; :meth:`url_as` and :meth:`add_artist` give the
         others' credentials. With ``replicas``, a primary, its replicas and three sentinels
         that fail over within seconds of the primary's death (with ``password``, not ACL
-        users; with ``tls``, all of them on TLS only)."""
+        users; with ``tls``, all of them on TLS only), asking their clients for
+        :attr:`sentinel_password`."""
         if replicas and acl_users:
             raise ValueError("a LocalCluster with replicas has a password only")
         self.base = Path(base)
         self.shared_root = self.base / "shared"
         self.passwords = {role: acl.new_password() for role in acl.ROLES} if acl_users else {}
+        self.sentinel_password = acl.new_password() if replicas else ""
         self.redis: RedisServer | ReplicatedRedis
         if replicas:
             replicated = ReplicatedRedis(self.base / "redis", replicas, password,
-                                         down_after_ms=1000)
+                                         down_after_ms=1000,
+                                         sentinel_password=self.sentinel_password)
             self.redis = replicated.use_tls(tls) if tls else replicated
         else:
             self.redis = RedisServer(
@@ -57,7 +60,8 @@ class LocalCluster:
         """The ``CELERYFARM_*`` variables every client and worker of this farm uses."""
         url = self.url_as(acl.NODE) if self.passwords else self.redis.url
         tls = self.redis.tls.client if self.redis.tls else Tls()
-        settings = Settings(broker_url=url, shared_root=self.shared_root, tls=tls)
+        settings = Settings(broker_url=url, shared_root=self.shared_root, tls=tls,
+                            sentinel_password=self.sentinel_password)
         # Tests and CI run as root; the nodes are told they may (--allow-root).
         allow_root = {"CELERYFARM_ALLOW_ROOT": "1"} if os.geteuid() == 0 else {}
         return {**settings.client_environment(), **allow_root, **self.extra_env}
@@ -73,7 +77,8 @@ class LocalCluster:
 
     @property
     def settings(self) -> Settings:
-        return Settings.from_env({**self.extra_env, "CELERYFARM_BROKER_URL": self.redis.url})
+        return Settings.from_env({**self.extra_env, "CELERYFARM_BROKER_URL": self.redis.url,
+                                  "CELERYFARM_SENTINEL_PASSWORD": self.sentinel_password})
 
     def url_as(self, role: str) -> str:
         """The Redis URL with the credentials of one of the farm's roles."""

@@ -159,12 +159,13 @@ def shared_dir(tmp_path: Path) -> Iterator[Path]:
 
 
 def host_plugin(broker_url: str, backend_url: str, shared: Path,
-                tls: Tls | None = None) -> CeleryFarmPlugin:
+                tls: Tls | None = None, sentinel_password: str = "") -> CeleryFarmPlugin:
     """The plug-in as a Katana host builds it: the farm's URLs as this host reaches them
-    (with its TLS files for rediss://), and the shared folder as this host and as the nodes
-    see it."""
+    (with its TLS files for rediss://, the sentinels' password for sentinel://), and the
+    shared folder as this host and as the nodes see it."""
     farm = Settings(broker_url=broker_url, result_backend=backend_url, shared_root=shared,
-                    remote_shared_root=Path("/shared"), tls=tls or Tls())
+                    remote_shared_root=Path("/shared"), tls=tls or Tls(),
+                    sentinel_password=sentinel_password)
     env = {**farm.client_environment(), "CELERYFARM_USER": f"artist-{uuid.uuid4().hex[:8]}",
            **NODE_ENV}
     return CeleryFarmPlugin(Farm(Settings.from_env(env)))

@@ -62,10 +62,12 @@ class SentinelComposeFarm(ComposeFarm):
         self.host = docker_host_address()
         self.server_ports = {"redis": free_port(), **{name: free_port() for name in REPLICAS}}
         self.sentinel_ports = {name: free_port() for name in SENTINELS}
+        self.sentinel_password = secrets.token_hex(16)
         super().__init__(tmp_path, shared, files=("docker-compose.sentinel.yml",), **{
             "CELERYFARM_REDIS_HOST": self.host, "CELERYFARM_REDIS_BIND": self.host,
             "CELERYFARM_REDIS_REPLICA_PASSWORD": secrets.token_hex(16),
             "CELERYFARM_REDIS_SENTINEL_PASSWORD": secrets.token_hex(16),
+            "CELERYFARM_SENTINEL_PASSWORD": self.sentinel_password,
             "CELERYFARM_SENTINEL_DOWN_AFTER_MS": 1000,
             "CELERYFARM_REDIS_REPLICA_1_PORT": self.server_ports["redis-replica-1"],
             "CELERYFARM_REDIS_REPLICA_2_PORT": self.server_ports["redis-replica-2"],
@@ -82,8 +84,10 @@ class SentinelComposeFarm(ComposeFarm):
         return ";".join(f"sentinel://{auth if n == 0 else ''}{self.host}:{port}/0"
                         for n, port in enumerate(self.sentinel_ports.values()))
 
-    def sentinel(self, name: str = "sentinel-2") -> redis.Redis:
+    def sentinel(self, name: str = "sentinel-2", password: str | None = "") -> redis.Redis:
+        """A client of a sentinel with the farm clients' password (or ``password``)."""
         return redis.Redis(self.host, self.sentinel_ports[name], socket_timeout=5,
+                           password=self.sentinel_password if password == "" else password,
                            decode_responses=True)
 
     def primary(self) -> str:
@@ -127,9 +131,11 @@ def nodes_answering(plugin) -> set[str]:
 def add_artist(farm: SentinelComposeFarm, name: str) -> str:
     """``celeryfarm user add NAME`` from this host through the sentinels: the artist's
     broker URL it prints."""
-    env = {**farm.env, "CELERYFARM_ADMIN_URL": farm.broker_url}
+    env = {**farm.env, "CELERYFARM_ADMIN_URL": farm.broker_url,
+           "CELERYFARM_SENTINEL_PASSWORD": farm.sentinel_password}
     result = subprocess.run([sys.executable, "-m", "celeryfarm", "user", "add", name],
                             capture_output=True, text=True, env=env, timeout=60, check=True)
+    assert f"export CELERYFARM_SENTINEL_PASSWORD={farm.sentinel_password}" in result.stdout
     (line,) = [line for line in result.stdout.splitlines()
                if line.startswith("export CELERYFARM_BROKER_URL=")]
     return line.partition("=")[2].strip("'")
@@ -145,9 +151,18 @@ def test_compose_sentinel_farm_follows_the_primary_s_death(tmp_path: Path, share
     farm = SentinelComposeFarm(tmp_path, shared_dir)
     try:
         farm.compose("up", "-d", "--no-build", "--scale", "worker=2")
-        plugin = host_plugin(farm.broker_url, farm.broker_url, farm.shared)
+        plugin = host_plugin(farm.broker_url, farm.broker_url, farm.shared,
+                             sentinel_password=farm.sentinel_password)
         nodes = nodes_ready(farm, plugin, 2)
         assert farm.primary() == "redis"
+        # On the published ports (the studio LAN): no answer without the password, and
+        # with the clients' password no reconfiguring.
+        for name in SENTINELS:
+            with pytest.raises(redis.AuthenticationError):
+                farm.sentinel(name, password=None).sentinel_masters()
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                farm.sentinel(name).execute_command("SENTINEL", "SET", MASTER, "auth-pass",
+                                                    "stolen")
         wait_until(lambda: farm.replicas() == set(REPLICAS), timeout=60,
                    what="both replicas to be known to the sentinels at the host's address")
         artist_url = add_artist(farm, "ann")
@@ -164,7 +179,8 @@ def test_compose_sentinel_farm_follows_the_primary_s_death(tmp_path: Path, share
                               timeout=120, what="the sentinels to promote a replica")
         assert promoted in REPLICAS
 
-        artist = host_plugin(artist_url, artist_url, farm.shared)
+        artist = host_plugin(artist_url, artist_url, farm.shared,
+                             sentinel_password=farm.sentinel_password)
         after = submit(artist, "after", "--seconds", 0.5)
         assert finished(artist, after, timeout=180) == State.kCompleted, \
             render_log(artist, after)

@@ -244,12 +244,14 @@ def test_the_example_env_file_holds_no_password_that_passes():
                   if "=" in line and not line.startswith("#"))
     names = [name for name in values if name.endswith("PASSWORD")]
     assert names == ["CELERYFARM_REDIS_ADMIN_PASSWORD", "CELERYFARM_REDIS_NODE_PASSWORD",
-                     "CELERYFARM_REDIS_FLOWER_PASSWORD", "CELERYFARM_FLOWER_PASSWORD"]
+                     "CELERYFARM_REDIS_FLOWER_PASSWORD", "CELERYFARM_FLOWER_PASSWORD",
+                     "CELERYFARM_REDIS_REPLICA_PASSWORD", "CELERYFARM_REDIS_SENTINEL_PASSWORD",
+                     "CELERYFARM_SENTINEL_PASSWORD"]
     check = subprocess.run([sys.executable, "-m", "celeryfarm.passwords", *names],
                            env={**os.environ, **values}, capture_output=True, text=True,
                            timeout=60)
     assert check.returncode == 1
-    assert check.stderr.count("refusing to start") == 4
+    assert check.stderr.count("refusing to start") == len(names)
     strong = {name: secrets.token_hex(16) for name in names}
     assert subprocess.run([sys.executable, "-m", "celeryfarm.passwords", *names],
                           env={**os.environ, **strong}, timeout=60).returncode == 0

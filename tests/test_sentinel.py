@@ -108,6 +108,19 @@ def test_the_primary_killed_mid_jobs_every_job_completes(
                "the nodes to answer a ping through the new primary")
 
 
+def test_the_farm_asks_the_sentinels_nothing_they_refuse(replicated: LocalCluster):
+    """The tests above ran every Sentinel client of the farm (kombu's transport in the nodes
+    and the plug-in, Celery's result backend, the records' and reapers' clients, the
+    remote control) through a failover, with the farm's sentinel password, which may only
+    find the primary: no sentinel refused any of them a login or a command."""
+    servers = replicated.redis
+    assert isinstance(servers, ReplicatedRedis) and replicated.sentinel_password
+    for sentinel in servers.sentinels:
+        admin = redis.Redis(port=sentinel.port, username="admin", password=servers.password,
+                            socket_timeout=5)
+        assert admin.execute_command("ACL", "LOG") == []
+
+
 def nodes_answering(app) -> set[str]:
     try:
         replies = app.control.ping(timeout=1)
@@ -206,7 +219,8 @@ def submit_cli(env: dict[str, str], name: str) -> str:
 def primary_server(kept: dict, unless: redis.Redis | None = None) -> redis.Redis | None:
     """A client of the server the sentinels of ``up`` call the primary (None while that is
     still ``unless``)."""
-    sentinel = redis.Redis(port=kept["redis_ports"][-1], socket_timeout=2)
+    sentinel = redis.Redis(port=kept["redis_ports"][-1], socket_timeout=2,
+                           password=kept["sentinel_password"])
     try:
         _host, port = sentinel.sentinel_get_master_addr_by_name("celeryfarm")
     except redis.RedisError:

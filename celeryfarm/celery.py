@@ -14,8 +14,8 @@ from typing import Any
 
 from celery import Celery
 
+from . import capture, redisclient
 from .config import Settings
-from .redisclient import TRANSPORT
 from .sentinel import uses_sentinel
 
 #: The one task a render node runs: a step of a job (the client names it, never imports it).
@@ -77,7 +77,11 @@ def celery_config(settings: Settings) -> dict:
     # so every process asks again (Celery issue 6348).
     if uses_sentinel(settings.broker_url):
         transport.update(master_name=settings.sentinel_master, **SENTINEL_TIMEOUTS)
-        config["broker_transport"] = TRANSPORT
+        config["broker_transport"] = redisclient.TRANSPORT
+    else:
+        # kombu's transport, with messages the farm pushes in its own writes (see
+        # celeryfarm.capture).
+        config["broker_transport"] = capture.TRANSPORT
     if uses_sentinel(settings.results_url):
         results_transport["master_name"] = settings.sentinel_master
         # Celery's Sentinel backend takes its socket timeouts from these, not its options.

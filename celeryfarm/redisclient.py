@@ -13,6 +13,7 @@ import redis
 from kombu.transport import redis as kombu_redis
 from redis.sentinel import Sentinel, SentinelManagedConnection
 
+from .capture import CapturingPut
 from .sentinel import SentinelUrl, uses_sentinel
 from .tls import Tls
 
@@ -29,13 +30,14 @@ class FollowingConnection(SentinelManagedConnection):
         super().connect_check_health(check_health, retry_socket_connect)
 
 
-class Channel(kombu_redis.SentinelChannel):
+class Channel(CapturingPut, kombu_redis.SentinelChannel):
     connection_class = FollowingConnection
 
 
 class Transport(kombu_redis.SentinelTransport):
     """kombu's ``sentinel://`` transport with :class:`FollowingConnection`: a node whose
-    primary froze finds the new one (``broker_transport`` names it)."""
+    primary froze finds the new one (``broker_transport`` names it); its messages can be
+    captured (:mod:`celeryfarm.capture`)."""
 
     Channel = Channel
 

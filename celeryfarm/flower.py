@@ -20,10 +20,29 @@ def protect_metrics() -> None:
         Metrics.get.celeryfarm_protected = True
 
 
+def name_the_broker() -> None:
+    """Flower picks its broker page's client (queue lengths) by the scheme of the app
+    connection's URI, which names the farm's own transport class (celeryfarm.capture): give
+    it the URI of the kombu transport that class extends."""
+    from flower.app import Flower
+    from kombu.transport.redis import SentinelTransport
+
+    def uri(include_password: bool) -> property:
+        def get(self: Flower) -> str:
+            with self.capp.connection() as conn:
+                kind = "sentinel" if isinstance(conn.transport, SentinelTransport) else "redis"
+                return conn.clone(transport=kind).as_uri(include_password=include_password)
+        return property(get)
+
+    Flower.broker_uri = uri(include_password=False)
+    Flower.broker_uri_with_password = uri(include_password=True)
+
+
 def main(argv: list[str]) -> None:
     from celery.bin.celery import main as celery
 
     protect_metrics()
+    name_the_broker()
     sys.argv = ["celery", "-A", "celeryfarm", "flower", *argv]
     celery()
 

@@ -41,7 +41,9 @@ up: setup
 bench: setup
 	$(BIN)/python -m benchmarks.run
 	$(BIN)/python -m benchmarks.nodecost
+	$(BIN)/python -m benchmarks.failover
 
 bench-quick: setup
 	$(BIN)/python -m benchmarks.run --quick
 	$(BIN)/python -m benchmarks.nodecost --quick
+	$(BIN)/python -m benchmarks.failover --quick

@@ -20,6 +20,8 @@ from .sentinel import SentinelUrl, uses_sentinel
 from .tls import Tls, check_urls
 
 PREFIX = "CELERYFARM_"
+#: How long the farm's Redis clients wait for a reply (``records.store.connect``).
+STORE_SOCKET_TIMEOUT = 10
 #: Settings that hold credentials; each may instead come from a file named by ``NAME_FILE``.
 SECRETS = ("BROKER_URL", "RESULT_BACKEND", "STORE_URL", "FLOWER_PASSWORD", "ADMIN_URL")
 
@@ -52,6 +54,12 @@ class Settings:
     tls: Tls = dataclasses.field(default_factory=Tls)
     #: The primary's name, for ``sentinel://`` URLs (see :mod:`celeryfarm.sentinel`).
     sentinel_master: str = "celeryfarm"
+    #: With ``sentinel://`` URLs (a replicated Redis): how many replicas must have a write
+    #: the farm acknowledges (a submission, a step's start and end, a stop) before it is
+    #: acknowledged (0: none), and how long to wait for them before going on without (see
+    #: :mod:`celeryfarm.records.replication`).
+    wait_replicas: int = 1
+    wait_seconds: float = 1.0
     #: Where ``celeryfarm up`` keeps the embedded Redis's data, its credentials and logs;
     #: also where the command line looks for the farm that ``up`` runs on this machine.
     data_dir: Path = Path("~/.celeryfarm")
@@ -174,6 +182,11 @@ class Settings:
                 ("STORE_URL", self.store_url)]
         self._check_sentinel_urls(urls)
         check_urls(urls, self.tls, PREFIX)
+        if self.wait_replicas < 0 or not 0 < self.wait_seconds < STORE_SOCKET_TIMEOUT:
+            raise ConfigError(
+                f"{PREFIX}WAIT_REPLICAS must be 0 or more ({self.wait_replicas}) and "
+                f"{PREFIX}WAIT_SECONDS between 0 and {STORE_SOCKET_TIMEOUT} s "
+                f"({self.wait_seconds:g}): a wait longer than a command may take is cut off")
         margin = self.stop_grace_seconds + self.poll_seconds + 1.0
         if self.lease_seconds <= margin:
             raise ConfigError(
@@ -234,6 +247,8 @@ class Settings:
             store_url=secret("STORE_URL"),
             tls=tls,
             sentinel_master=get("SENTINEL_MASTER") or defaults.sentinel_master,
+            wait_replicas=_count("WAIT_REPLICAS", get("WAIT_REPLICAS"), defaults.wait_replicas),
+            wait_seconds=number("WAIT_SECONDS", defaults.wait_seconds),
             shared_root=shared_root,
             remote_shared_root=Path(remote_root) if remote_root else None,
             katana_root=get("KATANA_ROOT") or defaults.katana_root,
@@ -271,6 +286,15 @@ class Settings:
 def _list(text: str) -> tuple[str, ...]:
     """A comma-separated list, without blanks."""
     return tuple(filter(None, (item.strip() for item in text.split(","))))
+
+
+def _count(name: str, text: str, default: int) -> int:
+    """A whole number, 0 or more."""
+    if not text:
+        return default
+    if not text.isdigit():
+        raise ConfigError(f"{PREFIX}{name}: expected a whole number, 0 or more, got {text!r}")
+    return int(text)
 
 
 def _read_secret(name: str, path: str) -> str:

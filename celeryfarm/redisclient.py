@@ -17,6 +17,9 @@ from .capture import CapturingPut
 from .sentinel import SentinelUrl, uses_sentinel
 from .tls import Tls
 
+#: How Redis starts its refusal of a write when too few replicas are connected.
+NO_REPLICAS = "NOREPLICAS"
+
 
 class FollowingConnection(SentinelManagedConnection):
     """A connection to the primary that asks the sentinels where it is each time it
@@ -28,6 +31,22 @@ class FollowingConnection(SentinelManagedConnection):
         if not self._sock and self.connection_pool.is_master:
             self.host, self.port = self.connection_pool.get_master_address()
         super().connect_check_health(check_health, retry_socket_connect)
+
+    def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        """A primary that refuses writes for want of replicas (``min-replicas-to-write``:
+        cut off from them, or just promoted and not yet joined by them) is, for the farm,
+        a primary out of reach: the connection is dropped, to ask the sentinels again, and
+        the command retried as after any lost connection (redis-py's retries, kombu's
+        reconnection). Left as a reply error, it would stop a worker for good (Celery
+        takes an error from its broker's ``BRPOP`` as unrecoverable), and the command was
+        not run, so running it again is safe."""
+        try:
+            return super().read_response(*args, **kwargs)
+        except redis.ResponseError as error:
+            if not str(error).startswith(NO_REPLICAS) or not self.connection_pool.is_master:
+                raise
+            self.disconnect()
+            raise redis.ConnectionError(f"the primary refuses writes: {error}") from None
 
 
 class Channel(CapturingPut, kombu_redis.SentinelChannel):

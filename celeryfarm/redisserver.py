@@ -21,6 +21,9 @@ import redis
 from .errors import RedisServerError
 from .tls import Tls
 
+#: Seconds since a replica's last acknowledgement after which a primary with
+#: ``min_replicas`` stops counting it (replicas acknowledge every second).
+MIN_REPLICAS_MAX_LAG = 5
 INSTALL_HINT = "install it with: sudo apt-get install redis-server (Debian/Ubuntu)"
 
 
@@ -68,6 +71,7 @@ class RedisServer:
         tls: ServerTls | None = None,
         replicaof: int | None = None,
         masterauth: tuple[str, str] | None = None,
+        min_replicas: int = 0,
     ) -> None:
         """With ``acl_file``, Redis's users come from that file (and ``ACL SAVE`` writes
         there), and ``user`` and ``password`` are those this object connects as."""
@@ -85,6 +89,9 @@ class RedisServer:
         #: The (user, password) it replicates as: by default its own ``user`` and
         #: ``password``; with ACL users, one that may only replicate.
         self.masterauth = masterauth or (user, password)
+        #: As a primary, it refuses writes while fewer replicas than this are connected and
+        #: caught up (Redis's ``min-replicas-to-write``; 0: never).
+        self.min_replicas = min_replicas
         self.process: subprocess.Popen | None = None
 
     @property
@@ -128,6 +135,12 @@ class RedisServer:
             lines.append(f"masterauth {master_password}")
         if self.replicaof:
             lines.append(f"replicaof 127.0.0.1 {self.replicaof}")
+        if self.min_replicas:
+            # A primary cut off from its replicas (a partition: the sentinels may have
+            # promoted one of them) takes no write it would lose; its clients then ask the
+            # sentinels again (celeryfarm.records.replication).
+            lines += [f"min-replicas-to-write {self.min_replicas}",
+                      f"min-replicas-max-lag {MIN_REPLICAS_MAX_LAG}"]
         # A replica syncs at once, not after the default 5 s wait for more of them.
         lines.append("repl-diskless-sync-delay 0")
         return "\n".join(lines) + "\n"
@@ -244,7 +257,11 @@ class ReplicatedRedis:
     (written by the caller before :meth:`start`: Redis does not replicate users) and this
     object connects as ``user``; ``replication`` is the (user, password) replicas
     authenticate to the primary with, ``sentinel`` the sentinels' (see
-    :data:`celeryfarm.acl.REPLICATION_ROLES`). Without, they all use ``password``."""
+    :data:`celeryfarm.acl.REPLICATION_ROLES`). Without, they all use ``password``.
+
+    Every server, as a primary, refuses writes while fewer than ``min_replicas`` replicas
+    are connected and caught up: a primary cut off from all its replicas takes nothing it
+    would lose (with one replica, its death pauses the farm's writes until it is back)."""
 
     #: Three sentinels with a quorum of two: one may die, and one alone never fails over.
     SENTINELS = 3
@@ -255,7 +272,7 @@ class ReplicatedRedis:
                  down_after_ms: int = 5000, ports: Sequence[int] = (),
                  primary: int = 0, acl_users: bool = False, user: str = "",
                  replication: tuple[str, str] | None = None,
-                 sentinel: tuple[str, str] | None = None) -> None:
+                 sentinel: tuple[str, str] | None = None, min_replicas: int = 1) -> None:
         self.data_dir = Path(data_dir)
         self.master, self.password, self.user = master, password, user
         count = replicas + 1
@@ -269,7 +286,7 @@ class ReplicatedRedis:
             RedisServer(folders[n], ports[n], password, maxmemory=maxmemory,
                         replicaof=None if n == primary else ports[primary],
                         acl_file=folders[n] / "users.acl" if acl_users else None, user=user,
-                        masterauth=replication)
+                        masterauth=replication, min_replicas=min(min_replicas, replicas))
             for n in range(count)]
         sentinel_user, sentinel_password = sentinel or ("", password)
         self.sentinels = [

@@ -16,21 +16,24 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import redis
 from redis.backoff import ExponentialBackoff
+from redis.commands.core import Script
 from redis.retry import Retry
 
 from .. import redisclient
 from ..capture import Push
+from ..config import STORE_SOCKET_TIMEOUT
 from ..errors import CorruptRecord, JobNotFound
 from ..jobs import JobRecord, Listed
 from ..metrics import STEP_BUCKETS
 from ..tls import Tls
 from . import fields as codec
-from . import states
+from . import replication, states
 from .keys import Keys, owner_of
+from .replication import ReplicaWait
 from .scripts import Scripts, in_transaction
 from .states import TRANSITIONS, Event, sources_arg
 
@@ -55,7 +58,7 @@ def connect(url: str, tls: Tls | None = None, master: str = "") -> redis.Redis:
         url, tls, master,
         decode_responses=True,
         socket_connect_timeout=5,
-        socket_timeout=10,
+        socket_timeout=STORE_SOCKET_TIMEOUT,
         socket_keepalive=True,
         health_check_interval=15,
         retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=8),
@@ -109,6 +112,7 @@ class JobStore:
     """Reads and writes job records. Safe to share between threads."""
 
     def __init__(self, client: redis.Redis, prefix: str = "celeryfarm",
+                 wait: ReplicaWait = replication.NO_WAIT,
                  broker: redis.Redis | None = None) -> None:
         """``broker``: the broker's Redis when it is not ``client``'s (a farm with its own
         ``CELERYFARM_STORE_URL``); messages then go there in a write of their own."""
@@ -116,6 +120,9 @@ class JobStore:
         self.broker = broker
         self.keys = Keys(prefix)
         self.scripts = Scripts(client)
+        #: With a replicated Redis, the writes the farm acknowledges wait for replicas
+        #: (see :mod:`celeryfarm.records.replication`).
+        self.wait = wait
 
     @classmethod
     def from_settings(cls, settings: Settings) -> JobStore:
@@ -124,7 +131,7 @@ class JobStore:
             return connect(url, settings.tls, settings.sentinel_master)
 
         apart = settings.records_url != settings.broker_url
-        return cls(client(settings.records_url), settings.key_prefix,
+        return cls(client(settings.records_url), settings.key_prefix, ReplicaWait.of(settings),
                    client(settings.broker_url) if apart else None)
 
     # -- creating ----------------------------------------------------------------------------
@@ -140,14 +147,16 @@ class JobStore:
         if not dispatching:
             self._add(self.scripts.create, record, shared=True)
             return
-        pipe = self.redis.pipeline(transaction=True)
         sent = ("sent", record.dispatch) if pushes else ()
-        self._add(functools.partial(in_transaction, pipe, self.scripts.create), record,
-                  shared=False, extra=sent)
-        # In the same write, outside the script: an artist may push to the inbox and the
-        # queues, but not name them in a script.
-        pipe.rpush(self.keys.inbox, record.job_id)
-        self._execute(pipe, pushes, record_first=True)
+
+        def write(pipe: redis.client.Pipeline) -> None:
+            self._add(functools.partial(in_transaction, pipe, self.scripts.create), record,
+                      shared=False, extra=sent)
+            # In the same write, outside the script: an artist may push to the inbox and
+            # the queues, but not name them in a script.
+            pipe.rpush(self.keys.inbox, record.job_id)
+
+        self._write(write, pushes, record_first=True, what=f"job {record.job_id} submitted")
 
     def create_many(self, records: Iterable[JobRecord]) -> None:
         """Store and index many records as they are, ``BATCH`` per round trip, and nothing
@@ -206,32 +215,40 @@ class JobStore:
         job out of the outbox and makes its next step await a node in it. A client's job
         is taken into those shared sets by a node (:meth:`adopt`)."""
         shared = [self.keys.outbox, self.keys.awaiting] if by_node else []
-        pipe = self.redis.pipeline(transaction=True)
-        in_transaction(pipe, self.scripts.sent,
-                       keys=[self.keys.job(job_id), self.feed(job_id), *shared],
-                       args=[job_id, json.dumps(list(task_ids)), dispatch])
-        self._execute(pipe, pushes, record_first=False)
+        self._write(functools.partial(
+            in_transaction, script=self.scripts.sent,
+            keys=[self.keys.job(job_id), self.feed(job_id), *shared],
+            args=[job_id, json.dumps(list(task_ids)), dispatch]),
+            pushes, record_first=False, what=f"job {job_id} sent")
 
-    def _execute(self, pipe: redis.client.Pipeline, pushes: Sequence[Push],
-                 record_first: bool) -> None:
-        """Run the transaction ``pipe`` with the messages ``pushes`` in it. With the broker
-        apart they cannot be one write: a new job's record goes first (a node that took
-        its message before could not find it), a dispatch's messages before it is
-        recorded as sent (until then the outbox still has it)."""
-        if self.broker is None:
+    def _write(self, write: Callable[[redis.client.Pipeline], None], pushes: Sequence[Push],
+               record_first: bool, what: str) -> None:
+        """Queue ``write`` and the messages ``pushes`` as one transaction, waiting for the
+        replicas in the same round trip (``what`` names it in the log if they do not have
+        it in time). With the broker apart they cannot be one write: a new job's record
+        goes first (a node that took its message before could not find it), a dispatch's
+        messages before it is recorded as sent (until then the outbox still has it)."""
+        def with_pushes(pipe: redis.client.Pipeline) -> None:
+            write(pipe)
             for push in pushes:
                 pipe.lpush(push.key, push.payload)
-            pipe.execute()
+
+        if self.broker is None:
+            replication.transaction(self.redis, with_pushes, self.wait, what)
             return
+        if not record_first:
+            self._push(pushes)
+        replication.transaction(self.redis, write, self.wait, what)
         if record_first:
-            pipe.execute()
+            self._push(pushes)
+
+    def _push(self, pushes: Sequence[Push]) -> None:
+        """Send messages to a broker apart from the records."""
         if pushes:
             messages = self.broker.pipeline(transaction=True)
             for push in pushes:
                 messages.lpush(push.key, push.payload)
             messages.execute()
-        if not record_first:
-            pipe.execute()
 
     def unsendable(self, job_id: str) -> None:
         """Take a job whose dispatch must not be sent (it ended meanwhile) out of the
@@ -259,7 +276,8 @@ class JobStore:
         (LIMITED). ``commands`` (a step message's, from its step on) must be the record's,
         else nothing changes (FORGED)."""
         claim = TRANSITIONS[Event.CLAIM]
-        status, detail, *record = self.scripts.claim(
+        status, detail, *record = self._acknowledged(
+            self.scripts.claim, f"job {token.job_id} step {token.step} claimed",
             keys=[*self._step_keys(token.job_id), self.keys.limits, self.keys.limit_holders,
                   self.keys.retries, self.feed(token.job_id)],
             args=[token.job_id, token.attempt, token.dispatch, token.step, owner, node,
@@ -303,7 +321,8 @@ class JobStore:
         next_step = token.step + 1 if succeeded else ""
         # The next step awaits a node from now on: Celery sends it once the task returns.
         awaited = sources_arg(Event.CLAIM) if succeeded and not last else ""
-        return bool(self.scripts.finish(
+        return bool(self._acknowledged(
+            self.scripts.finish, f"job {token.job_id} step {token.step} {outcome}",
             keys=[*self._step_keys(token.job_id), self.keys.stats,
                   self.keys.frames_done(token.job_id, token.attempt), self.feed(token.job_id)],
             args=[token.job_id, token.attempt, token.dispatch, token.step, owner,
@@ -319,7 +338,8 @@ class JobStore:
         :meth:`finish`. Returns the try's counter after it, 0 if the execution was no longer
         current or the job was stopped meanwhile."""
         retry = TRANSITIONS[Event.RETRY]
-        return int(self.scripts.retry(
+        return int(self._acknowledged(
+            self.scripts.retry, f"job {token.job_id} step {token.step} to retry",
             keys=[*self._step_keys(token.job_id)[:3], self.keys.retries, self.keys.stats,
                   self.keys.frames_done(token.job_id, token.attempt), self.feed(token.job_id)],
             args=[token.job_id, token.attempt, token.dispatch, token.step, owner, delay_ms,
@@ -431,7 +451,8 @@ class JobStore:
         False if the hold had expired (another reaper took the step) or the job had moved
         on (cancelled, restarted)."""
         job_id = loss.job_id
-        return bool(self.scripts.fail_lost(
+        return bool(self._acknowledged(
+            self.scripts.fail_lost, f"job {job_id} failed",
             keys=[self.keys.job(job_id), self.keys.leases, self.keys.events(job_id),
                   self.feed(job_id)],
             args=[job_id, loss.hold, loss.attempt, loss.lost, reason, sources_arg(Event.FAIL),
@@ -476,17 +497,30 @@ class JobStore:
         args: list[object] = [job_id, attempt, sources_arg(event), TRANSITIONS[event].target]
         for name, value in changes.items():
             args += [name, codec.text(value)]
-        pipe = self.redis.pipeline(transaction=True)
-        in_transaction(pipe, self.scripts.transition,
-                       keys=[self.keys.job(job_id), self.feed(job_id)], args=args)
+        keys = [self.keys.job(job_id), self.feed(job_id)]
         if dispatching:
-            # In the same write, outside the script: an artist may push to the inbox, but
-            # not name it in a script. An entry for a change refused is harmless (adopt.lua).
-            pipe.rpush(self.keys.inbox, job_id)
-        applied = pipe.execute()[0]
+            def write(pipe: redis.client.Pipeline) -> None:
+                in_transaction(pipe, self.scripts.transition, keys=keys, args=args)
+                # In the same write, outside the script: an artist may push to the inbox,
+                # but not name it in a script. An entry for a change refused is harmless
+                # (adopt.lua). Replicas: its dispatch's sent() follows, and waits for them.
+                pipe.rpush(self.keys.inbox, job_id)
+
+            applied = replication.transaction(self.redis, write, replication.NO_WAIT,
+                                              f"job {job_id} {event}")[0]
+        else:
+            applied = self._acknowledged(self.scripts.transition, f"job {job_id} {event}",
+                                         keys=keys, args=args)
         if applied == -1:
             raise JobNotFound(job_id)
         return applied == 1
+
+    def _acknowledged(self, script: Script, what: str, keys: Sequence[object],
+                      args: Sequence[object]) -> Any:
+        """Run a script whose write the farm acknowledges (a submission, a step's start or
+        end, a stop): with replicas, only once they have it (``what`` names it in the log
+        if they do not in time; see :mod:`celeryfarm.records.replication`)."""
+        return replication.run(self.redis, script, keys, args, self.wait, what)
 
     # -- reads -------------------------------------------------------------------------------
     def get(self, job_id: str) -> JobRecord:

@@ -5,11 +5,9 @@ a primary that dies a moment later takes the write with it, and the replica the 
 promote never saw it. The farm's promises are writes: a submitted job, a step that started
 (its fencing token), a step that ended, a stop. So with replicas each of those writes is
 followed by ``WAIT numreplicas timeout`` on the same connection, in the same round trip
-(a pipeline, not a transaction: ``WAIT`` inside ``MULTI`` returns at once). ``WAIT`` waits
-for the replicas to acknowledge the connection's last write; the replication stream is
-ordered, so that covers every earlier write of every connection too: a submission's record
-and its broker message (kombu's ``LPUSH``, on another connection) are on a replica once the
-submission's last write is.
+(after ``EXEC`` for a transaction: ``WAIT`` inside ``MULTI`` returns at once). ``WAIT``
+waits for the replicas to acknowledge the connection's last write; the replication stream
+is ordered, so that covers every earlier write of every connection too.
 
 When ``WAIT`` times out (no replica answered in time: the replicas are down or far behind),
 the write stands, as it must: it was made, and an artist who saw an error would submit the

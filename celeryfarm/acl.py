@@ -19,9 +19,10 @@ itself enforces what each may do (see the README's threat model):
 The rules are built from the farm's key prefix, so farms sharing a Redis get disjoint users'
 rights. A job's user is the authenticated Redis user (:func:`authenticated_user`).
 
-Run as ``python -m celeryfarm.acl PATH`` (the compose file's ``preflight`` service), it
-writes the roles' lines of a Redis ACL file to PATH, with the passwords of the variables
-``CELERYFARM_REDIS_{ADMIN,NODE,FLOWER}_PASSWORD`` as SHA-256 hashes.
+Run as ``python -m celeryfarm.acl [--replication] PATH`` (the compose file's ``preflight``
+service), it writes the roles' lines of a Redis ACL file to PATH, with the passwords of the
+variables ``CELERYFARM_REDIS_{ADMIN,NODE,FLOWER}_PASSWORD`` (and with ``--replication``,
+``CELERYFARM_REDIS_{REPLICA,SENTINEL}_PASSWORD``) as SHA-256 hashes.
 """
 
 from __future__ import annotations
@@ -221,22 +222,30 @@ def password_variable(role: str) -> str:
     return f"CELERYFARM_REDIS_{role.upper()}_PASSWORD"
 
 
-def write_roles(path: Path, environ: Mapping[str, str]) -> None:
-    """Write the roles' ACL file lines (the default user off, then node, flower, admin)
-    with the passwords ``environ`` holds; readable by all: it holds only hashes."""
+def write_roles(path: Path, environ: Mapping[str, str], replication: bool = False) -> None:
+    """Write the roles' ACL file lines (the default user off, then node, flower, admin, and
+    with ``replication`` replica and sentinel) with the passwords ``environ`` holds;
+    readable by all: it holds only hashes."""
     settings = Settings.from_env(environ)
-    passwords = {role: environ.get(password_variable(role), "") for role in ROLES}
+    roles = (*ROLES, *REPLICATION_ROLES) if replication else ROLES
+    passwords = {role: environ.get(password_variable(role), "") for role in roles}
     missing = [password_variable(role) for role, password in passwords.items() if not password]
     if missing:
         raise ConfigError(f"{', '.join(missing)} not set")
+    users = role_users(settings, passwords)
+    if replication:
+        users += replication_users(passwords)
     partial = path.with_name(f".{path.name}.{os.getpid()}")
-    partial.write_text(acl_file(role_users(settings, passwords)))
+    partial.write_text(acl_file(users))
     partial.chmod(0o644)
     partial.replace(path)
 
 
 if __name__ == "__main__":
+    # --replication (docker-compose.sentinel.yml): the replicas' and sentinels' users too.
+    replicated = "--replication" in sys.argv[1:]
+    arguments = [arg for arg in sys.argv[1:] if arg != "--replication"]
     try:
-        write_roles(Path(sys.argv[1]), os.environ)
+        write_roles(Path(arguments[0]), os.environ, replicated)
     except (ConfigError, OSError, IndexError) as error:
         sys.exit(f"cannot write the farm's Redis users: {error}")

@@ -70,20 +70,31 @@ def celery_config(settings: Settings) -> dict:
         # enable_events control, sent every few seconds), so a farm without Flower does not
         # publish three events a step that no one reads.
     }
-    # rediss://: the certificate and host name verified, by kombu, the backend and Flower.
+    # rediss:// (or sentinel:// with TLS): the certificate and host name verified, by kombu,
+    # the backend and Flower.
     broker_ssl = settings.tls.celery_options(settings.broker_url)
     # sentinel://: kombu and Celery's backend ask the sentinels for this primary, and a
     # primary that froze (a hung host: no connection is reset) is given up within seconds,
     # so every process asks again (Celery issue 6348).
+    # With TLS, the sentinels too are reached over TLS (``sentinel_kwargs``: the connections
+    # to the sentinels; ``broker_use_ssl`` and ``redis_backend_use_ssl``: to the servers).
     if uses_sentinel(settings.broker_url):
         transport.update(master_name=settings.sentinel_master, **SENTINEL_TIMEOUTS)
         config["broker_transport"] = redisclient.TRANSPORT
+        if settings.tls.encrypts(settings.broker_url):
+            timeouts = {name: value for name, value in SENTINEL_TIMEOUTS.items()
+                        if name.startswith("socket_")}
+            transport["sentinel_kwargs"] = {
+                **timeouts, **settings.tls.sentinel_options(settings.broker_url)}
     else:
         # kombu's transport, with messages the farm pushes in its own writes (see
         # celeryfarm.capture).
         config["broker_transport"] = capture.TRANSPORT
     if uses_sentinel(settings.results_url):
         results_transport["master_name"] = settings.sentinel_master
+        if settings.tls.encrypts(settings.results_url):
+            results_transport["sentinel_kwargs"] = settings.tls.sentinel_options(
+                settings.results_url)
         # Celery's Sentinel backend takes its socket timeouts from these, not its options.
         config["redis_socket_timeout"] = SENTINEL_TIMEOUTS["socket_timeout"]
         config["redis_socket_connect_timeout"] = SENTINEL_TIMEOUTS["socket_connect_timeout"]

@@ -205,9 +205,6 @@ class Settings:
         if sentinel and not self.sentinel_master:
             raise ConfigError(f"{PREFIX}SENTINEL_MASTER: the primary's name is needed with "
                               f"sentinel:// URLs")
-        if sentinel and self.tls:
-            raise ConfigError(f"{PREFIX}{sentinel[0][0]}: TLS through Sentinel is not "
-                              f"supported: use rediss:// URLs, or Sentinel without TLS")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:

@@ -226,8 +226,11 @@ def check_redis(url: str, tls: Tls | None = None, master: str = "",
     """Raise :class:`FarmError` in one line unless the Redis at ``url`` answers (over TLS
     with its certificate verified, for ``rediss://``; the primary ``master``, for
     ``sentinel://``)."""
-    client = redisclient.client(url, tls, master, socket_connect_timeout=timeout,
-                             socket_timeout=timeout)
+    timeouts = {"socket_connect_timeout": timeout, "socket_timeout": timeout}
+    trouble = uses_sentinel(url) and redisclient.sentinel_trouble(url, tls, master, **timeouts)
+    if trouble:
+        raise FarmError(f"cannot reach the farm's Redis at {redact(url)}: {trouble}")
+    client = redisclient.client(url, tls, master, **timeouts)
     try:
         client.ping()
     except redis.RedisError as error:

@@ -2,7 +2,9 @@
 
 Clients made here through the sentinels ask them for the primary whenever they connect, so
 the records, the reapers and the command line follow a failover as kombu and Celery do;
-:class:`Transport` is kombu's ``sentinel://`` transport with the same connections.
+:class:`Transport` is kombu's ``sentinel://`` transport with the same connections. With TLS
+(:meth:`celeryfarm.tls.Tls.encrypts`), both the sentinels and the servers they name are
+reached over TLS, each certificate and host name verified.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from typing import Any
 
 import redis
 from kombu.transport import redis as kombu_redis
+from redis.connection import SSLConnection
 from redis.sentinel import Sentinel, SentinelManagedConnection
 
 from .capture import CapturingPut
@@ -49,8 +52,14 @@ class FollowingConnection(SentinelManagedConnection):
             raise redis.ConnectionError(f"the primary refuses writes: {error}") from None
 
 
+class FollowingSSLConnection(FollowingConnection, SSLConnection):
+    """:class:`FollowingConnection` over TLS; its host name, the address the sentinels
+    gave, is the one the server's certificate must name."""
+
+
 class Channel(CapturingPut, kombu_redis.SentinelChannel):
     connection_class = FollowingConnection
+    connection_class_ssl = FollowingSSLConnection
 
 
 class Transport(kombu_redis.SentinelTransport):
@@ -69,11 +78,15 @@ def client(url: str, tls: Tls | None = None, master: str = "", **options: Any) -
     """A client for the farm's Redis at ``url`` (``options`` are redis-py's: timeouts,
     retries, ``decode_responses``...); through the sentinels to the primary ``master``
     for a Sentinel URL."""
+    tls = tls or Tls()
     if not uses_sentinel(url):
-        return redis.Redis.from_url(url, **(tls or Tls()).redis_options(url), **options)
-    target, sentinels = _sentinels(url, options)
-    return sentinels.master_for(master, username=target.username, password=target.password,
-                                db=target.db, connection_class=FollowingConnection, **options)
+        return redis.Redis.from_url(url, **tls.redis_options(url), **options)
+    target, sentinels = _sentinels(url, tls, options)
+    secure = tls.encrypts(url)
+    return sentinels.master_for(
+        master, username=target.username, password=target.password, db=target.db,
+        connection_class=FollowingSSLConnection if secure else FollowingConnection,
+        **tls.redis_options(url), **options)
 
 
 def every_server(url: str, tls: Tls | None = None, master: str = "",
@@ -83,16 +96,41 @@ def every_server(url: str, tls: Tls | None = None, master: str = "",
     primary = client(url, tls, master, **options)
     if not uses_sentinel(url):
         return [primary]
-    target, sentinels = _sentinels(url, options)
+    tls = tls or Tls()
+    target, sentinels = _sentinels(url, tls, options)
     replicas = [redis.Redis(host, port, db=target.db, username=target.username,
-                            password=target.password, **options)
+                            password=target.password, **tls.sentinel_options(url), **options)
                 for host, port in sentinels.discover_slaves(master)]
     return [primary, *replicas]
 
 
-def _sentinels(url: str, options: dict[str, Any]) -> tuple[SentinelUrl, Sentinel]:
-    """The parts of a Sentinel URL, and its sentinels (with ``options``' timeouts)."""
+def sentinel_trouble(url: str, tls: Tls | None = None, master: str = "",
+                     **options: Any) -> str:
+    """Why the sentinels of ``url`` cannot name the primary ``master``, in one line, or ""
+    if one does. Each is asked once, with no retry: redis-py's own search retries each
+    sentinel with back-off for half a minute, then lists every sentinel's client rather
+    than what went wrong (a certificate it cannot verify...)."""
+    _target, sentinels = _sentinels(url, tls or Tls(), {**options, "retry": None})
+    errors = []
+    for sentinel in sentinels.sentinels:
+        try:
+            if sentinel.sentinel_get_master_addr_by_name(master):
+                return ""
+        except redis.RedisError as error:
+            errors.append(str(error))
+        finally:
+            sentinel.close()
+    if len(errors) == len(sentinels.sentinels):
+        return f"no sentinel answers: {errors[0]}"
+    return f"no sentinel knows a primary named {master!r}"
+
+
+def _sentinels(url: str, tls: Tls,
+               options: dict[str, Any]) -> tuple[SentinelUrl, Sentinel]:
+    """The parts of a Sentinel URL, and its sentinels (with ``options``' timeouts, over
+    TLS if the farm's Redis is)."""
     target = SentinelUrl.parse(url)
-    timeouts = {name: options[name] for name in ("socket_timeout", "socket_connect_timeout")
-                if name in options}
-    return target, Sentinel(list(target.sentinels), sentinel_kwargs=timeouts)
+    timeouts = {name: options[name] for name in ("socket_timeout", "socket_connect_timeout",
+                                                 "retry") if name in options}
+    return target, Sentinel(list(target.sentinels),
+                            sentinel_kwargs={**timeouts, **tls.sentinel_options(url)})

@@ -48,11 +48,12 @@ class ServerTls:
         return Tls(str(folder / "ca.crt"), str(folder / "client.crt"), str(folder / "client.key"))
 
     def config(self, port: int) -> list[str]:
-        """Redis's configuration lines: TLS on ``port``, no plain-text port."""
+        """Redis's configuration lines: TLS on ``port``, no plain-text port; a replica and a
+        sentinel reach the other servers over TLS too, with the same certificate."""
         folder = self.certs / "redis"
         return ["port 0", f"tls-port {port}", f"tls-cert-file {folder / 'redis.crt'}",
                 f"tls-key-file {folder / 'redis.key'}", f"tls-ca-cert-file {folder / 'ca.crt'}",
-                "tls-auth-clients yes"]
+                "tls-auth-clients yes", "tls-replication yes"]
 
 
 class RedisServer:
@@ -214,7 +215,7 @@ class SentinelServer(RedisServer):
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"{'rediss' if self.tls else 'redis'}://127.0.0.1:{self.port}/0"
 
     def command(self) -> list[str]:
         binary, _stdin = super().command()
@@ -229,8 +230,9 @@ class SentinelServer(RedisServer):
 
     def config(self) -> str:
         name = self.master
+        listen = self.tls.config(self.port) if self.tls else [f"port {self.port}"]
         lines = [
-            "bind 127.0.0.1", f"port {self.port}", f"dir {self.data_dir}", "daemonize no",
+            "bind 127.0.0.1", *listen, f"dir {self.data_dir}", "daemonize no",
             "loglevel warning", f"logfile {self.data_dir / 'sentinel.log'}",
             f"sentinel monitor {name} 127.0.0.1 {self.primary_port} 2",
             f"sentinel down-after-milliseconds {name} {self.down_after_ms}",
@@ -304,6 +306,15 @@ class ReplicatedRedis:
         auth = f"{self.user}:{self.password}@" if self.password else ""
         return ";".join(f"sentinel://{auth}127.0.0.1:{s.port}/0" for s in self.sentinels)
 
+    def use_tls(self, tls: ServerTls) -> ReplicatedRedis:
+        """Make every server and sentinel listen on TLS only (before :meth:`start`): they
+        reach each other over TLS, and their clients over ``sentinel://`` with
+        ``tls.client``'s files."""
+        self.tls = tls
+        for server in [*self.servers, *self.sentinels]:
+            server.tls = tls
+        return self
+
     @property
     def processes(self) -> list[RedisServer]:
         """Every server, the starting primary first, then the sentinels: the order to
@@ -343,7 +354,7 @@ class ReplicatedRedis:
         return info.get("master_link_status") == "up"
 
     def _sees_everything(self, sentinel: SentinelServer) -> bool:
-        client = redis.Redis.from_url(sentinel.url, socket_timeout=2, decode_responses=True)
+        client = _client(sentinel)
         try:
             replicas = client.sentinel_slaves(self.master)
             return len([r for r in replicas if "s_down" not in r["flags"]]) == \
@@ -355,7 +366,7 @@ class ReplicatedRedis:
 
     def primary(self) -> RedisServer:
         """The server the sentinels now call the primary."""
-        client = redis.Redis.from_url(self.sentinels[0].url, socket_timeout=2)
+        client = _client(self.sentinels[0])
         try:
             _host, port = client.sentinel_get_master_addr_by_name(self.master)
         finally:
@@ -374,4 +385,6 @@ class ReplicatedRedis:
 
 
 def _client(server: RedisServer) -> redis.Redis:
-    return redis.Redis.from_url(server.url, socket_timeout=2, decode_responses=True)
+    tls = server.tls.client if server.tls else Tls()
+    return redis.Redis.from_url(server.url, socket_timeout=2, decode_responses=True,
+                                **tls.redis_options(server.url))

@@ -442,7 +442,7 @@ class ComposeFarm:
         }
         env_file = tmp_path / "compose.env"
         env_file.write_text("".join(f"{name}={value}\n" for name, value in values.items()))
-        self.tls = bool(files)
+        self.tls = "docker-compose.tls.yml" in files
         self.base = [*compose_command(), "--project-name", self.project,
                      "--file", str(REPO / "docker-compose.yml"),
                      *[arg for name in files for arg in ("--file", str(REPO / name))],

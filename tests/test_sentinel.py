@@ -24,7 +24,6 @@ from celeryfarm.plugin import CeleryFarmPlugin
 from celeryfarm.redisserver import ReplicatedRedis
 from celeryfarm.sentinel import SentinelUrl
 from celeryfarm.testing.cluster import LocalCluster
-from celeryfarm.tls import Tls
 
 from .cli_fixtures import Up, ok, up_env
 from .cli_fixtures import wait_for_state as wait_for_cli_state
@@ -142,8 +141,6 @@ def test_sentinel_urls_name_the_primary_for_every_client():
 def test_bad_sentinel_settings_are_refused():
     with pytest.raises(ConfigError, match="BROKER_URL: not a sentinel://host:port address"):
         Settings(broker_url="sentinel://:pw@h:1;redis://h:2")
-    with pytest.raises(ConfigError, match="TLS through Sentinel is not supported"):
-        Settings(broker_url=URL, tls=Tls(ca_file="/etc/ca.crt"))
     with pytest.raises(ConfigError, match="SENTINEL_MASTER: the primary's name is needed"):
         Settings(broker_url=URL, sentinel_master="")
 

@@ -33,18 +33,22 @@ class LocalCluster:
         the nodes use the ``node`` user; :meth:`url_as` and :meth:`add_artist` give the
         others' credentials. With ``replicas``, a primary, its replicas and three sentinels
         that fail over within seconds of the primary's death (with ``password``, not ACL
-        users)."""
-        if replicas and (acl_users or tls):
+        users; with ``tls``, all of them on TLS only)."""
+        if replicas and acl_users:
             raise ValueError("a LocalCluster with replicas has a password only")
         self.base = Path(base)
         self.shared_root = self.base / "shared"
         self.passwords = {role: acl.new_password() for role in acl.ROLES} if acl_users else {}
-        self.redis: RedisServer | ReplicatedRedis = (
-            ReplicatedRedis(self.base / "redis", replicas, password, down_after_ms=1000)
-            if replicas else RedisServer(
+        self.redis: RedisServer | ReplicatedRedis
+        if replicas:
+            replicated = ReplicatedRedis(self.base / "redis", replicas, password,
+                                         down_after_ms=1000)
+            self.redis = replicated.use_tls(tls) if tls else replicated
+        else:
+            self.redis = RedisServer(
                 self.base / "redis", password=self.passwords.get(acl.ADMIN, password),
                 acl_file=self.base / "redis" / "users.acl" if acl_users else None,
-                user=acl.ADMIN if acl_users else "", tls=tls))
+                user=acl.ADMIN if acl_users else "", tls=tls)
         self.extra_env = dict(extra_env or {})
         self.workers: dict[str, subprocess.Popen] = {}
 

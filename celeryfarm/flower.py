@@ -9,7 +9,9 @@ The same as ``celery -A celeryfarm flower``, except that:
   for a ``sentinel://`` broker (:class:`SentinelQueues`): Flower names its broker by the
   connection's URI, which for the farm's Sentinel transport is
   ``celeryfarm.redisclient:Transport://...``, a scheme it does not know, and its own
-  Sentinel reader asks only the first sentinel.
+  Sentinel reader asks only the first sentinel;
+* for any other broker, Flower is given the URI of kombu's Redis transport, which the
+  farm's own (:mod:`celeryfarm.capture`) extends.
 """
 
 from __future__ import annotations

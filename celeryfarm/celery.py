@@ -14,8 +14,8 @@ from typing import Any
 
 from celery import Celery
 
+from . import capture, redisclient
 from .config import Settings
-from .redisclient import TRANSPORT, sentinel_kwargs
 from .sentinel import uses_sentinel
 
 #: The one task a render node runs: a step of a job (the client names it, never imports it).
@@ -82,16 +82,20 @@ def celery_config(settings: Settings) -> dict:
     guarded = bool(settings.sentinel_password)
     if uses_sentinel(settings.broker_url):
         transport.update(master_name=settings.sentinel_master, **SENTINEL_TIMEOUTS)
-        config["broker_transport"] = TRANSPORT
+        config["broker_transport"] = redisclient.TRANSPORT
         if guarded or settings.tls.encrypts(settings.broker_url):
             timeouts = {name: value for name, value in SENTINEL_TIMEOUTS.items()
                         if name.startswith("socket_")}
-            transport["sentinel_kwargs"] = sentinel_kwargs(
+            transport["sentinel_kwargs"] = redisclient.sentinel_kwargs(
                 settings.broker_url, settings.tls, settings.sentinel_password, **timeouts)
+    else:
+        # kombu's transport, with messages the farm pushes in its own writes (see
+        # celeryfarm.capture).
+        config["broker_transport"] = capture.TRANSPORT
     if uses_sentinel(settings.results_url):
         results_transport["master_name"] = settings.sentinel_master
         if guarded or settings.tls.encrypts(settings.results_url):
-            results_transport["sentinel_kwargs"] = sentinel_kwargs(
+            results_transport["sentinel_kwargs"] = redisclient.sentinel_kwargs(
                 settings.results_url, settings.tls, settings.sentinel_password)
         # Celery's Sentinel backend takes its socket timeouts from these, not its options.
         config["redis_socket_timeout"] = SENTINEL_TIMEOUTS["socket_timeout"]

@@ -19,6 +19,7 @@ back to its own way of finding the render's processes.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import signal
@@ -219,13 +220,20 @@ class _V2Group(StepGroup):
         return _count(self.folders[0] / "cgroup.events", "frozen") == 1
 
 
+@functools.cache
 def _unified() -> bool:
     """Whether the node has the cgroup v2 hierarchy only (not v1's, nor a hybrid)."""
     return (MOUNT / "cgroup.controllers").exists()
 
 
 def _own_path(controller: str) -> str:
-    """This process's cgroup in the v1 hierarchy of ``controller``, or in v2's ("")."""
+    """This process's cgroup in the v1 hierarchy of ``controller``, or in v2's (""): read
+    once per process (a step moves its process out and back, to the same place)."""
+    return _own_path_of(os.getpid(), controller)
+
+
+@functools.lru_cache(maxsize=16)
+def _own_path_of(pid: int, controller: str) -> str:
     with contextlib.suppress(OSError):
         for line in Path("/proc/self/cgroup").read_text().splitlines():
             _, controllers, path = line.split(":", 2)

@@ -1,10 +1,12 @@
 """Sending a job's remaining steps to the render nodes, through an outbox so none is lost.
 
-A dispatch is recorded first (the record's dispatch number, and the job in the outbox set, in
-one atomic write), then the Celery chain is sent, then the job leaves the outbox. If the
-sender dies in between, a node's reaper sends it again (see :mod:`celeryfarm.reaper`). A
-message sent twice is harmless: a step runs only if its fencing token is current and no live
-execution holds its lease.
+A submission's record and its first message are one write (``JobStore.create``). Any other
+dispatch is recorded first (the record's dispatch number, and the job in the outbox set, in
+one atomic write); then the message and the record of it as sent are one write, which takes
+the job out of the outbox. If the sender dies in between, a node's reaper sends it again (see
+:mod:`celeryfarm.reaper`). A message sent twice is harmless: a step runs only if its fencing
+token is current and no live execution holds its lease. Messages are composed by Celery and
+pushed by the store (:mod:`celeryfarm.capture`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import re
 
 from celery import Celery, chain
 
+from .capture import Push, captured
 from .celery import RENDER_STEP
 from .jobs import MAX_PRIORITY, JobRecord
 from .records.store import JobStore, Token
@@ -58,14 +61,12 @@ def step_of(task_id: str) -> int:
     return int(task_id.rsplit("-", 1)[1])
 
 
-def send(app: Celery, store: JobStore, record: JobRecord, resumed: bool = False,
-         by_node: bool = True) -> None:
-    """Send the chain of steps ``next_step..`` of the record's current dispatch.
+def compose(app: Celery, record: JobRecord, resumed: bool = False) -> list[Push]:
+    """The broker writes that send the chain of steps ``next_step..`` of the record's
+    current dispatch, for the store to push with its own write (:mod:`celeryfarm.capture`).
 
     Queue and priority go on every signature: options given to the chain itself would apply
     to its first task only. A ``resumed`` step (re-dispatched after a node loss) goes first.
-    Records the ids sent in ``record.task_ids`` and in the job's record (a client's
-    ``by_node=False`` send writes only that record; see ``JobStore.sent``).
     """
     spec, steps = record.spec, len(record.spec.commands)
     priority = celery_priority(spec.priority)
@@ -88,6 +89,16 @@ def send(app: Celery, store: JobStore, record: JobRecord, resumed: bool = False,
         )
         for step, step_id in zip(range(record.next_step, steps), task_ids(record))
     ]
-    chain(*signatures).apply_async()
+    with captured() as pushes:
+        chain(*signatures).apply_async()
+    return pushes
+
+
+def send(app: Celery, store: JobStore, record: JobRecord, resumed: bool = False,
+         by_node: bool = True) -> None:
+    """Send the chain of steps ``next_step..`` of the record's current dispatch, and record
+    the ids sent in ``record.task_ids`` and in the job's record, in one write (a client's
+    ``by_node=False`` send writes only that record; see ``JobStore.sent``)."""
+    pushes = compose(app, record, resumed)
     record.task_ids = task_ids(record)
-    store.sent(record.job_id, record.dispatch, record.task_ids, by_node)
+    store.sent(record.job_id, record.dispatch, record.task_ids, by_node, pushes)

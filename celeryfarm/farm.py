@@ -169,8 +169,12 @@ class Farm:
             f"{len(spec.commands)} step(s), {spec.render_type} render, pool {spec.queue}, "
             f"frames {describe_frames(spec.frames)}",
         )
-        self.store.create(record, dispatching=True)
-        self._send(record)
+        try:
+            pushes = dispatch.compose(self.app, record)
+        except OperationalError as error:
+            raise FarmError(f"job {job_id} was not submitted: the broker could not be "
+                            f"reached ({error})") from None
+        self.store.create(record, pushes=pushes)
         return record
 
     def stop(self, job_id: str) -> JobRecord:

@@ -9,7 +9,9 @@ The same as ``celery -A celeryfarm flower``, except that:
   for a ``sentinel://`` broker (:class:`SentinelQueues`): Flower names its broker by the
   connection's URI, which for the farm's Sentinel transport is
   ``celeryfarm.redisclient:Transport://...``, a scheme it does not know, and its own
-  Sentinel reader asks only the first sentinel.
+  Sentinel reader asks only the first sentinel;
+* for any other broker, Flower is given the URI of kombu's Redis transport, which the
+  farm's own (:mod:`celeryfarm.capture`) extends.
 """
 
 from __future__ import annotations
@@ -29,6 +31,24 @@ def protect_metrics() -> None:
     if not getattr(Metrics.get, "celeryfarm_protected", False):
         Metrics.get = authenticated(Metrics.get)
         Metrics.get.celeryfarm_protected = True
+
+
+def name_the_broker() -> None:
+    """Flower picks its broker page's client (queue lengths) by the scheme of the app
+    connection's URI, which names the farm's own transport class (celeryfarm.capture): give
+    it the URI of the kombu transport that class extends."""
+    from flower.app import Flower
+    from kombu.transport.redis import SentinelTransport
+
+    def uri(include_password: bool) -> property:
+        def get(self: Flower) -> str:
+            with self.capp.connection() as conn:
+                kind = "sentinel" if isinstance(conn.transport, SentinelTransport) else "redis"
+                return conn.clone(transport=kind).as_uri(include_password=include_password)
+        return property(get)
+
+    Flower.broker_uri = uri(include_password=False)
+    Flower.broker_uri_with_password = uri(include_password=True)
 
 
 def sentinel_queues(settings: Settings, broker_options: dict[str, Any]) -> Any:
@@ -79,6 +99,7 @@ def main(argv: list[str]) -> None:
     from celery.bin.celery import main as celery
 
     protect_metrics()
+    name_the_broker()
     read_queues_through_sentinels()
     sys.argv = ["celery", "-A", "celeryfarm", "flower", *argv]
     celery()

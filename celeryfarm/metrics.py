@@ -8,6 +8,7 @@ pools, nodes, job states, limit names and kinds of retry; never job ids or names
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from typing import Any
 
@@ -85,7 +86,8 @@ class FarmCollector:
         yield units
         yield used
 
-        buckets = [(f"{bound:g}", stats.get(f"step_le_{bound:g}", 0)) for bound in STEP_BUCKETS]
+        counts = [stats.get(f"step_in_{bound:g}", 0) for bound in STEP_BUCKETS]
+        buckets = list(zip((f"{bound:g}" for bound in STEP_BUCKETS), itertools.accumulate(counts)))
         buckets.append(("+Inf", stats.get("step_count", 0)))
         yield HistogramMetricFamily("celeryfarm_step_duration_seconds",
                                     "How long steps ran, whatever their outcome",

@@ -37,14 +37,16 @@ class SharedRoot:
         self._writable: set[Path] = set()
 
     def join(self, relative: str) -> Path:
-        """This host's path for ``relative``; raises :class:`FarmError` if it escapes."""
+        """This host's path for ``relative``; raises :class:`FarmError` if it escapes,
+        symlinks and all. (``os.path`` rather than pathlib: every submission and step
+        joins a path or two.)"""
         if not relative or PurePosixPath(relative).is_absolute():
             raise FarmError(f"path {relative!r} must be relative to the shared root")
-        root = self.local.resolve()
-        path = (root / relative).resolve()
-        if path != root and root not in path.parents:
+        root = os.path.realpath(self.local)
+        path = os.path.realpath(os.path.join(root, relative))
+        if path != root and not path.startswith(root.rstrip("/") + "/"):
             raise FarmError(f"path {relative!r} escapes the shared root {root}")
-        return path
+        return Path(path)
 
     def local_path(self, relative: str) -> str:
         """The path artists are shown for a path the records keep relative to the root

@@ -11,6 +11,7 @@ touches FarmAPI types: each method converts Katana's arguments, calls
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -219,8 +220,9 @@ class CeleryFarmPlugin(FarmAPI.BaseFarmPlugin):
 
     # -- helpers -----------------------------------------------------------------------------
     def _check_temp_dir(self, temp_dir: Any, context: Any) -> None:
-        folder = self.farm.root.join(self.farm.root.context_dir(context))
-        if not folder.is_dir():
+        # The folder's own path, not resolved: the submission's first log line (Farm.submit)
+        # is written through SharedRoot.join, which refuses a folder swapped for a symlink.
+        if not os.path.isdir(self.farm.root.local_path(self.farm.root.context_dir(context))):
             raise FarmError(f"render context {context!r} has no folder: Katana calls "
                             f"createTemporaryDirectory before submitJob")
         if not self.farm.root.is_context_folder(temp_dir, context):

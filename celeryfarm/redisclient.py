@@ -16,6 +16,7 @@ from kombu.transport import redis as kombu_redis
 from redis.connection import SSLConnection
 from redis.sentinel import Sentinel, SentinelManagedConnection
 
+from .capture import CapturingPut
 from .sentinel import SentinelUrl, uses_sentinel
 from .tls import Tls
 
@@ -56,14 +57,15 @@ class FollowingSSLConnection(FollowingConnection, SSLConnection):
     gave, is the one the server's certificate must name."""
 
 
-class Channel(kombu_redis.SentinelChannel):
+class Channel(CapturingPut, kombu_redis.SentinelChannel):
     connection_class = FollowingConnection
     connection_class_ssl = FollowingSSLConnection
 
 
 class Transport(kombu_redis.SentinelTransport):
     """kombu's ``sentinel://`` transport with :class:`FollowingConnection`: a node whose
-    primary froze finds the new one (``broker_transport`` names it)."""
+    primary froze finds the new one (``broker_transport`` names it); its messages can be
+    captured (:mod:`celeryfarm.capture`)."""
 
     Channel = Channel
 

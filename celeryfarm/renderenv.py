@@ -191,6 +191,10 @@ def _steps_folder() -> Path:
 
 def _remove(base: Path, user: RenderUser | None) -> None:
     """Remove a step's folders, also what the render made unwritable (``chmod 0``)."""
+    with contextlib.suppress(OSError):  # most renders leave them empty: three calls
+        for folder in (base / "home", base / "tmp", base):
+            os.rmdir(folder)
+        return
     if user is not None and os.geteuid() != 0:  # files the render owns: remove them as it
         base.chmod(0o1733)  # it may remove what it owns in base, nothing else
         folders = [str(base / "home"), str(base / "tmp")]

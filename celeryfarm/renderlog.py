@@ -26,9 +26,14 @@ class RenderLog:
     """An open render log, appended to without buffering."""
 
     def __init__(self, path: Path) -> None:
-        sharing.make_folder(path.parent)
-        # Created group-writable: the submitter starts it, nodes (other users) append.
-        self._file = open(sharing.open_append(path), "ab", buffering=0)  # noqa: SIM115
+        # Created group-writable: the submitter starts it, nodes (other users) append. The
+        # folder is made only when missing: on a network mount each call is a round trip.
+        try:
+            fd = sharing.open_append(path)
+        except FileNotFoundError:
+            sharing.make_folder(path.parent)
+            fd = sharing.open_append(path)
+        self._file = open(fd, "ab", buffering=0)  # noqa: SIM115
         self._line_open = False
 
     def write(self, data: bytes) -> None:

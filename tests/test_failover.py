@@ -113,7 +113,7 @@ def test_a_write_no_replica_acknowledges_in_time_stands_and_is_logged(
     with caplog.at_level(logging.WARNING, "celeryfarm.records.replication"), frozen(replica):
         job_id, _ = submit(farm, [["true"]], settings={"pool": IDLE_POOL})
         assert farm.store.state(job_id) == JobState.WAITING
-    assert f"job {job_id} sent: not yet on 1 replica(s)" in caplog.text
+    assert f"job {job_id} submitted: not yet on 1 replica(s)" in caplog.text
     wait_until(lambda: replica_has(replica, job_id) == (True, True), 10,
                "the resumed replica to have the job")
 

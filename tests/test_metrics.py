@@ -57,7 +57,11 @@ def test_metrics_serves_the_farm_on_loopback_with_bounded_labels(
         assert samples["celeryfarm_limit_units"][(("limit", name),)] == 3
         assert samples["celeryfarm_limit_in_use"][(("limit", name),)] == 0
         assert samples["celeryfarm_step_duration_seconds_count"][()] >= 1
-        assert samples["celeryfarm_step_duration_seconds_bucket"][(("le", "+Inf"),)] >= 1
+        buckets = samples["celeryfarm_step_duration_seconds_bucket"]
+        assert buckets[(("le", "+Inf"),)] >= 1
+        # Cumulative, as Prometheus reads them: the 0.2 s step is in every bucket from 1 s.
+        counts = [buckets[(("le", bound),)] for bound in ("1", "10", "60", "+Inf")]
+        assert counts == sorted(counts) and counts[0] >= 1
         assert {labels for labels in samples["celeryfarm_retries_total"]} == {
             (("kind", "retry"),), (("kind", "licence"),)}
         assert "celeryfarm_lease_losses_total" in samples

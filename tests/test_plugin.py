@@ -12,6 +12,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+import redis
 
 from celeryfarm import farmapi as FarmAPI
 from celeryfarm import nodegraphapi as NodegraphAPI
@@ -20,6 +21,7 @@ from celeryfarm.plugin import CeleryFarmPlugin, register_farm_settings
 from celeryfarm.testing.cluster import LocalCluster
 
 from .cli_fixtures import ok
+from .conftest import WORKER_ENV, join, running
 from .helpers import (
     KatanaJobRequest,
     command_line,
@@ -461,3 +463,27 @@ def test_a_shared_root_behind_a_symlink_gives_one_log_path_everywhere(
     assert job.renderLogFilename == path == f"{folder}/render.log"
     assert path.startswith(f"{link}/")
     assert b"| exit status 0 |" in Path(path).read_bytes()
+
+
+def test_a_farm_whose_records_are_apart_from_the_broker_runs_and_restarts_jobs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """``CELERYFARM_STORE_URL`` apart from the broker (here another database): a dispatch's
+    messages cannot ride in the record's write, so they go to the broker in one of their
+    own, after a new job's record and before a dispatch is recorded as sent. Jobs run and
+    restart, and each Redis database holds only its own keys."""
+    farm = LocalCluster(tmp_path / "farm", extra_env=WORKER_ENV)
+    broker = redis.Redis.from_url(farm.redis.url, decode_responses=True)
+    farm.extra_env["CELERYFARM_STORE_URL"] = farm.redis.url.rsplit("/", 1)[0] + "/2"
+    with running(farm, ["apart1"]):
+        join(farm, monkeypatch)
+        plugin = CeleryFarmPlugin()
+        assert plugin.farm.store.broker is not None
+        job_id, _ = submit(plugin.farm, [["true"], ["true"]])
+        assert wait_for_state(plugin, job_id) == State.kCompleted
+        plugin.startJob(job_id)
+        wait_until(lambda: plugin.farm.get(job_id).attempt == 2
+                   and plugin.getJobState(job_id) == State.kCompleted, 60, "attempt 2 done")
+        assert step_headers(read_log(plugin, job_id)) == [b"1/2", b"2/2"] * 2
+        assert not list(broker.scan_iter(plugin.farm.store.keys.job("*")))
+        assert plugin.farm.store.redis.exists(plugin.farm.store.keys.job(job_id))

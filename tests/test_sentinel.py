@@ -145,7 +145,8 @@ def test_sentinel_urls_name_the_primary_for_every_client():
     assert settings.client_environment()["CELERYFARM_SENTINEL_MASTER"] == "farm-a"
     plain = celery_config(Settings())
     assert "master_name" not in plain["broker_transport_options"]
-    assert "broker_transport" not in plain and "redis_socket_timeout" not in plain
+    assert plain["broker_transport"] == "celeryfarm.capture:Transport"
+    assert "redis_socket_timeout" not in plain
     assert redact(URL) == ("sentinel://:***@10.0.0.1:26379/2;"
                            "sentinel://:***@10.0.0.2:26380/2")
 

@@ -5,11 +5,9 @@ a primary that dies a moment later takes the write with it, and the replica the 
 promote never saw it. The farm's promises are writes: a submitted job, a step that started
 (its fencing token), a step that ended, a stop. So with replicas each of those writes is
 followed by ``WAIT numreplicas timeout`` on the same connection, in the same round trip
-(a pipeline, not a transaction: ``WAIT`` inside ``MULTI`` returns at once). ``WAIT`` waits
-for the replicas to acknowledge the connection's last write; the replication stream is
-ordered, so that covers every earlier write of every connection too: a submission's record
-and its broker message (kombu's ``LPUSH``, on another connection) are on a replica once the
-submission's last write is.
+(after ``EXEC`` for a transaction: ``WAIT`` inside ``MULTI`` returns at once). ``WAIT``
+waits for the replicas to acknowledge the connection's last write; the replication stream
+is ordered, so that covers every earlier write of every connection too.
 
 When ``WAIT`` times out (no replica answered in time: the replicas are down or far behind),
 the write stands, as it must: it was made, and an artist who saw an error would submit the
@@ -24,10 +22,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import redis
+from redis.client import Pipeline
 from redis.commands.core import Script
 
 from ..sentinel import uses_sentinel
@@ -78,10 +77,37 @@ def run(client: redis.Redis, script: Script, keys: Sequence[Any], args: Sequence
             if loaded:
                 raise
             client.script_load(script.script)
+    _check(acknowledged, wait, what)
+    return reply
+
+
+def transaction(client: redis.Redis, write: Callable[[Pipeline], None], wait: ReplicaWait,
+                what: str) -> list[Any]:
+    """Run the commands ``write`` queues as one ``MULTI``/``EXEC`` and, with ``wait``,
+    ``WAIT`` for the replicas after it, in one round trip on one connection (``WAIT``
+    inside ``MULTI`` returns at once, and on another connection it would wait for that
+    one's writes). Returns ``EXEC``'s replies; raises the first error among them (or the
+    error that refused a command as it was queued: then nothing ran)."""
+    pipe = client.pipeline(transaction=False)
+    pipe.execute_command("MULTI")
+    write(pipe)
+    pipe.execute_command("EXEC")
+    if wait:
+        pipe.execute_command("WAIT", wait.replicas, wait.timeout_ms)
+    replies = pipe.execute()
+    results = replies[-2] if wait else replies[-1]
+    for result in results:
+        if isinstance(result, Exception):
+            raise result
+    if wait:
+        _check(replies[-1], wait, what)
+    return results
+
+
+def _check(acknowledged: int, wait: ReplicaWait, what: str) -> None:
     if acknowledged < wait.replicas:
         logger.warning("%s: not yet on %d replica(s) after %d ms (%d acknowledged); it "
                        "stands, but a failover now would lose it", what, wait.replicas,
                        wait.timeout_ms, acknowledged)
-    return reply
 
 

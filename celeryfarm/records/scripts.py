@@ -2,12 +2,14 @@
 
 Each ``.lua`` file starts with its KEYS and ARGV layout. ``common.lua`` (Redis's clock, state
 lists) is put in front of every script; a first line ``-- uses: other.lua`` puts that file
-in front too. Scripts are registered once per Redis client and run by ``EVALSHA``.
+in front too. Scripts are registered once per Redis client and run by ``EVALSHA``, or in a
+transaction by ``EVAL`` (:func:`in_transaction`).
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from importlib import resources
 
 import redis
@@ -49,6 +51,15 @@ class Scripts:
         self.avoid, self.heartbeat = load("avoid"), load("heartbeat")
         self.adopt, self.create, self.listing = load("adopt"), load("create"), load("listing")
         self.retire, self.trim_changes = load("retire"), load("trim_changes")
+
+
+def in_transaction(pipe: redis.client.Pipeline, script: Script, keys: Sequence[object],
+                   args: Sequence[object]) -> None:
+    """Queue ``script`` on a MULTI pipeline by its text (``EVAL``), not its digest: on a
+    pipeline redis-py asks ``SCRIPT EXISTS`` first (one more round trip), and an
+    ``EVALSHA`` of a script the server lost (a restart, a failover) would fail inside
+    ``EXEC`` after the transaction's other commands ran. Redis caches the text's digest."""
+    pipe.eval(script.script, len(keys), *keys, *args)
 
 
 def _register(client: redis.Redis, name: str) -> Script:

@@ -24,6 +24,7 @@ from redis.commands.core import Script
 from redis.retry import Retry
 
 from .. import redisclient
+from ..capture import Push
 from ..config import STORE_SOCKET_TIMEOUT
 from ..errors import CorruptRecord, JobNotFound
 from ..jobs import JobRecord, Listed
@@ -33,7 +34,7 @@ from . import fields as codec
 from . import replication, states
 from .keys import Keys, owner_of
 from .replication import ReplicaWait
-from .scripts import Scripts
+from .scripts import Scripts, in_transaction
 from .states import TRANSITIONS, Event, sources_arg
 
 if TYPE_CHECKING:
@@ -112,8 +113,12 @@ class JobStore:
     """Reads and writes job records. Safe to share between threads."""
 
     def __init__(self, client: redis.Redis, prefix: str = "celeryfarm",
-                 wait: ReplicaWait = replication.NO_WAIT) -> None:
+                 wait: ReplicaWait = replication.NO_WAIT,
+                 broker: redis.Redis | None = None) -> None:
+        """``broker``: the broker's Redis when it is not ``client``'s (a farm with its own
+        ``CELERYFARM_STORE_URL``); messages then go there in a write of their own."""
         self.redis = client
+        self.broker = broker
         self.keys = Keys(prefix)
         self.scripts = Scripts(client)
         #: With a replicated Redis, the writes the farm acknowledges wait for replicas
@@ -123,26 +128,37 @@ class JobStore:
     @classmethod
     def from_settings(cls, settings: Settings) -> JobStore:
         """The store at the farm's records URL."""
-        return cls(connect(settings.records_url, settings.tls, settings.sentinel_master,
-                           settings.sentinel_password),
-                   settings.key_prefix, ReplicaWait.of(settings))
+        def client(url: str) -> redis.Redis:
+            return connect(url, settings.tls, settings.sentinel_master,
+                           settings.sentinel_password)
+
+        apart = settings.records_url != settings.broker_url
+        return cls(client(settings.records_url), settings.key_prefix, ReplicaWait.of(settings),
+                   client(settings.broker_url) if apart else None)
 
     # -- creating ----------------------------------------------------------------------------
-    def create(self, record: JobRecord, dispatching: bool = True) -> None:
+    def create(self, record: JobRecord, dispatching: bool = True,
+               pushes: Sequence[Push] = ()) -> None:
         """Store a new record and its history, put it in its owner's index and change feed,
         in one write: what an artist's credential may write (see :meth:`Keys.owned`). A
         dispatching record also goes into the inbox, from which render nodes index it in
         the shared indexes (``adopt.lua``); one that is not (an import, a test) is indexed
-        here, which needs a credential that may write those."""
+        here, which needs a credential that may write those. ``pushes``, the messages of
+        its first dispatch (:func:`celeryfarm.dispatch.compose`), go in the same write,
+        and the record says its dispatch was sent."""
         if not dispatching:
             self._add(self.scripts.create, record, shared=True)
             return
-        pipe = self.redis.pipeline(transaction=True)
-        self._add(functools.partial(self.scripts.create, client=pipe), record, shared=False)
-        # In the same write, outside the script: an artist may push to the inbox, but not
-        # name it in a script.
-        pipe.rpush(self.keys.inbox, record.job_id)
-        pipe.execute()
+        sent = ("sent", record.dispatch) if pushes else ()
+
+        def write(pipe: redis.client.Pipeline) -> None:
+            self._add(functools.partial(in_transaction, pipe, self.scripts.create), record,
+                      shared=False, extra=sent)
+            # In the same write, outside the script: an artist may push to the inbox and
+            # the queues, but not name them in a script.
+            pipe.rpush(self.keys.inbox, record.job_id)
+
+        self._write(write, pushes, record_first=True, what=f"job {record.job_id} submitted")
 
     def create_many(self, records: Iterable[JobRecord]) -> None:
         """Store and index many records as they are, ``BATCH`` per round trip, and nothing
@@ -155,10 +171,11 @@ class JobStore:
                           shared=True)
             pipe.execute()
 
-    def _add(self, create: Callable[..., object], record: JobRecord, shared: bool) -> None:
+    def _add(self, create: Callable[..., object], record: JobRecord, shared: bool,
+             extra: Sequence[object] = ()) -> None:
         """Run create.lua for ``record`` through ``create`` (the script, or it on a
         pipeline): its owner's index, and the ``shared`` ones (all jobs', its session's)
-        too if asked."""
+        too if asked; ``extra`` fields (name, value...) go in its hash too."""
         indexes = [self.keys.index("user", record.spec.user)] if record.spec.user else []
         if shared:
             indexes.append(self.keys.index())
@@ -168,7 +185,7 @@ class JobStore:
         create(keys=[self.keys.job(record.job_id), self.feed(record.job_id),
                      self.keys.events(record.job_id), *indexes],
                args=[record.job_id, record.submitted_ms, codec.encode_submission(record),
-                     *fields])
+                     *fields, *extra])
 
     def feed(self, job_id: str) -> str:
         """The change feed a job's changes go in: its owner's."""
@@ -193,17 +210,47 @@ class JobStore:
 
     # -- dispatching -------------------------------------------------------------------------
     def sent(self, job_id: str, dispatch: int, task_ids: Iterable[str],
-             by_node: bool = True) -> None:
+             by_node: bool = True, pushes: Sequence[Push] = ()) -> None:
         """Record the Celery ids a dispatch sent and its number (in the owner's change feed:
-        listings settle active jobs by their task ids); a render node also takes the job
-        out of the outbox and makes its next step await a node, in the same write. A
-        client's job is taken into those shared sets by a node (:meth:`adopt`)."""
+        listings settle active jobs by their task ids), with ``pushes``, its messages
+        (:func:`celeryfarm.dispatch.compose`), in one write; a render node also takes the
+        job out of the outbox and makes its next step await a node in it. A client's job
+        is taken into those shared sets by a node (:meth:`adopt`)."""
         shared = [self.keys.outbox, self.keys.awaiting] if by_node else []
-        # A submission's last write: once a replica has it, it has the record and the
-        # broker message written before it too (see replication.py).
-        self._acknowledged(self.scripts.sent, f"job {job_id} sent",
-                           keys=[self.keys.job(job_id), self.feed(job_id), *shared],
-                           args=[job_id, json.dumps(list(task_ids)), dispatch])
+        self._write(functools.partial(
+            in_transaction, script=self.scripts.sent,
+            keys=[self.keys.job(job_id), self.feed(job_id), *shared],
+            args=[job_id, json.dumps(list(task_ids)), dispatch]),
+            pushes, record_first=False, what=f"job {job_id} sent")
+
+    def _write(self, write: Callable[[redis.client.Pipeline], None], pushes: Sequence[Push],
+               record_first: bool, what: str) -> None:
+        """Queue ``write`` and the messages ``pushes`` as one transaction, waiting for the
+        replicas in the same round trip (``what`` names it in the log if they do not have
+        it in time). With the broker apart they cannot be one write: a new job's record
+        goes first (a node that took its message before could not find it), a dispatch's
+        messages before it is recorded as sent (until then the outbox still has it)."""
+        def with_pushes(pipe: redis.client.Pipeline) -> None:
+            write(pipe)
+            for push in pushes:
+                pipe.lpush(push.key, push.payload)
+
+        if self.broker is None:
+            replication.transaction(self.redis, with_pushes, self.wait, what)
+            return
+        if not record_first:
+            self._push(pushes)
+        replication.transaction(self.redis, write, self.wait, what)
+        if record_first:
+            self._push(pushes)
+
+    def _push(self, pushes: Sequence[Push]) -> None:
+        """Send messages to a broker apart from the records."""
+        if pushes:
+            messages = self.broker.pipeline(transaction=True)
+            for push in pushes:
+                messages.lpush(push.key, push.payload)
+            messages.execute()
 
     def unsendable(self, job_id: str) -> None:
         """Take a job whose dispatch must not be sent (it ended meanwhile) out of the
@@ -454,13 +501,15 @@ class JobStore:
             args += [name, codec.text(value)]
         keys = [self.keys.job(job_id), self.feed(job_id)]
         if dispatching:
-            pipe = self.redis.pipeline(transaction=True)
-            self.scripts.transition(keys=keys, args=args, client=pipe)
-            # In the same write, outside the script: an artist may push to the inbox, but
-            # not name it in a script. An entry for a change refused is harmless (adopt.lua).
-            # Replicas: its dispatch's sent() follows, and waits for them.
-            pipe.rpush(self.keys.inbox, job_id)
-            applied = pipe.execute()[0]
+            def write(pipe: redis.client.Pipeline) -> None:
+                in_transaction(pipe, self.scripts.transition, keys=keys, args=args)
+                # In the same write, outside the script: an artist may push to the inbox,
+                # but not name it in a script. An entry for a change refused is harmless
+                # (adopt.lua). Replicas: its dispatch's sent() follows, and waits for them.
+                pipe.rpush(self.keys.inbox, job_id)
+
+            applied = replication.transaction(self.redis, write, replication.NO_WAIT,
+                                              f"job {job_id} {event}")[0]
         else:
             applied = self._acknowledged(self.scripts.transition, f"job {job_id} {event}",
                                          keys=keys, args=args)

@@ -82,9 +82,11 @@ REPLICATION_RULES = {
 #: the sentinels (``SENTINEL SET``, ``MONITOR``, ``REMOVE``, ``RESET``, ``FAILOVER``,
 #: ``CONFIG``, ``ACL``, ``SHUTDOWN``); ``sentinel`` is the sentinels' own among themselves
 #: (``sentinel sentinel-user``): hellos and failover votes; ``admin`` is the operators'.
+#: The clients' harmless connection commands go by category (``PING``, ``HELLO``, ``CLIENT
+#: SETNAME``, and on Redis 7.2+ the ``CLIENT SETINFO`` redis-py sends), none of @admin.
 SENTINEL_CLIENT = "default"
 SENTINEL_RULES = {
-    SENTINEL_CLIENT: ("resetchannels", "-@all", "+ping", "+hello", "+client|setname",
+    SENTINEL_CLIENT: ("resetchannels", "-@all", "+@connection", "-@admin", "-@dangerous",
                       "+sentinel|get-master-addr-by-name",
                       "+sentinel|master", "+sentinel|masters", "+sentinel|replicas",
                       "+sentinel|slaves", "+sentinel|sentinels", "+subscribe",

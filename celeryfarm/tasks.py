@@ -44,6 +44,9 @@ PARENT_DIED = signal.SIGRTMIN + 2
 #: request, another node given the step): it wakes the render loop at once instead of at its
 #: next poll. Ignored by default, so one that arrives outside a step does nothing.
 WAKE = signal.SIGWINCH
+#: How long a pool process that got SIGTERM looks for its task's REVOKED state (see
+#: :func:`_revoked`) before taking it for a shutdown's.
+REVOKE_WAIT_SECONDS = 3.0
 
 
 def _wake() -> None:
@@ -221,9 +224,11 @@ def run_step(
         _handed_on(self, f"job {job_id} {label} waits for a limit ({detail})")
     if status != ClaimStatus.OK:
         # A duplicate or already-done delivery shares its id with the real execution,
-        # whose Celery state must not be overwritten.
+        # whose Celery state must not be overwritten. Only a superseded dispatch's id is
+        # marked REVOKED: a finished step's id is still among its job's current ones, and
+        # REVOKED there would read as a revoke from Flower (Farm._settle) and cancel the job.
         _skip(self, f"job {job_id} {label} not run ({status}): {detail}",
-              revoked=status in (ClaimStatus.SUPERSEDED, ClaimStatus.FINISHED))
+              revoked=status == ClaimStatus.SUPERSEDED)
     steps = len(record.spec.commands)  # the record's, not the message's
     label = f"step {step + 1}/{steps}"
     if record.bad_nodes.get(node, 0) >= retries.BAD_NODE_FAILURES:
@@ -349,8 +354,16 @@ def _handed_on(task: Any, reason: str) -> NoReturn:
     raise Ignore()
 
 
-def _revoked(task: Any) -> bool:
-    return task.app.AsyncResult(task.request.id).state == states.REVOKED
+def _revoked(task: Any, wait_seconds: float = REVOKE_WAIT_SECONDS) -> bool:
+    """Whether the task was revoked (Flower's Terminate): Celery's worker sends the SIGTERM
+    first and records REVOKED after it, so a busy node's pool process may look before it
+    is recorded; it looks again for up to ``wait_seconds``."""
+    deadline = time.monotonic() + wait_seconds
+    while task.app.AsyncResult(task.request.id).state != states.REVOKED:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def _fail(lease: StepLease, reason: str) -> NoReturn:

@@ -68,7 +68,10 @@ class SentinelComposeFarm(ComposeFarm):
             "CELERYFARM_REDIS_REPLICA_PASSWORD": secrets.token_hex(16),
             "CELERYFARM_REDIS_SENTINEL_PASSWORD": secrets.token_hex(16),
             "CELERYFARM_SENTINEL_PASSWORD": self.sentinel_password,
-            "CELERYFARM_SENTINEL_DOWN_AFTER_MS": 1000,
+            # The default (5 s), not a shorter one: at a full restart the sentinels run
+            # before the servers, and with 1 s they sometimes declared the primary down
+            # while it was still starting and promoted a replica that had not yet synced.
+            "CELERYFARM_SENTINEL_DOWN_AFTER_MS": 5000,
             "CELERYFARM_REDIS_REPLICA_1_PORT": self.server_ports["redis-replica-1"],
             "CELERYFARM_REDIS_REPLICA_2_PORT": self.server_ports["redis-replica-2"],
             **{f"CELERYFARM_SENTINEL_{n}_PORT": self.sentinel_ports[f"sentinel-{n}"]

@@ -12,7 +12,7 @@ from celeryfarm.farmapi import Job
 from celeryfarm.plugin import CeleryFarmPlugin
 from celeryfarm.records.scripts import Scripts
 
-from .helpers import renderboot, submit, wait_for_state
+from .helpers import renderboot, submit, wait_for_state, wait_until
 
 State = Job.State
 
@@ -76,3 +76,36 @@ def test_a_step_claims_and_ends_in_one_write_each(plugin: CeleryFarmPlugin):
     # Celery wrote no result for the step: the record says Completed.
     assert not [c["command"] for c in commands if f"celery-task-meta-{job_id}" in c["command"]
                 and c["command"].split()[0] in ("SET", "SETEX", "PUBLISH")]
+
+
+def test_a_submission_is_one_transaction_with_its_message(plugin: CeleryFarmPlugin):
+    """submitJob writes the record, the inbox entry and the chain's one message in a single
+    MULTI, and nothing else: the message composed by Celery is never also sent by kombu."""
+    # The broker's producer exists and has declared the pool's queue, as in use.
+    warm_up, _ = submit(plugin.farm, [["true"]])
+    assert wait_for_state(plugin, warm_up) == State.kCompleted
+    monitored = Monitor(plugin.farm.store.redis)
+    monitored.start()
+    job_id, _ = submit(plugin.farm, [["true"], ["true"]])
+    plugin.farm.store.redis.echo("submitted")  # MONITOR shows the submission before this
+
+    def marker(command: dict) -> bool:
+        return command["command"].startswith("ECHO") and "submitted" in command["command"]
+
+    wait_until(lambda: any(map(marker, monitored.commands)), 10,
+               "MONITOR to show the submission")
+    commands = monitored.stop(plugin.farm.store.redis)
+    mine = own_ports()
+    end = next(n for n, c in enumerate(commands) if marker(c))
+    sent = [c["command"] for c in commands[:end]
+            if c["client_type"] == "tcp" and c["client_port"] in mine
+            and c["command"].split()[0] not in ("PING", "HELLO", "CLIENT")]
+    assert [command.split()[0] for command in sent] == [
+        "MULTI", "EVAL", "RPUSH", "LPUSH", "EXEC"], sent
+    push = sent[3]
+    queue = plugin.farm.settings.broker_key_prefix + plugin.farm.settings.default_queue
+    assert push.split()[1].strip('"').startswith(queue), push
+    # That one message carries the chain: both steps run.
+    assert wait_for_state(plugin, job_id) == State.kCompleted
+    assert [event["step"] for event in plugin.farm.events(job_id)
+            if event["event"] == "end"] == [0, 1]

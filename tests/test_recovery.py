@@ -185,8 +185,7 @@ def test_a_frozen_node_is_fenced_off_when_it_wakes(pool: Pool):
     finally:
         for proc in frozen:
             proc.resume()
-    wait_until(lambda: not first.is_running() or first.status() == psutil.STATUS_ZOMBIE, 15,
-               "the superseded render to be killed")
+    wait_until(lambda: gone(first), 15, "the superseded render to be killed")
     assert wait_for_state(pool.plugin, job_id, timeout=60) == State.kCompleted
     events = pool.plugin.farm.events(job_id)
     assert_never_two_current(events)
@@ -415,3 +414,11 @@ def test_a_step_whose_message_vanished_with_its_worker_runs(pool: Pool):
     assert [e["event"] for e in events] == ["lost", "start", "end", "start", "end"]
     assert "node (unknown) lost while running step 1/2: its message was lost before any " \
            "node started it" in read_log(pool.plugin, job_id).decode()
+
+
+def gone(process: psutil.Process) -> bool:
+    """Whether ``process`` has ended (a zombie counts): it may end between two looks."""
+    try:
+        return not process.is_running() or process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True

@@ -134,3 +134,24 @@ def test_jobs_says_how_far_back_it_sees(farm: Farm):
     listing = cli(env, "jobs")
     assert listing.returncode == 0, listing.stderr
     assert "the last 45 days (CELERYFARM_KEEP_DAYS)" in listing.stderr
+
+
+def test_an_index_retention_emptied_gives_its_memory_back(farm: Farm, monkeypatch):
+    """Redis before 7.4 keeps a sorted set's hash table at its biggest size: after
+    retention took most of an index, the index must cost what a fresh one of the jobs
+    left costs (shrink.lua), with every job left still in it at its submission time."""
+    old = [record(farm, JobState.COMPLETED, 40) for _ in range(300)]
+    kept = [record(farm, JobState.COMPLETED, 1) for _ in range(40)]
+    monkeypatch.setattr(reaper, "BATCH", 100)
+    node = reaper.Reaper(farm.app, farm.store, farm.settings)
+    while node.retire_once():
+        pass
+    assert all(keys_of(farm, job) == [] for job in old)
+    client, keys = farm.store.redis, farm.store.keys
+    for index in (keys.index(), keys.index("user", "artist"), keys.index("session", "s1")):
+        left = client.zrange(index, 0, -1, withscores=True)
+        assert sorted(left) == sorted((job.job_id, job.submitted_ms) for job in kept)
+        client.zadd("fresh", dict(left))
+        fresh = client.memory_usage("fresh", samples=0)
+        assert client.memory_usage(index, samples=0) <= 1.1 * fresh  # allocator rounding
+        client.delete("fresh")

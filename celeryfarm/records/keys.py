@@ -77,6 +77,12 @@ class Keys:
                 self.index("user", owner), self.changes(owner))
 
     @property
+    def scratch(self) -> str:
+        """Sorted set: a copy made and renamed within one script (``shrink.lua``); it
+        never outlives the script."""
+        return f"{self.prefix}:scratch"
+
+    @property
     def leases(self) -> str:
         """Sorted set: job id -> deadline (ms) of its running step's lease."""
         return f"{self.prefix}:leases"

@@ -692,7 +692,7 @@ class JobStore:
                     *(self.keys.frames_done(job_id, number) for number in attempts), *results]
             self.scripts.retire(
                 keys=[self.keys.job(job_id), self.feed(job_id), self.keys.missing,
-                      self.keys.inbox, *sets, *gone],
+                      self.keys.inbox, self.keys.scratch, *sets, *gone],
                 args=[job_id, keep_ms, finished, len(sets)], client=pipe)
             candidates.append(job_id)
         left = pipe.execute() if candidates else []

@@ -264,7 +264,8 @@ class Farm:
         if isinstance(user, str):
             listing = self._listings.get(user)
             if listing is None:
-                listing = self._listings[user] = Listing(self.store, user)
+                listing = self._listings[user] = Listing(self.store, user,
+                                                         keeps_snapshot=user == self.user)
             jobs = listing.jobs()
             active = listing.active
         else:

@@ -10,23 +10,44 @@ never changes except by a restart, which is a change like any other, and a job t
 Redis (retention) is one too, so the cache stays exact. When the feed no longer reaches
 back to the last call (trimmed), or the user has jobs whose ids name no owner (from before
 ids carried one: their changes are in no user's feed), the listing is read afresh.
+
+A user's own client also keeps a *snapshot* of their listing in Redis (``Keys.snapshot``:
+one string, each job's listing fields and the feed's position), written after a listing
+read afresh and again once a tenth of it has changed since. A new Katana session starts
+from it and the changes since, one read of the string rather than of every record: Redis
+takes 13 us a job to read records, a thousandth of that to send one string.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import logging
 import threading
+from collections.abc import Iterator
+
+import redis
 
 from .jobs import Listed
 from .records.keys import owner_of
 from .records.states import ACTIVE
 from .records.store import JobStore
 
+logger = logging.getLogger(__name__)
+#: Jobs re-read since the snapshot was written (besides a tenth of the listing) before it
+#: is written again.
+SNAPSHOT_AFTER = 100
+
 
 class Listing:
     """One user's jobs, newest first, kept up to date."""
 
-    def __init__(self, store: JobStore, user: str) -> None:
+    def __init__(self, store: JobStore, user: str, keeps_snapshot: bool = False) -> None:
         self.store, self.user = store, user
+        #: Whether this client reads and writes the user's snapshot: only their own client
+        #: may write it, and only their own listing is worth one.
+        self.keeps_snapshot = keeps_snapshot
+        self._unsaved = 0  # jobs re-read since the snapshot was written
         self.position: int | None = None  # the change feed's, when last read
         self.entries: dict[str, Listed] = {}
         self._ordered: list[Listed] | None = None
@@ -40,8 +61,11 @@ class Listing:
         change feed no longer reaches back to the last call), else only what changed. The
         same list object while nothing changed."""
         with self._lock:
-            if self.position is None or not self._update():
+            fresh = self.position is None and not self._from_snapshot()
+            if fresh or not self._update():
                 self._load()
+            if self._unsaved > SNAPSHOT_AFTER + len(self.entries) // 10:
+                self._save()
             if self._ordered is None:
                 self._ordered = sorted(self.entries.values(), key=_newest_first)
                 self.active = [job for job in self._ordered if job.state in ACTIVE]
@@ -52,6 +76,33 @@ class Listing:
         self.entries = {job_id: listed for job_id, listed in self.store.listed(jobs) if listed}
         self._ordered = None
         self._unowned = any(owner_of(job_id) != self.user for job_id in jobs)
+        self._save()
+
+    def _from_snapshot(self) -> bool:
+        """Start from the user's snapshot; False if there is none to start from."""
+        snapshot = self.store.snapshot(self.user) if self.keeps_snapshot else None
+        if snapshot is None:
+            return False
+        self.position, jobs = snapshot
+        self.entries = {job.job_id: job for job in jobs}
+        self._ordered, self._unowned, self._unsaved = None, False, 0
+        return True
+
+    def _save(self) -> None:
+        """Write the user's snapshot of this listing (their own client's, whose every job's
+        changes the feed has); a failure only costs the next session a full read."""
+        if not self.keeps_snapshot or self._unowned or self.position is None:
+            return
+        try:
+            self.store.save_snapshot(self.user, self.position, list(self.entries.values()))
+        except redis.exceptions.NoPermissionError:  # an ACL user made before snapshots
+            logger.warning("%s may not write a listing snapshot, so each new session reads "
+                           "every job: an admin's `celeryfarm user add %s` allows it",
+                           self.user, self.user)
+            self.keeps_snapshot = False
+        except redis.RedisError as error:
+            logger.warning("cannot write %s's listing snapshot: %s", self.user, error)
+        self._unsaved = 0
 
     def _update(self) -> bool:
         """Re-read the jobs changed since the last call; False if the feed cannot say."""
@@ -73,9 +124,25 @@ class Listing:
             else:
                 self.entries[job_id] = listed
         self.position, self._ordered = position, None
+        self._unsaved += len(changed)
         return True
 
 
 def _newest_first(job: Listed) -> tuple[int, str]:
     """Newest submission (a restart's, for a restarted job) first, as Katana shows them."""
     return -job.submitted_ms, job.job_id
+
+
+@contextlib.contextmanager
+def collector_paused() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector while a listing builds its objects (as
+    Mercurial's ``util.nogc`` does for its big reads): tens of thousands of new objects
+    would set off collections that walk all of Katana's and Celery's objects, and none of
+    the new ones is garbage. Measured: a third of a cold 10,000-job getJobs."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()

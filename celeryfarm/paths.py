@@ -21,7 +21,6 @@ from .errors import FarmError
 
 LOG_NAME = "render.log"
 _CONTEXT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
-_PLAIN_RELATIVE = re.compile(r"[^/]+(/[^/]+)*")
 
 
 class SharedRoot:
@@ -58,8 +57,7 @@ class SharedRoot:
         ``resolve``, which took most of the time of turning 10,000 records into jobs.
         """
         text = str(self.local)
-        if (text not in ("/", ".") and _PLAIN_RELATIVE.fullmatch(relative)
-                and not {".", ".."} & set(relative.split("/"))):
+        if text not in ("/", ".") and _is_plain(relative):
             return f"{text}/{relative}"
         self.join(relative)
         return str(self.local / relative)
@@ -159,3 +157,12 @@ def _check_writable(folder: Path) -> None:
     fd, probe = tempfile.mkstemp(dir=folder, prefix=".writable.")
     os.close(fd)
     os.unlink(probe)
+
+
+def _is_plain(relative: str) -> bool:
+    """Whether a relative path is a plain one: not absolute, with no empty, "." or ".."
+    part (string tests: a listing asks 10,000 times, and a regular expression takes twice
+    as long)."""
+    padded = f"/{relative}/"
+    return (len(padded) > 2 and "//" not in padded and "/./" not in padded
+            and "/../" not in padded)

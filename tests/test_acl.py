@@ -8,6 +8,7 @@ or ``redis-cli``.
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -146,6 +147,7 @@ def test_an_artist_cannot_write_another_artists_record(ann: CeleryFarmPlugin,
         lambda: client.hset(keys.job(job_id), "state", "Cancelled"),
         lambda: client.delete(keys.job(job_id)),
         lambda: client.zrem(keys.index("user", ann.farm.user), job_id),
+        lambda: client.set(keys.snapshot(ann.farm.user), "v1 0"),
         lambda: client.zrem(keys.index(), job_id),
         lambda: client.lrem(keys.inbox, 0, job_id),
         lambda: client.delete(keys.inbox),
@@ -381,6 +383,10 @@ def test_listings_follow_every_change_with_artists_credentials(ann: CeleryFarmPl
     changed, _ = ann.farm.store.changes_since(ann.farm.user, 0)
     assert set(changed) == {done, running}  # her feed, not a fresh read, said so
     assert not ann.farm.store.redis.exists(ann.farm.store.keys.changes(bob.farm.user))
+    # Her first listing wrote her snapshot with her own credential; a new session of hers
+    # starts from it.
+    assert ann.farm.store.redis.exists(ann.farm.store.keys.snapshot(ann.farm.user))
+    assert states(CeleryFarmPlugin(Farm(ann.farm.settings))) == states(ann)
 
     assert states(bob, {"user": ann.farm.user}) == states(ann)
     mine, _ = submit(bob.farm, [["true"]])
@@ -388,3 +394,23 @@ def test_listings_follow_every_change_with_artists_credentials(ann: CeleryFarmPl
     wait_until(lambda: running in bob.farm.store.ids(), 30, "a node to index Ann's jobs")
     assert {mine, running, done} <= set(states(bob, [{"renderType": "Disk"}]))
     wait_until(lambda: all_gone(renders), 30, "the render to be gone")
+
+
+def test_an_artist_user_made_before_snapshots_still_lists(acl_farm: LocalCluster,
+                                                          monkeypatch: pytest.MonkeyPatch,
+                                                          caplog: pytest.LogCaptureFixture):
+    """An artist user made by an earlier celeryfarm may not write the listing snapshot:
+    listings still work (each session reads every record) and say how to allow it."""
+    carol = artist_plugin(acl_farm, unique("carol"), monkeypatch)
+    name, keys = carol.farm.user, carol.farm.store.keys
+    admin = redis.Redis.from_url(acl_farm.redis.url)
+    older = [rule for rule in acl.artist_rules(name, acl_farm.settings)
+             if rule.startswith(("~", "%R~")) and rule != f"~{keys.snapshot(name)}"]
+    admin.execute_command("ACL", "SETUSER", name, "resetkeys", *older)
+    job, _ = submit(carol.farm, [["true"]])
+    with caplog.at_level(logging.WARNING, logger="celeryfarm.listing"):
+        assert [j.jobId for j in carol.getJobs(None)] == [job]
+        fresh = CeleryFarmPlugin(Farm(carol.farm.settings))
+        assert [j.jobId for j in fresh.getJobs(None)] == [job]
+    assert f"celeryfarm user add {name}" in caplog.text
+    assert not admin.exists(keys.snapshot(name))

@@ -11,8 +11,9 @@ from redis.client import Pipeline
 
 from celeryfarm.farm import Farm
 from celeryfarm.farmapi import FarmPluginException, Job
+from celeryfarm.listing import Listing
 from celeryfarm.plugin import CeleryFarmPlugin
-from celeryfarm.records.store import BATCH
+from celeryfarm.records.store import BATCH, JobStore
 
 from .helpers import renderboot, submit, wait_for_state, wait_until
 
@@ -153,3 +154,81 @@ def test_get_jobs_keeps_up_with_every_change_and_costs_one_round_trip_when_none(
     # The change feed, and nothing of this user's; other users' jobs that changed meanwhile
     # (other tests') cost one look-up in this user's index.
     assert [what for what in sent if what != "ZMSCORE"] == ["pipeline of 3"], sent
+
+
+def full_read(farm: Farm) -> dict[str, tuple[str, int, int]]:
+    """What reading every record of this user's lists (no snapshot, no change feed)."""
+    return {job.job_id: (job.state.value, job.submitted_ms, job.end_ms or 0)
+            for job in Listing(farm.store, farm.user).jobs()}
+
+
+def records_read(monkeypatch) -> list[str]:
+    """A list that gets the id of each job whose record a listing reads from now on."""
+    read: list[str] = []
+    real = JobStore.listed
+
+    def spy(self, jobs):
+        read.extend(jobs)
+        return real(self, jobs)
+
+    monkeypatch.setattr(JobStore, "listed", spy)
+    return read
+
+
+def test_a_new_session_starts_from_the_snapshot_and_reads_only_what_changed_since(
+        plugin: CeleryFarmPlugin, monkeypatch):
+    """A new Katana session (a fresh plug-in) reads the user's listing snapshot, written by
+    the last listing read afresh, and then only the records changed since: a stop, a new
+    job. It lists what reading every record lists. Another user listing this user's jobs
+    neither reads nor writes the snapshot."""
+    farm = plugin.farm
+    snapshot = farm.store.keys.snapshot(farm.user)
+    done, _ = submit(farm, [["true"]])
+    parked = [submit(farm, [["true"]], settings={"pool": "parked"})[0] for _ in range(3)]
+    assert wait_for_state(plugin, done) == State.kCompleted
+
+    monkeypatch.setenv("CELERYFARM_USER", f"wrangler-{uuid.uuid4().hex[:6]}")
+    assert set(listed(CeleryFarmPlugin())) == set()
+    assert {job.jobId for job in CeleryFarmPlugin().getJobs({"user": farm.user})} == {
+        done, *parked}
+    assert not farm.store.redis.exists(snapshot)
+    monkeypatch.setenv("CELERYFARM_USER", farm.user)
+
+    assert set(listed(CeleryFarmPlugin())) == {done, *parked}  # read afresh: written
+    assert farm.store.redis.exists(snapshot)
+    plugin.stopJob(parked[0])  # changes since the snapshot
+    newer, _ = submit(farm, [["true"]], settings={"pool": "parked"})
+
+    with monkeypatch.context() as patch:
+        read = records_read(patch)
+        session = listed(CeleryFarmPlugin())
+    assert session == full_read(farm)
+    assert session[parked[0]][0] == State.kCancelled and newer in session
+    assert parked[0] in read and newer in read
+    assert done not in read  # it did not change: the snapshot had it
+    for job_id in [*parked[1:], newer]:
+        plugin.stopJob(job_id)
+
+
+def test_a_snapshot_that_cannot_be_used_means_a_full_read(plugin: CeleryFarmPlugin,
+                                                          monkeypatch):
+    """A snapshot older than the change feed reaches back (trimmed), or one that does not
+    decode, is passed over: the new session reads every record and lists the truth."""
+    farm = plugin.farm
+    jobs = [submit(farm, [["true"]], settings={"pool": "parked"})[0] for _ in range(3)]
+    assert set(listed(CeleryFarmPlugin())) == set(jobs)  # the snapshot written
+    plugin.stopJob(jobs[0])
+    farm.store.trim_changes(farm.user, keep=1)  # the feed no longer reaches back to it
+    with monkeypatch.context() as patch:
+        read = records_read(patch)
+        assert listed(CeleryFarmPlugin()) == full_read(farm)
+    assert set(jobs) <= set(read)
+
+    plugin.stopJob(jobs[1])
+    farm.store.redis.set(farm.store.keys.snapshot(farm.user), "v1 12\nnot a job")
+    with monkeypatch.context() as patch:
+        read = records_read(patch)
+        session = listed(CeleryFarmPlugin())
+    assert session == full_read(farm) and set(jobs) <= set(read)
+    assert session[jobs[1]][0] == State.kCancelled
+    plugin.stopJob(jobs[2])

@@ -12,6 +12,7 @@ events in a list) read as they are.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 
 from ..errors import CorruptRecord
 from ..jobs import DEFAULT_PRIORITY, JobRecord, JobSpec, Listed
@@ -174,7 +175,7 @@ def decode(job_id: str, fields: dict[str, str], history: str | None = None) -> J
 def _check_log(job_id: str, log: str) -> None:
     """A log path must stay inside the shared root (string checks: listings check 10,000
     of them, and PurePosixPath takes ten times as long)."""
-    if log.startswith("/") or ".." in log.split("/"):
+    if log.startswith("/") or (".." in log and ".." in log.split("/")):
         raise CorruptRecord(job_id, f"its log path {log!r} is not inside the shared root")
 
 
@@ -259,3 +260,43 @@ def decode_listed_values(job_id: str, values: list[str]) -> Listed:
         raise CorruptRecord(job_id, f"{type(error).__name__}: {error}") from None
     _check_log(job_id, log)
     return listed
+
+
+#: The first word of a listing snapshot; a snapshot of another version is read afresh.
+SNAPSHOT_VERSION = "v1"
+
+
+def encode_snapshot(position: int, jobs: Sequence[Listed]) -> str | None:
+    """A listing snapshot (``Keys.snapshot``): a line ``v1 <change feed position>``, then a
+    line per job, its id and ``LISTING_FIELDS`` joined by ``LISTING_SEP``. None when a
+    value holds a line break or the separator (no such snapshot is written)."""
+    lines = [f"{SNAPSHOT_VERSION} {position}"]
+    lines += [LISTING_SEP.join((
+        job.job_id, job.state.value, job.name, job.user, job.host, job.session,
+        job.render_type, str(job.attempt), str(job.submitted_ms),
+        "" if job.end_ms is None else str(job.end_ms), job.log_path, job.task_ids_json, ""))
+        for job in jobs]
+    text = "\n".join(lines)
+    if (text.count("\n") != len(jobs)
+            or text.count(LISTING_SEP) != len(jobs) * len(LISTING_FIELDS)):
+        return None
+    return text
+
+
+def decode_snapshot(text: str) -> tuple[int, list[Listed]] | None:
+    """The change feed position and jobs of a listing snapshot; None for one this version
+    does not write or that does not decode (the listing is then read afresh)."""
+    header, _, body = text.partition("\n")
+    version, _, position = header.partition(" ")
+    if version != SNAPSHOT_VERSION or not position.isdigit():
+        return None
+    jobs = []
+    try:
+        for line in body.split("\n") if body else ():
+            values = line.split(LISTING_SEP)
+            if len(values) != len(LISTING_FIELDS) + 1:
+                return None
+            jobs.append(decode_listed_values(values[0], values[1:]))
+    except CorruptRecord:
+        return None
+    return int(position), jobs

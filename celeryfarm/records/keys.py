@@ -71,10 +71,11 @@ class Keys:
 
     def owned(self, owner: str) -> tuple[str, ...]:
         """Key patterns (Redis ACL globs) of the keys ``owner`` writes as an artist: their
-        jobs' records and histories, their own index and their change feed. ``owner`` must
+        jobs' records and histories, their own index, change feed and listing snapshot.
+        ``owner`` must
         hold no glob character."""
         return (self.job(f"{owner}{OWNER_SEP}*"), self.events(f"{owner}{OWNER_SEP}*"),
-                self.index("user", owner), self.changes(owner))
+                self.index("user", owner), self.changes(owner), self.snapshot(owner))
 
     @property
     def scratch(self) -> str:
@@ -153,6 +154,12 @@ class Keys:
         One feed per owner (a job's is its id's, :func:`owner_of`), so an artist's client
         writes only its own when it creates or stops a job."""
         return f"{self.prefix}:changes:{owner}"
+
+    def snapshot(self, owner: str) -> str:
+        """String with a time to live: ``owner``'s listing as one of their clients last read
+        it, with the change feed's position then (``celeryfarm.listing``). A new Katana
+        session starts from it and the changes since, instead of reading every job."""
+        return f"{self.prefix}:listing:{owner}"
 
     @property
     def stats(self) -> str:

@@ -45,6 +45,9 @@ logger = logging.getLogger(__name__)
 BATCH = 1000
 #: Jobs whose latest change the change feed keeps (listings behind it read afresh).
 CHANGES_KEPT = 10_000
+#: How long a listing snapshot (``Keys.snapshot``) outlives its last writing: an artist
+#: back after a longer break has their first listing read afresh.
+SNAPSHOT_SECONDS = 7 * 24 * 3600
 #: The step histogram's bucket bounds, as the scripts spell them in the stats hash's fields.
 STEP_BOUNDS = ",".join(f"{bound:g}" for bound in STEP_BUCKETS)
 
@@ -620,6 +623,18 @@ class JobStore:
         if int(floor or 0) > position or now < position:
             return None
         return [job_id for job_id in changed if job_id], now
+
+    def snapshot(self, owner: str) -> tuple[int, list[Listed]] | None:
+        """The change feed position and jobs of ``owner``'s listing snapshot; None if there
+        is none (or one that does not decode)."""
+        text = self.redis.get(self.keys.snapshot(owner))
+        return codec.decode_snapshot(text) if text else None
+
+    def save_snapshot(self, owner: str, position: int, jobs: Sequence[Listed]) -> None:
+        """Write ``owner``'s listing snapshot (nothing if a value cannot be kept in one)."""
+        text = codec.encode_snapshot(position, jobs)
+        if text is not None:
+            self.redis.set(self.keys.snapshot(owner), text, ex=SNAPSHOT_SECONDS)
 
     def in_index(self, kind: str, value: str, job_ids: Sequence[str]) -> list[bool]:
         """Whether each job is in an index."""

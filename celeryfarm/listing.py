@@ -15,7 +15,8 @@ A user's own client also keeps a *snapshot* of their listing in Redis (``Keys.sn
 one string, each job's listing fields and the feed's position), written after a listing
 read afresh and again once a tenth of it has changed since. A new Katana session starts
 from it and the changes since, one read of the string rather than of every record: Redis
-takes 13 us a job to read records, a thousandth of that to send one string.
+takes 13 us a job to read records through ``listing.lua``, under half a microsecond a job to
+send the string.
 """
 
 from __future__ import annotations

@@ -60,14 +60,14 @@ RETRY_SETTINGS = (
              "a wrangler sets them with `celeryfarm limit set`"),
 )
 
-#: The farm settings artists set on Render nodes: (name, AddFarmSetting* function, default,
-#: hints). Katana's request carries no render type, and how renderboot's command line names
-#: the render method is not public (neither Foundry's guides nor public plug-ins spell out
-#: renderboot's arguments), so the render type is a setting too, Disk unless set.
 #: Each state's plain string, as Katana's ``Job`` takes it (an enum's ``.value`` is a
 #: property: slow for 10,000 jobs).
 _STATE_TEXT = {state: state.value for state in JobState}
 
+#: The farm settings artists set on Render nodes: (name, AddFarmSetting* function, default,
+#: hints). Katana's request carries no render type, and how renderboot's command line names
+#: the render method is not public (neither Foundry's guides nor public plug-ins spell out
+#: renderboot's arguments), so the render type is a setting too, Disk unless set.
 FARM_SETTINGS = (
     ("pool", "AddFarmSettingString", "",
      {"label": "Pool", "help": "The farm pool (queue) to render on; empty: the farm's default"}),

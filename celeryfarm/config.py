@@ -91,6 +91,9 @@ class Settings:
     reap_seconds: float = 5.0
     #: Finished jobs leave Redis this many days after they ended (render logs stay).
     keep_days: float = 30.0
+    #: A node turns the task events Flower turned on off once nobody asked for this long
+    #: (0: never).
+    events_idle_seconds: float = 60.0
     #: A step lost on this many nodes in a row fails the job.
     max_node_losses: int = 3
     #: Prefix of every Redis key celeryfarm writes, so farms can share a Redis.
@@ -265,6 +268,7 @@ class Settings:
             reap_seconds=number("REAP_SECONDS", defaults.reap_seconds),
             max_node_losses=number("MAX_NODE_LOSSES", defaults.max_node_losses, int),
             keep_days=number("KEEP_DAYS", defaults.keep_days),
+            events_idle_seconds=number("EVENTS_IDLE_SECONDS", defaults.events_idle_seconds),
             key_prefix=get("KEY_PREFIX") or defaults.key_prefix,
             user=get("USER") or _login_name(),
             session=get("SESSION"),

@@ -29,7 +29,7 @@ from billiard.util import set_pdeathsig
 from celery import bootsteps, signals
 from celery.worker import state as worker_state
 
-from . import process, renderenv, tasks
+from . import process, renderenv, taskevents, tasks
 from .celery import RENDER_STEP, FarmApp
 from .lease import owner_prefix
 from .nodes import drained_at_start
@@ -63,6 +63,8 @@ class RenderNode(bootsteps.StartStopStep):
         self.app.task(bind=True, name=RENDER_STEP, ignore_result=True,
                       store_errors_even_if_ignored=True)(tasks.render_step)
         signals.worker_process_init.connect(self.prepare_pool_process, weak=False)
+        if self.settings.events_idle_seconds > 0:
+            taskevents.OnDemand(self.settings.events_idle_seconds).install()
         signals.task_failure.connect(self.on_task_failure, weak=False)
 
     # -- the main process --------------------------------------------------------------------

@@ -53,7 +53,8 @@ class CapturingPut:
         pushes = getattr(_local, "pushes", None)
         if pushes is None:
             return super()._put(queue, message, **kwargs)
-        if self._expires and queue in self._expires:
+        expires = getattr(self, "_expires", None)  # kombu 5.7's queues with x-expires
+        if expires and queue in expires:
             raise RuntimeError(f"queue {queue!r} expires: its messages cannot be captured")
         key = self._q_for_pri(queue, self._get_message_priority(message, reverse=False))
         pushes.append(Push(self.global_keyprefix + key, dumps(message)))

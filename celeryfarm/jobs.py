@@ -263,7 +263,7 @@ class JobRecord:
         return self.state in FINISHED
 
 
-@dataclasses.dataclass(slots=True)
+@dataclasses.dataclass
 class Listed:
     """What a job listing shows of a job (getJobs): a few fields of its record, cheap to
     read and to keep (see :mod:`celeryfarm.listing`)."""

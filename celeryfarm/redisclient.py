@@ -82,6 +82,19 @@ class PatientQoS(kombu_redis.QoS):
         self._remove_patiently(delivery_tag)
         virtual.QoS.ack(self, delivery_tag)
 
+    def restore_unacked(self, client: Any = None) -> None:
+        """kombu's, except for a channel closed after its connection was let go (seen in a
+        failover: the consumer's connection dropped, then its channel closed): kombu would
+        fail to connect with an ``AttributeError``, which Celery takes for an unrecoverable
+        error and stops the node. Here the deliveries stay set aside in Redis, where the
+        reapers find them (:mod:`celeryfarm.rescue`)."""
+        if client is None and self.channel.connection.client is None:
+            logger.warning("a broker channel closed after its connection: %d unacknowledged "
+                           "message(s) left set aside for the reapers", len(self._delivered))
+            self._delivered.clear()
+            return
+        super().restore_unacked(client)
+
     def _remove_patiently(self, delivery_tag: str) -> None:
         for pause in (*ACK_PAUSES, None):
             try:

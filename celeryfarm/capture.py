@@ -15,6 +15,7 @@ remote control, a node's own) goes out as kombu sends it.
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 from collections.abc import Iterator
 from typing import Any, NamedTuple
@@ -30,6 +31,7 @@ class Push(NamedTuple):
     payload: str
 
 
+logger = logging.getLogger(__name__)
 _local = threading.local()
 
 
@@ -61,8 +63,26 @@ class CapturingPut:
         return None
 
 
+class SetAsideQoS(kombu_redis.QoS):
+    """kombu's deliveries, except for a channel closed after its connection was let go
+    (seen in a failover: the consumer's connection dropped, then its channel closed): kombu
+    would fail to connect to restore them, with an ``AttributeError`` that Celery takes for
+    an unrecoverable error, and the node would stop. Here they stay set aside in Redis,
+    where the reapers find them (:mod:`celeryfarm.rescue`)."""
+
+    def restore_unacked(self, client: Any = None) -> None:
+        if client is None and self.channel.connection.client is None:
+            logger.warning("a broker channel closed after its connection: %d unacknowledged "
+                           "message(s) left set aside for the reapers", len(self._delivered))
+            self._delivered.clear()
+            return
+        super().restore_unacked(client)
+
+
 class CapturingChannel(CapturingPut, kombu_redis.Channel):
-    """kombu's Redis channel with :class:`CapturingPut`."""
+    """kombu's Redis channel with :class:`CapturingPut` and :class:`SetAsideQoS`."""
+
+    QoS = SetAsideQoS
 
 
 class Transport(kombu_redis.Transport):

@@ -19,7 +19,7 @@ from kombu.transport import virtual
 from redis.connection import SSLConnection
 from redis.sentinel import Sentinel, SentinelManagedConnection
 
-from .capture import CapturingPut
+from .capture import CapturingPut, SetAsideQoS
 from .sentinel import SentinelUrl, uses_sentinel
 from .tls import Tls
 
@@ -62,14 +62,15 @@ class FollowingSSLConnection(FollowingConnection, SSLConnection):
     gave, is the one the server's certificate must name."""
 
 
-class PatientQoS(kombu_redis.QoS):
+class PatientQoS(SetAsideQoS):
     """kombu's acknowledgements, tried again through a failover. kombu forgets a delivery
     only once its ack has reached Redis: an ack that fails (the primary gone, or refusing
     writes until its replicas are back) left it counted against the prefetch limit, and the
     node took no more work (measured: four minutes after a double failover). Here the ack
     is tried for up to about 15 s; if it still fails, the delivery is forgotten anyway and
     its message left set aside in Redis, where the reapers drop it (its step has ended:
-    the record says so)."""
+    the record says so). A channel closed after its connection sets its deliveries aside
+    (:class:`~celeryfarm.capture.SetAsideQoS`)."""
 
     def ack(self, delivery_tag: str) -> None:
         self._remove_patiently(delivery_tag)
@@ -81,19 +82,6 @@ class PatientQoS(kombu_redis.QoS):
             return
         self._remove_patiently(delivery_tag)
         virtual.QoS.ack(self, delivery_tag)
-
-    def restore_unacked(self, client: Any = None) -> None:
-        """kombu's, except for a channel closed after its connection was let go (seen in a
-        failover: the consumer's connection dropped, then its channel closed): kombu would
-        fail to connect with an ``AttributeError``, which Celery takes for an unrecoverable
-        error and stops the node. Here the deliveries stay set aside in Redis, where the
-        reapers find them (:mod:`celeryfarm.rescue`)."""
-        if client is None and self.channel.connection.client is None:
-            logger.warning("a broker channel closed after its connection: %d unacknowledged "
-                           "message(s) left set aside for the reapers", len(self._delivered))
-            self._delivered.clear()
-            return
-        super().restore_unacked(client)
 
     def _remove_patiently(self, delivery_tag: str) -> None:
         for pause in (*ACK_PAUSES, None):

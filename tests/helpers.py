@@ -14,11 +14,13 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Callable, TypeVar
 
+import kombu
 import psutil
 
 from celeryfarm.farm import Farm
 from celeryfarm.farmapi import Job
 from celeryfarm.plugin import CeleryFarmPlugin
+from celeryfarm.rescue import UNACKED
 
 T = TypeVar("T")
 FINISHED = (Job.State.kCompleted, Job.State.kFailed, Job.State.kCancelled)
@@ -164,3 +166,26 @@ def all_gone(pids: set[int]) -> bool:
         except psutil.NoSuchProcess:
             pass
     return True
+
+
+def closing_a_channel_let_go(farm: Farm) -> None:
+    """Seen in CI's failover test: a node's consumer let its broker connection go, then
+    closed its channel with a delivery unacknowledged; kombu's restore of it failed with an
+    AttributeError, which Celery takes for an unrecoverable error, and the node stopped for
+    good. The close must not raise, and the delivery stays set aside in Redis (kombu's
+    unacked hash), where the reapers find it."""
+    queue = f"closing-{uuid.uuid4().hex[:8]}"
+    with farm.app.connection_for_write() as connection:
+        channel = connection.channel()
+        kombu.Producer(channel).publish({"step": 1}, routing_key=queue,
+                                        declare=[kombu.Queue(queue)])
+        message = channel.basic_get(queue, no_ack=False)
+        assert message is not None
+        transport = channel.connection
+        kept, transport.client = transport.client, None  # the connection let go first
+        try:
+            channel.close()  # raised AttributeError: 'NoneType' ... 'hostname'
+        finally:
+            transport.client = kept
+    unacked = farm.settings.broker_key_prefix + UNACKED
+    assert farm.store.redis.hexists(unacked, message.delivery_tag)

@@ -26,6 +26,7 @@ from celeryfarm.testing.cluster import LocalCluster
 from .helpers import (
     all_gone,
     assert_never_two_current,
+    closing_a_channel_let_go,
     pids_of,
     read_log,
     renderboot,
@@ -422,3 +423,10 @@ def gone(process: psutil.Process) -> bool:
         return not process.is_running() or process.status() == psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return True
+
+
+def test_a_channel_closed_after_its_connection_leaves_its_deliveries_set_aside(
+        plugin: CeleryFarmPlugin):
+    """Seen through the sentinels in CI's failover test (``closing_a_channel_let_go``);
+    kombu's plain ``redis://`` channel takes the same path."""
+    closing_a_channel_let_go(plugin.farm)

@@ -11,13 +11,34 @@ from redis.client import Pipeline
 
 from celeryfarm.farm import Farm
 from celeryfarm.farmapi import FarmPluginException, Job
+from celeryfarm.jobs import Listed
 from celeryfarm.listing import Listing
 from celeryfarm.plugin import CeleryFarmPlugin
+from celeryfarm.records import fields
+from celeryfarm.records.states import JobState
 from celeryfarm.records.store import BATCH, JobStore
 
 from .helpers import renderboot, submit, wait_for_state, wait_until
 
 State = Job.State
+
+
+def test_a_snapshot_reads_back_as_written_and_a_bad_line_spoils_it():
+    """The snapshot's lines hold the listing fields in the order records are read in
+    (one owner of it: ``encode_listed_values``); a line with a value too many or too few,
+    or a value no record holds, makes the whole snapshot unusable rather than misread."""
+    jobs = [Listed("ann-1", "Render_a", "ann", "ws1", "s1", "Preview", JobState.RUNNING, 2,
+                   1000, None, "ctx1/render.log", '["t1"]'),
+            Listed("ann-2", "Render_b", "ann", "ws1", "s2", "Disk", JobState.FAILED, 1,
+                   900, 1200, "ann-2/render.log", "[]")]
+    text = fields.encode_snapshot(7, jobs)
+    assert fields.decode_snapshot(text) == (7, jobs)
+    assert fields.decode_snapshot("v1 7") == (7, [])
+    first, second = text.split("\n")[1:]
+    for spoilt in (second + fields.LISTING_SEP, second.rpartition(fields.LISTING_SEP)[0],
+                   second.replace("Failed", "Exploded"), second.replace("ann-2/", "/etc/")):
+        assert fields.decode_snapshot(f"v1 7\n{first}\n{spoilt}") is None, spoilt
+    assert fields.encode_snapshot(7, [dataclasses.replace(jobs[0], name="a\nb")]) is None
 
 
 def test_filters_select_and_and_together(plugin: CeleryFarmPlugin, monkeypatch):

@@ -249,8 +249,22 @@ def decode_listed_values(job_id: str, values: list[str]) -> Listed:
     """A :class:`~celeryfarm.jobs.Listed` from the values of ``LISTING_FIELDS`` ('' for
     absent ones); anything that is not what :func:`encode` writes is a
     :class:`~celeryfarm.errors.CorruptRecord`."""
-    state, name, user, host, session, render_type, attempt, submitted, end, log, task_ids, \
-        context = values
+    return _listed(job_id, *values)
+
+
+def encode_listed_values(job: Listed) -> list[str]:
+    """The values of ``LISTING_FIELDS`` of a listed job, as :func:`decode_listed_values`
+    reads them (its context is left out: its log path is kept whole)."""
+    return [job.state.value, job.name, job.user, job.host, job.session, job.render_type,
+            str(job.attempt), str(job.submitted_ms), "" if job.end_ms is None else str(job.end_ms),
+            job.log_path, job.task_ids_json, ""]
+
+
+def _listed(job_id: str, state: str, name: str, user: str, host: str, session: str,
+            render_type: str, attempt: str, submitted: str, end: str, log: str, task_ids: str,
+            context: str) -> Listed:
+    """:func:`decode_listed_values`, the values as arguments (a snapshot's line holds the
+    job id and them: one call a job, no slicing)."""
     log = log or default_log(job_id, context)
     try:
         listed = Listed(job_id, name, user, host, session, render_type or "Disk",
@@ -271,11 +285,7 @@ def encode_snapshot(position: int, jobs: Sequence[Listed]) -> str | None:
     line per job, its id and ``LISTING_FIELDS`` joined by ``LISTING_SEP``. None when a
     value holds a line break or the separator (no such snapshot is written)."""
     lines = [f"{SNAPSHOT_VERSION} {position}"]
-    lines += [LISTING_SEP.join((
-        job.job_id, job.state.value, job.name, job.user, job.host, job.session,
-        job.render_type, str(job.attempt), str(job.submitted_ms),
-        "" if job.end_ms is None else str(job.end_ms), job.log_path, job.task_ids_json, ""))
-        for job in jobs]
+    lines += [LISTING_SEP.join([job.job_id, *encode_listed_values(job)]) for job in jobs]
     text = "\n".join(lines)
     if (text.count("\n") != len(jobs)
             or text.count(LISTING_SEP) != len(jobs) * len(LISTING_FIELDS)):
@@ -290,13 +300,8 @@ def decode_snapshot(text: str) -> tuple[int, list[Listed]] | None:
     version, _, position = header.partition(" ")
     if version != SNAPSHOT_VERSION or not position.isdigit():
         return None
-    jobs = []
     try:
-        for line in body.split("\n") if body else ():
-            values = line.split(LISTING_SEP)
-            if len(values) != len(LISTING_FIELDS) + 1:
-                return None
-            jobs.append(decode_listed_values(values[0], values[1:]))
-    except CorruptRecord:
+        jobs = [_listed(*line.split(LISTING_SEP)) for line in body.split("\n")] if body else []
+    except (TypeError, CorruptRecord):  # TypeError: a line with too few or too many values
         return None
     return int(position), jobs

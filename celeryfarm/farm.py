@@ -344,8 +344,11 @@ class Farm:
     @functools.cached_property
     def _results(self) -> redis.Redis:
         """Celery's results, read with the records' retries: Celery's own client gives up at
-        the first lost connection (a Redis restart, a failover)."""
+        the first lost connection (a Redis restart, a failover). The records' own client
+        where they share a Redis (the usual farm): no second connection to make."""
         settings = self.settings
+        if settings.results_url == settings.records_url:
+            return self.store.redis
         return connect(settings.results_url, settings.tls, settings.sentinel_master,
                        settings.sentinel_password)
 

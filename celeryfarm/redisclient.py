@@ -19,6 +19,7 @@ from kombu.transport import virtual
 from redis.connection import SSLConnection
 from redis.sentinel import Sentinel, SentinelManagedConnection
 
+from . import __version__
 from .capture import CapturingPut, SetAsideQoS
 from .sentinel import SentinelUrl, uses_sentinel
 from .tls import Tls
@@ -27,6 +28,16 @@ logger = logging.getLogger(__name__)
 
 #: How Redis starts its refusal of a write when too few replicas are connected.
 NO_REPLICAS = "NOREPLICAS"
+
+try:
+    from redis.driver_info import DriverInfo
+except ImportError:  # redis-py before 8 reads its version once, at import
+    IDENTITY: dict[str, Any] = {}
+else:
+    #: How the farm's clients name themselves to Redis (``CLIENT LIST``'s ``lib-name``).
+    #: Given, not left to redis-py 8, which reads its version from the package metadata
+    #: for every client it makes: 3 ms, a tenth of a new Katana session's first getJobs.
+    IDENTITY = {"driver_info": DriverInfo().add_upstream_driver("celeryfarm", __version__)}
 
 
 class FollowingConnection(SentinelManagedConnection):
@@ -133,6 +144,7 @@ def client(url: str, tls: Tls | None = None, master: str = "", sentinel_password
     retries, ``decode_responses``...); through the sentinels to the primary ``master``
     for a Sentinel URL, authenticated to them with ``sentinel_password``."""
     tls = tls or Tls()
+    options = {**IDENTITY, **options}
     if not uses_sentinel(url):
         return redis.Redis.from_url(url, **tls.redis_options(url), **options)
     target, sentinels = _sentinels(url, tls, sentinel_password, options)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import operator
 import threading
 from collections.abc import Iterator
 
@@ -38,6 +39,9 @@ logger = logging.getLogger(__name__)
 #: Jobs re-read since the snapshot was written (besides a tenth of the listing) before it
 #: is written again.
 SNAPSHOT_AFTER = 100
+#: Sorted by, in reverse: the newest submission (a restart's, for a restarted job) first,
+#: as Katana shows them, and as the indexes list them (ties by job id, as ``ZREVRANGE``).
+NEWEST_FIRST = operator.attrgetter("submitted_ms", "job_id")
 
 
 class Listing:
@@ -48,7 +52,8 @@ class Listing:
         #: Whether this client reads and writes the user's snapshot: only their own client
         #: may write it, and only their own listing is worth one.
         self.keeps_snapshot = keeps_snapshot
-        self._unsaved = 0  # jobs re-read since the snapshot was written
+        #: Jobs re-read since the snapshot was written; None after a read afresh.
+        self._unsaved: int | None = 0
         self.position: int | None = None  # the change feed's, when last read
         self.entries: dict[str, Listed] = {}
         self._ordered: list[Listed] | None = None
@@ -65,11 +70,11 @@ class Listing:
             fresh = self.position is None and not self._from_snapshot()
             if fresh or not self._update():
                 self._load()
-            if self._unsaved > SNAPSHOT_AFTER + len(self.entries) // 10:
-                self._save()
             if self._ordered is None:
-                self._ordered = sorted(self.entries.values(), key=_newest_first)
+                self._ordered = sorted(self.entries.values(), key=NEWEST_FIRST, reverse=True)
                 self.active = [job for job in self._ordered if job.state in ACTIVE]
+            if self._unsaved is None or self._unsaved > SNAPSHOT_AFTER + len(self.entries) // 10:
+                self._save()
             return self._ordered
 
     def _load(self) -> None:
@@ -77,7 +82,7 @@ class Listing:
         self.entries = {job_id: listed for job_id, listed in self.store.listed(jobs) if listed}
         self._ordered = None
         self._unowned = any(owner_of(job_id) != self.user for job_id in jobs)
-        self._save()
+        self._unsaved = None  # all of it, written once sorted
 
     def _from_snapshot(self) -> bool:
         """Start from the user's snapshot; False if there is none to start from."""
@@ -92,10 +97,12 @@ class Listing:
     def _save(self) -> None:
         """Write the user's snapshot of this listing (their own client's, whose every job's
         changes the feed has); a failure only costs the next session a full read."""
+        self._unsaved = 0
         if not self.keeps_snapshot or self._unowned or self.position is None:
             return
         try:
-            self.store.save_snapshot(self.user, self.position, list(self.entries.values()))
+            # In listing order: the next session's sort finds it sorted.
+            self.store.save_snapshot(self.user, self.position, self._ordered or [])
         except redis.exceptions.NoPermissionError:  # an ACL user made before snapshots
             logger.warning("%s may not write a listing snapshot, so each new session reads "
                            "every job: an admin's `celeryfarm user add %s` allows it",
@@ -103,7 +110,6 @@ class Listing:
             self.keeps_snapshot = False
         except redis.RedisError as error:
             logger.warning("cannot write %s's listing snapshot: %s", self.user, error)
-        self._unsaved = 0
 
     def _update(self) -> bool:
         """Re-read the jobs changed since the last call; False if the feed cannot say."""
@@ -127,11 +133,6 @@ class Listing:
         self.position, self._ordered = position, None
         self._unsaved += len(changed)
         return True
-
-
-def _newest_first(job: Listed) -> tuple[int, str]:
-    """Newest submission (a restart's, for a restarted job) first, as Katana shows them."""
-    return -job.submitted_ms, job.job_id
 
 
 @contextlib.contextmanager

@@ -29,6 +29,7 @@ class SharedRoot:
 
     def __init__(self, local: Path, remote: Path | None = None) -> None:
         self.local = Path(local)
+        self._local_text = str(self.local)  # local_path's prefix
         self.remote = PurePosixPath(remote or local)
         #: Context folders this process made or found writable, not probed again: Katana's
         #: submission asks for its folder twice (createTemporaryDirectory, copyRenderFiles),
@@ -56,7 +57,7 @@ class SharedRoot:
         The usual ``context/render.log`` skips pathlib's parsing and the check's
         ``resolve``, which took most of the time of turning 10,000 records into jobs.
         """
-        text = str(self.local)
+        text = self._local_text
         if text not in ("/", ".") and _is_plain(relative):
             return f"{text}/{relative}"
         self.join(relative)

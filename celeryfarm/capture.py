@@ -9,18 +9,17 @@ store pushes it in the same transaction as the record (see ``JobStore.create`` a
 ``JobStore.sent``): both happen, or neither.
 
 Only the thread inside :func:`captured` is affected; every other publish (Flower's,
-remote control, a node's own) goes out as kombu sends it.
+remote control, a node's own) goes out as kombu sends it. The farm's kombu transports
+(:mod:`celeryfarm.broker`) use :class:`CapturingPut`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
 import threading
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
-from kombu.transport import redis as kombu_redis
 from kombu.utils.json import dumps
 
 
@@ -31,7 +30,6 @@ class Push(NamedTuple):
     payload: str
 
 
-logger = logging.getLogger(__name__)
 _local = threading.local()
 
 
@@ -61,35 +59,3 @@ class CapturingPut:
         key = self._q_for_pri(queue, self._get_message_priority(message, reverse=False))
         pushes.append(Push(self.global_keyprefix + key, dumps(message)))
         return None
-
-
-class SetAsideQoS(kombu_redis.QoS):
-    """kombu's deliveries, except for a channel closed after its connection was let go
-    (seen in a failover: the consumer's connection dropped, then its channel closed): kombu
-    would fail to connect to restore them, with an ``AttributeError`` that Celery takes for
-    an unrecoverable error, and the node would stop. Here they stay set aside in Redis,
-    where the reapers find them (:mod:`celeryfarm.rescue`)."""
-
-    def restore_unacked(self, client: Any = None) -> None:
-        if client is None and self.channel.connection.client is None:
-            logger.warning("a broker channel closed after its connection: %d unacknowledged "
-                           "message(s) left set aside for the reapers", len(self._delivered))
-            self._delivered.clear()
-            return
-        super().restore_unacked(client)
-
-
-class CapturingChannel(CapturingPut, kombu_redis.Channel):
-    """kombu's Redis channel with :class:`CapturingPut` and :class:`SetAsideQoS`."""
-
-    QoS = SetAsideQoS
-
-
-class Transport(kombu_redis.Transport):
-    """kombu's ``redis://`` transport with :class:`CapturingChannel`."""
-
-    Channel = CapturingChannel
-
-
-#: What ``broker_transport`` is for ``redis://`` and ``rediss://`` broker URLs.
-TRANSPORT = f"{__name__}:Transport"

@@ -14,7 +14,7 @@ from typing import Any
 
 from celery import Celery
 
-from . import capture, redisclient
+from . import broker, redisclient
 from .config import Settings
 from .sentinel import uses_sentinel
 
@@ -70,6 +70,8 @@ def celery_config(settings: Settings) -> dict:
         # enable_events control, sent every few seconds), so a farm without Flower does not
         # publish three events a step that no one reads.
     }
+    # The farm's transport (celeryfarm.broker): messages the farm pushes in its own writes.
+    config["broker_transport"] = broker.transport(settings.broker_url)
     # rediss:// (or sentinel:// with TLS): the certificate and host name verified, by kombu,
     # the backend and Flower.
     broker_ssl = settings.tls.celery_options(settings.broker_url)
@@ -82,16 +84,11 @@ def celery_config(settings: Settings) -> dict:
     guarded = bool(settings.sentinel_password)
     if uses_sentinel(settings.broker_url):
         transport.update(master_name=settings.sentinel_master, **SENTINEL_TIMEOUTS)
-        config["broker_transport"] = redisclient.TRANSPORT
         if guarded or settings.tls.encrypts(settings.broker_url):
             timeouts = {name: value for name, value in SENTINEL_TIMEOUTS.items()
                         if name.startswith("socket_")}
             transport["sentinel_kwargs"] = redisclient.sentinel_kwargs(
                 settings.broker_url, settings.tls, settings.sentinel_password, **timeouts)
-    else:
-        # kombu's transport, with messages the farm pushes in its own writes (see
-        # celeryfarm.capture).
-        config["broker_transport"] = capture.TRANSPORT
     if uses_sentinel(settings.results_url):
         results_transport["master_name"] = settings.sentinel_master
         if guarded or settings.tls.encrypts(settings.results_url):

@@ -8,10 +8,10 @@ The same as ``celery -A celeryfarm flower``, except that:
 * its broker page and ``/api/queues/length`` read the queue lengths through the sentinels
   for a ``sentinel://`` broker (:class:`SentinelQueues`): Flower names its broker by the
   connection's URI, which for the farm's Sentinel transport is
-  ``celeryfarm.redisclient:Transport://...``, a scheme it does not know, and its own
+  ``celeryfarm.broker:SentinelTransport://...``, a scheme it does not know, and its own
   Sentinel reader asks only the first sentinel;
 * for any other broker, Flower is given the URI of kombu's Redis transport, which the
-  farm's own (:mod:`celeryfarm.capture`) extends.
+  farm's own (:mod:`celeryfarm.broker`) extends.
 """
 
 from __future__ import annotations

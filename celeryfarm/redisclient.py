@@ -1,30 +1,23 @@
 """A Redis client for any farm URL: ``redis://``, ``rediss://`` or Redis Sentinel.
 
 Clients made here through the sentinels ask them for the primary whenever they connect, so
-the records, the reapers and the command line follow a failover as kombu and Celery do;
-:class:`Transport` is kombu's ``sentinel://`` transport with the same connections. With TLS
+the records, the reapers and the command line follow a failover as kombu and Celery do
+(whose ``sentinel://`` transport, :mod:`celeryfarm.broker`, makes the same connections). With TLS
 (:meth:`celeryfarm.tls.Tls.encrypts`), both the sentinels and the servers they name are
 reached over TLS, each certificate and host name verified.
 """
 
 from __future__ import annotations
 
-import logging
-import time
 from typing import Any
 
 import redis
-from kombu.transport import redis as kombu_redis
-from kombu.transport import virtual
 from redis.connection import SSLConnection
 from redis.sentinel import Sentinel, SentinelManagedConnection
 
 from . import __version__
-from .capture import CapturingPut, SetAsideQoS
 from .sentinel import SentinelUrl, uses_sentinel
 from .tls import Tls
-
-logger = logging.getLogger(__name__)
 
 #: How Redis starts its refusal of a write when too few replicas are connected.
 NO_REPLICAS = "NOREPLICAS"
@@ -71,62 +64,6 @@ class FollowingConnection(SentinelManagedConnection):
 class FollowingSSLConnection(FollowingConnection, SSLConnection):
     """:class:`FollowingConnection` over TLS; its host name, the address the sentinels
     gave, is the one the server's certificate must name."""
-
-
-class PatientQoS(SetAsideQoS):
-    """kombu's acknowledgements, tried again through a failover. kombu forgets a delivery
-    only once its ack has reached Redis: an ack that fails (the primary gone, or refusing
-    writes until its replicas are back) left it counted against the prefetch limit, and the
-    node took no more work (measured: four minutes after a double failover). Here the ack
-    is tried for up to about 15 s; if it still fails, the delivery is forgotten anyway and
-    its message left set aside in Redis, where the reapers drop it (its step has ended:
-    the record says so). A channel closed after its connection sets its deliveries aside
-    (:class:`~celeryfarm.capture.SetAsideQoS`)."""
-
-    def ack(self, delivery_tag: str) -> None:
-        self._remove_patiently(delivery_tag)
-        virtual.QoS.ack(self, delivery_tag)
-
-    def reject(self, delivery_tag: str, requeue: bool = False) -> None:
-        if requeue:
-            super().reject(delivery_tag, requeue=True)
-            return
-        self._remove_patiently(delivery_tag)
-        virtual.QoS.ack(self, delivery_tag)
-
-    def _remove_patiently(self, delivery_tag: str) -> None:
-        for pause in (*ACK_PAUSES, None):
-            try:
-                self._remove_from_indices(delivery_tag).execute()
-                return
-            except (redis.ConnectionError, redis.TimeoutError) as error:
-                if pause is None:
-                    logger.warning("could not acknowledge message %s (%s); it stays set "
-                                   "aside until a reaper drops it", delivery_tag, error)
-                    return
-                time.sleep(pause)
-
-
-#: Pauses between the tries of an acknowledgement (see :class:`PatientQoS`).
-ACK_PAUSES = (0.25, 0.5, 1, 2, 4, 4, 4)
-
-
-class Channel(CapturingPut, kombu_redis.SentinelChannel):
-    QoS = PatientQoS
-    connection_class = FollowingConnection
-    connection_class_ssl = FollowingSSLConnection
-
-
-class Transport(kombu_redis.SentinelTransport):
-    """kombu's ``sentinel://`` transport with :class:`FollowingConnection`: a node whose
-    primary froze finds the new one (``broker_transport`` names it); its messages can be
-    captured (:mod:`celeryfarm.capture`)."""
-
-    Channel = Channel
-
-
-#: What ``broker_transport`` is for ``sentinel://`` broker URLs.
-TRANSPORT = f"{__name__}:Transport"
 
 
 def sentinel_kwargs(url: str, tls: Tls, password: str = "",

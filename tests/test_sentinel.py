@@ -139,7 +139,7 @@ def test_sentinel_urls_name_the_primary_for_every_client():
     assert config["result_backend_transport_options"]["master_name"] == "farm-a"
     # A frozen primary is given up within seconds, by connections that ask the sentinels
     # again (Celery issue 6348).
-    assert config["broker_transport"] == "celeryfarm.redisclient:Transport"
+    assert config["broker_transport"] == "celeryfarm.broker:SentinelTransport"
     assert config["broker_transport_options"]["socket_timeout"] == 10
     assert config["redis_socket_timeout"] == 10
     assert SentinelUrl.parse(URL) == SentinelUrl(
@@ -147,7 +147,7 @@ def test_sentinel_urls_name_the_primary_for_every_client():
     assert settings.client_environment()["CELERYFARM_SENTINEL_MASTER"] == "farm-a"
     plain = celery_config(Settings())
     assert "master_name" not in plain["broker_transport_options"]
-    assert plain["broker_transport"] == "celeryfarm.capture:Transport"
+    assert plain["broker_transport"] == "celeryfarm.broker:Transport"
     assert "redis_socket_timeout" not in plain
     assert redact(URL) == ("sentinel://:***@10.0.0.1:26379/2;"
                            "sentinel://:***@10.0.0.2:26380/2")

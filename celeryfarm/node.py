@@ -27,10 +27,9 @@ from typing import Any
 from billiard.exceptions import WorkerLostError
 from billiard.util import set_pdeathsig
 from celery import bootsteps, signals
-from celery.worker import control
 from celery.worker import state as worker_state
 
-from . import process, renderenv, taskevents, tasks
+from . import controls, process, renderenv, tasks
 from .celery import RENDER_STEP, FarmApp
 from .lease import owner_prefix
 from .nodes import drained_at_start
@@ -64,9 +63,7 @@ class RenderNode(bootsteps.StartStopStep):
         self.app.task(bind=True, name=RENDER_STEP, ignore_result=True,
                       store_errors_even_if_ignored=True)(tasks.render_step)
         signals.worker_process_init.connect(self.prepare_pool_process, weak=False)
-        if self.settings.events_idle_seconds > 0:
-            taskevents.OnDemand(self.settings.events_idle_seconds).install()
-        control.Panel.data["add_consumer"] = _add_consumer_selecting
+        controls.install(self.settings.events_idle_seconds)
         signals.task_failure.connect(self.on_task_failure, weak=False)
 
     # -- the main process --------------------------------------------------------------------
@@ -124,23 +121,6 @@ class RenderNode(bootsteps.StartStopStep):
         process.become_subreaper()
         signal.signal(tasks.PARENT_DIED, _exit_now)  # idle; a running step handles it itself
         set_pdeathsig(tasks.PARENT_DIED)
-
-
-_CELERY_ADD_CONSUMER = control.Panel.data["add_consumer"]
-
-
-def _add_consumer_selecting(state: Any, queue: str, *args: Any, **kwargs: Any) -> dict:
-    """Celery's ``add_consumer`` (``celeryfarm enable``, a wrangler's new pool), which also
-    selects the queue among those the app consumes from: Celery 5.6 (the last for Python
-    3.9) leaves that selection as it was for a queue the app knew already (one its reaper
-    re-sent a step to, one it consumed before a drain), and the node's heartbeat names the
-    pools it serves from it, as a consumer restarted after a lost connection consumes from
-    it. Celery 5.7 selects it itself."""
-    reply = _CELERY_ADD_CONSUMER(state, queue, *args, **kwargs)
-    queues = state.app.amqp.queues
-    if queue in queues:  # else add_task_queue adds and selects it
-        queues.select_add(queues[queue])
-    return reply
 
 
 def _running_steps() -> list[str]:

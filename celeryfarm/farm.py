@@ -219,7 +219,8 @@ class Farm:
     def get(self, job_id: str) -> JobRecord:
         """The job's record with its current state; raises ``JobNotFound``."""
         record = self.store.get(job_id)
-        self._settle([record])
+        if self._settle([record]):  # it ended meanwhile: its record changed
+            record = self.store.get(job_id)
         return record
 
     def state(self, job_id: str) -> JobState:
@@ -250,7 +251,10 @@ class Farm:
         """Jobs matching every filter, newest first. See ``FILTER_KEYS``."""
         merged = _merge_filters(filters)
         records = list(self.store.summaries(self._ids(merged)))
-        self._settle(records)
+        settled = self._settle(records)
+        if settled:
+            records = [self.store.get(record.job_id) if record.job_id in settled else record
+                       for record in records]
         matches = _matcher(merged, RECORD_FIELDS)
         return [record for record in records if matches(record)]
 
@@ -267,14 +271,16 @@ class Farm:
                 listing = self._listings[user] = Listing(self.store, user,
                                                          keeps_snapshot=user == self.user)
             jobs = listing.jobs()
-            active = listing.active
+            if self._settle(listing.active):  # a job ended unrecorded: read its change
+                jobs = listing.jobs()
         else:
             if user is not None:
                 merged["user"] = user
-            jobs = [job for _, job in self.store.listed(self._ids(merged)) if job]
-            active = jobs
-        if self._settle(active):  # a job ended unrecorded: not the list of the last call
-            jobs = list(jobs)
+            ids = self._ids(merged)
+            jobs = [job for _, job in self.store.listed(ids) if job]
+            settled = self._settle(jobs)
+            if settled:
+                jobs = [job for _, job in self.store.listed(ids) if job]
         if not merged:
             return jobs
         matches = _matcher(merged, LISTED_FIELDS)
@@ -312,18 +318,21 @@ class Farm:
             raise FarmError(f"cannot write the render log of job {record.job_id}: "
                             f"{error.strerror}") from None
 
-    def _settle(self, records: Sequence[JobRecord | Listed]) -> bool:
-        """Bring active records up to date with Celery: a step revoked outside the farm
-        (from Flower) ends the job, and the record keeps that for when Celery's results
-        have expired; True if one did. A failure Celery recorded is not trusted: a message
-        forged with a step's task id (an unregistered task, bad arguments) makes the worker
-        record one, and a step that failed before it could claim its lease is re-dispatched
-        by the reapers as any vanished step is. A lost worker is not an end either: the
-        step's lease expires and it is re-dispatched (see :mod:`celeryfarm.reaper`)."""
+    def _settle(self, records: Sequence[JobRecord | Listed]) -> set[str]:
+        """Bring active jobs up to date with Celery: a step revoked outside the farm (from
+        Flower) ends the job, and the record keeps that for when Celery's results have
+        expired. Returns the ids of the jobs that ended so: the records given of them are
+        stale, and the caller reads them again (a record read is never changed in place:
+        the plug-in keeps the ``FarmAPI.Job`` it made of each while it is the same object).
+        A failure Celery recorded is not trusted: a message forged with a step's task id
+        (an unregistered task, bad arguments) makes the worker record one, and a step that
+        failed before it could claim its lease is re-dispatched by the reapers as any
+        vanished step is. A lost worker is not an end either: the step's lease expires and
+        it is re-dispatched (see :mod:`celeryfarm.reaper`)."""
         active = [record for record in records if record.state in ACTIVE]
         if not active:
-            return False
-        settled = False
+            return set()
+        settled = set()
         task_ids = [task_id for record in active for task_id in record.task_ids]
         task_states = dict(zip(task_ids, self._task_states(task_ids)))
         reason = "a step was revoked outside celeryfarm (Flower?)"
@@ -336,9 +345,7 @@ class Farm:
                 continue  # another artist's job: its owner's client or a wrangler records it
             if cancelled:
                 self._note(record, reason)
-            fresh = self.store.get(record.job_id)
-            record.state, record.end_ms, record.reason = fresh.state, fresh.end_ms, fresh.reason
-            settled = True
+            settled.add(record.job_id)
         return settled
 
     @functools.cached_property

@@ -266,7 +266,8 @@ class JobRecord:
 @dataclasses.dataclass
 class Listed:
     """What a job listing shows of a job (getJobs): a few fields of its record, cheap to
-    read and to keep (see :mod:`celeryfarm.listing`)."""
+    read and to keep (see :mod:`celeryfarm.listing`). Never changed once made: a change
+    is a new object (the plug-in's ``Job`` of it is kept while it is the same one)."""
 
     job_id: str
     name: str

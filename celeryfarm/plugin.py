@@ -105,9 +105,12 @@ class CeleryFarmPlugin(FarmAPI.BaseFarmPlugin):
     def __init__(self, farm: Farm | None = None) -> None:
         super().__init__()
         self._farm = farm
-        #: The ``FarmAPI.Job`` of each job the last getJobs listed, with what it was made
-        #: from: an unchanged job's is not made again (Katana polls getJobs).
-        self._jobs: dict[str, tuple[Listed, tuple, FarmAPI.Job]] = {}
+        #: The ``FarmAPI.Job`` of each job the last getJobs listed, and the ``Listed`` it
+        #: was made from: a job listed by the same object is unchanged, and its ``Job`` is
+        #: not made again (Katana polls getJobs). Two dicts, not a tuple a job: 10,000 fewer
+        #: objects for Python's collector to walk.
+        self._jobs: dict[str, FarmAPI.Job] = {}
+        self._made_from: dict[str, Listed] = {}
         #: The last listing, whether the log was reachable, and the Jobs made of it: while
         #: nothing changed, Farm.listed returns the same list and these are given again.
         self._last: tuple[list[Listed] | None, bool, list[FarmAPI.Job]] = (None, False, [])
@@ -253,20 +256,20 @@ class CeleryFarmPlugin(FarmAPI.BaseFarmPlugin):
         is this host's path, or None when this host cannot reach the shared mount. A job's
         ``Job`` of the last call is used again while nothing it shows changed (one loop with
         local names: a cold listing makes 10,000)."""
-        known = self._jobs if log_reachable == self._last[1] else {}
-        self._jobs = made = {}
+        same_log = log_reachable == self._last[1]
+        known, known_from = (self._jobs, self._made_from) if same_log else ({}, {})
+        self._jobs, self._made_from = made, made_from = {}, {}
         log_path, job_class = self.farm.log_path, FarmAPI.Job
         jobs = []
         for item in listed:
-            shown = (item.state, item.end_ms, item.submitted_ms)
-            cached = known.get(item.job_id)
-            if cached is not None and cached[0] is item and cached[1] == shown:
-                job = cached[2]
+            job_id = item.job_id
+            if known_from.get(job_id) is item:
+                job = known[job_id]
             else:
-                job = job_class(item.job_id, item.name, item.submitted_ms, item.end_ms or 0,
+                job = job_class(job_id, item.name, item.submitted_ms, item.end_ms or 0,
                                 _STATE_TEXT[item.state],
                                 log_path(item) if log_reachable else None)
-            made[item.job_id] = (item, shown, job)
+            made[job_id], made_from[job_id] = job, item
             jobs.append(job)
         return jobs
 

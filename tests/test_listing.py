@@ -253,3 +253,27 @@ def test_a_snapshot_that_cannot_be_used_means_a_full_read(plugin: CeleryFarmPlug
     assert session == full_read(farm) and set(jobs) <= set(read)
     assert session[jobs[1]][0] == State.kCancelled
     plugin.stopJob(jobs[2])
+
+
+def test_a_step_revoked_outside_the_farm_shows_cancelled_at_once_everywhere(
+        plugin: CeleryFarmPlugin):
+    """A step revoked from Flower, with no node to record it (its pool has none): the next
+    getJobs, getJobState and ``celeryfarm jobs`` each show the job Cancelled, and the record
+    keeps it. The listing reads the changed record again rather than patching the one it
+    holds, so getJobs makes a new ``Job`` for that job only."""
+    farm = plugin.farm
+    revoked, waiting = (submit(farm, [["true"]], settings={"pool": "parked"})[0]
+                        for _ in range(2))
+    before = {job.jobId: job for job in plugin.getJobs(None)}
+    assert before[revoked].state == State.kWaiting
+    farm.app.backend.mark_as_revoked(farm.get(revoked).task_ids[0])  # Flower's revoke
+
+    after = {job.jobId: job for job in plugin.getJobs(None)}
+    assert after[revoked].state == State.kCancelled and after[revoked].endTime > 0
+    assert after[revoked] is not before[revoked] and after[waiting] is before[waiting]
+    assert plugin.getJobState(revoked) == State.kCancelled
+    assert [record.state for record in farm.jobs([{"state": "Cancelled"}])
+            if record.job_id == revoked] == [JobState.CANCELLED]
+    record = farm.store.get(revoked)
+    assert record.state == JobState.CANCELLED and "outside celeryfarm" in record.reason
+    assert listed(CeleryFarmPlugin())[revoked][0] == State.kCancelled  # a new session too

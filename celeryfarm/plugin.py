@@ -254,8 +254,8 @@ class CeleryFarmPlugin(FarmAPI.BaseFarmPlugin):
         ms once the job has ended, else 0: Katana 5's stubs declare it ``int``, not
         ``int | None``, and 0 (the epoch, falsy) is the one int no real end can be. The log
         is this host's path, or None when this host cannot reach the shared mount. A job's
-        ``Job`` of the last call is used again while nothing it shows changed (one loop with
-        local names: a cold listing makes 10,000)."""
+        ``Job`` of the last call is used again while the same ``Listed`` lists it (a change
+        is a new one), in one loop with local names: a cold listing makes 10,000."""
         same_log = log_reachable == self._last[1]
         known, known_from = (self._jobs, self._made_from) if same_log else ({}, {})
         self._jobs, self._made_from = made, made_from = {}, {}

@@ -58,12 +58,28 @@ def plugin(replicated: LocalCluster, monkeypatch: pytest.MonkeyPatch) -> CeleryF
     return CeleryFarmPlugin()
 
 
-def finished(plugin: CeleryFarmPlugin, job_ids: list[str], timeout: float) -> dict[str, str]:
+def finished(plugin: CeleryFarmPlugin, job_ids: list[str], timeout: float,
+             cluster: LocalCluster | None = None) -> dict[str, str]:
+    """The jobs' states once every one has finished; if one has not within ``timeout``,
+    the failure says where each such job is, which nodes answer, and the nodes' errors."""
     def states() -> dict[str, str] | None:
         found = {job_id: plugin.getJobState(job_id) for job_id in job_ids}
         return found if set(found.values()) <= set(FINISHED) else None
 
-    return wait_until(states, timeout, f"{len(job_ids)} jobs to finish")
+    try:
+        return wait_until(states, timeout, f"{len(job_ids)} jobs to finish")
+    except AssertionError as error:  # say where each job that did not finish is
+        farm = plugin.farm
+        stuck = [farm.get(job_id) for job_id in job_ids]
+        stuck = {record.job_id: (record.state.value, record.step, record.node,
+                                 record.task_ids, farm.events(record.job_id))
+                 for record in stuck if record.state.value not in FINISHED}
+        logs = sorted(cluster.base.glob("worker-*.log")) if cluster else []
+        errors = [line for log in logs for line in log.read_text(errors="replace").splitlines()
+                  if "ERROR" in line or "CRITICAL" in line]
+        raise AssertionError(f"{error}: {stuck}; nodes answering: "
+                             f"{nodes_answering(farm.app)}; the nodes' errors: {errors[-30:]}") \
+            from None
 
 
 def test_jobs_run_through_the_sentinels(plugin: CeleryFarmPlugin, replicated: LocalCluster):
@@ -96,7 +112,7 @@ def test_the_primary_killed_mid_jobs_every_job_completes(
     wait_until(lambda: servers.primary() is not old, 60, "the sentinels to promote a replica")
     after = [submit(plugin.farm, [renderboot("--seconds", 0.1)], name=f"after-{n}")[0]
              for n in range(4)]
-    states = finished(plugin, before + after, 240)
+    states = finished(plugin, before + after, 240, replicated)
     failed = {job_id: read_log(plugin, job_id).decode(errors="replace")[-800:]
               for job_id, state in states.items() if state != Job.State.kCompleted}
     assert not failed, failed

@@ -277,3 +277,4 @@ def test_a_step_revoked_outside_the_farm_shows_cancelled_at_once_everywhere(
     record = farm.store.get(revoked)
     assert record.state == JobState.CANCELLED and "outside celeryfarm" in record.reason
     assert listed(CeleryFarmPlugin())[revoked][0] == State.kCancelled  # a new session too
+    plugin.stopJob(waiting)  # no waiting job left for the other tests' farm-wide listings

@@ -277,10 +277,13 @@ class Farm:
             if user is not None:
                 merged["user"] = user
             ids = self._ids(merged)
-            jobs = [job for _, job in self.store.listed(ids) if job]
-            settled = self._settle(jobs)
-            if settled:
-                jobs = [job for _, job in self.store.listed(ids) if job]
+
+            def read() -> list[Listed]:
+                return [job for _, job in self.store.listed(ids) if job]
+
+            jobs = read()
+            if self._settle(jobs):  # a job ended unrecorded: read its change
+                jobs = read()
         if not merged:
             return jobs
         matches = _matcher(merged, LISTED_FIELDS)

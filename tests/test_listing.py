@@ -262,8 +262,8 @@ def test_a_step_revoked_outside_the_farm_shows_cancelled_at_once_everywhere(
     keeps it. The listing reads the changed record again rather than patching the one it
     holds, so getJobs makes a new ``Job`` for that job only."""
     farm = plugin.farm
-    revoked, waiting = (submit(farm, [["true"]], settings={"pool": "parked"})[0]
-                        for _ in range(2))
+    revoked, waiting, also = (submit(farm, [["true"]], settings={"pool": "parked"})[0]
+                              for _ in range(3))
     before = {job.jobId: job for job in plugin.getJobs(None)}
     assert before[revoked].state == State.kWaiting
     farm.app.backend.mark_as_revoked(farm.get(revoked).task_ids[0])  # Flower's revoke
@@ -277,4 +277,9 @@ def test_a_step_revoked_outside_the_farm_shows_cancelled_at_once_everywhere(
     record = farm.store.get(revoked)
     assert record.state == JobState.CANCELLED and "outside celeryfarm" in record.reason
     assert listed(CeleryFarmPlugin())[revoked][0] == State.kCancelled  # a new session too
+    # A listing of every user's jobs (no user filter) reads them again too.
+    farm.app.backend.mark_as_revoked(farm.get(also).task_ids[0])
+    found = [job.state for job in plugin.getJobs({"session": plugin.session})
+             if job.jobId == also]
+    assert found == [State.kCancelled]
     plugin.stopJob(waiting)  # no waiting job left for the other tests' farm-wide listings

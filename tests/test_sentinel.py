@@ -250,7 +250,6 @@ def primary_server(kept: dict, unless: redis.Redis | None = None) -> redis.Redis
                        password=kept["acl_passwords"]["admin"], socket_timeout=2)
 
 
-
 def test_a_channel_closed_after_its_connection_leaves_its_deliveries_set_aside(
         replicated: LocalCluster):
     """Seen in CI's failover test (see ``closing_a_channel_let_go``), through the sentinels."""

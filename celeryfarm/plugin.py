@@ -251,24 +251,28 @@ class CeleryFarmPlugin(FarmAPI.BaseFarmPlugin):
     def _make_jobs(self, listed: list[Listed], log_reachable: bool) -> list[FarmAPI.Job]:
         """Katana's view of each record. ``startTime`` is the submission time in ms (Katana
         Queue's "Submitted" column), so a waiting job has one too. ``endTime`` is the end in
-        ms once the job has ended, else 0: Katana 5's stubs declare it ``int``, not
-        ``int | None``, and 0 (the epoch, falsy) is the one int no real end can be. The log
-        is this host's path, or None when this host cannot reach the shared mount. A job's
-        ``Job`` of the last call is used again while the same ``Listed`` lists it (a change
-        is a new one), in one loop with local names: a cold listing makes 10,000."""
+        ms of a Completed job, else 0: Katana Queue's "Completed" column is empty for failed
+        and cancelled jobs (the farm's own record keeps every job's end), and Katana 5's
+        stubs declare it ``int``, not ``int | None``, so 0 (the epoch, falsy) is the one int
+        no real end can be. The log is this host's path, or "" when this host cannot reach
+        the shared mount (the stubs declare ``renderLogFilename: str``; "" is falsy too). A
+        job's ``Job`` of the last call is used again while the same ``Listed`` lists it (a
+        change is a new one), in one loop with local names: a cold listing makes 10,000."""
         same_log = log_reachable == self._last[1]
         known, known_from = (self._jobs, self._made_from) if same_log else ({}, {})
         self._jobs, self._made_from = made, made_from = {}, {}
-        log_path, job_class = self.farm.log_path, FarmAPI.Job
+        log_path, job_class, completed = self.farm.log_path, FarmAPI.Job, JobState.COMPLETED
         jobs = []
         for item in listed:
             job_id = item.job_id
             if known_from.get(job_id) is item:
                 job = known[job_id]
             else:
-                job = job_class(job_id, item.name, item.submitted_ms, item.end_ms or 0,
-                                _STATE_TEXT[item.state],
-                                log_path(item) if log_reachable else None)
+                state = item.state
+                job = job_class(job_id, item.name, item.submitted_ms,
+                                (item.end_ms or 0) if state == completed else 0,
+                                _STATE_TEXT[state],
+                                (log_path(item) or "") if log_reachable else "")
             made[job_id], made_from[job_id] = job, item
             jobs.append(job)
         return jobs

@@ -22,7 +22,11 @@ from pathlib import Path
 import pytest
 
 from celeryfarm import farmapi, farmpluginmanager, nodegraphapi
+from celeryfarm.config import Settings
+from celeryfarm.farm import Farm
+from celeryfarm.jobs import Listed
 from celeryfarm.plugin import CeleryFarmPlugin
+from celeryfarm.records.states import ACTIVE, JobState
 
 STUBS_VERSION = "5.0.5.0"
 FARMAPI = "PyUtilModule-stubs/FarmAPI"
@@ -215,3 +219,34 @@ def test_the_check_catches_what_it_is_for():
     assert "BaseFarmPlugin.createTempDirectory() is not in Katana" in found
     assert "JobNotFoundException" in found and "__init__" in found
     assert "NOT_KATANAS is not in Katana" in found
+
+
+def test_the_plug_ins_jobs_have_the_types_katanas_job_declares(tmp_path: Path):
+    """Every ``Job`` the plug-in makes fits the stubs' ``Job.__init__`` annotations
+    (``endTime: int``, ``renderLogFilename: str``: never None) in every state, whether or
+    not this host reaches the shared mount; and ``endTime`` is a Completed job's end only:
+    Katana Queue's "Completed" column is empty for failed and cancelled jobs."""
+    tree = ast.parse(stub_file(f"{FARMAPI}/BaseFarmPlugin.pyi").read_text())
+    (job_class,) = [node for node in tree.body
+                    if isinstance(node, ast.ClassDef) and node.name == "Job"]
+    (init,) = [node for node in job_class.body
+               if isinstance(node, ast.FunctionDef) and node.name == "__init__"]
+    declared = {arg.arg: ast.unparse(arg.annotation) for arg in init.args.args[1:]}
+    assert declared["endTime"] == "int" and declared["renderLogFilename"] == "str"
+    types = {"int": int, "str": str}
+
+    root = tmp_path / "share"
+    plugin = CeleryFarmPlugin(Farm(Settings(shared_root=root)))
+    listed = [Listed(f"job-{state.value}", "Render", "artist", "host", "session", "Disk",
+                     state, 1, 1_000, None if state in ACTIVE else 2_000,
+                     f"ctx-{state.value}/render.log", "[]")
+              for state in JobState]
+    for reachable in (False, True):
+        jobs = {job.state: job for job in plugin._make_jobs(listed, reachable)}
+        assert set(jobs) == set(farmapi.Job.State.kAllStates)
+        for state, job in jobs.items():
+            for name, annotation in declared.items():
+                assert isinstance(getattr(job, name), types[annotation]), (state, name)
+            assert job.endTime == (2_000 if state == farmapi.Job.State.kCompleted else 0)
+            assert job.renderLogFilename == (f"{root}/ctx-{state}/render.log" if reachable
+                                             else "")

@@ -94,7 +94,10 @@ def test_failure_in_step_two_fails_the_job_and_skips_step_three(
     assert not third.exists()
     record = plugin.farm.get(job_id)
     assert record.reason == "step 2/3 failed: exit status 3"
-    assert record.end_ms is not None
+    assert record.end_ms is not None  # the farm keeps when it ended
+    (job,) = [job for job in plugin.getJobs(None) if job.jobId == job_id]
+    assert job.state == State.kFailed
+    assert job.endTime == 0  # Katana Queue's "Completed" is empty for a failed job
 
 
 @pytest.mark.parametrize(
@@ -137,6 +140,10 @@ def test_stop_mid_render_kills_the_whole_process_tree(plugin: CeleryFarmPlugin, 
     assert step_headers(log) == [b"1/2"]
     assert not second.exists()
     assert plugin.getJobState(job_id) == State.kCancelled
+    assert plugin.farm.get(job_id).end_ms is not None  # the farm keeps when it ended
+    (job,) = [job for job in plugin.getJobs(None) if job.jobId == job_id]
+    assert job.state == State.kCancelled
+    assert job.endTime == 0  # Katana Queue's "Completed" is empty for a cancelled job
 
     plugin.stopJob(job_id)  # stopping a stopped job changes nothing
     assert plugin.getJobState(job_id) == State.kCancelled
@@ -463,6 +470,20 @@ def test_a_shared_root_behind_a_symlink_gives_one_log_path_everywhere(
     assert job.renderLogFilename == path == f"{folder}/render.log"
     assert path.startswith(f"{link}/")
     assert b"| exit status 0 |" in Path(path).read_bytes()
+
+
+def test_a_host_without_the_shared_mount_lists_jobs_with_an_empty_log_name(
+    plugin: CeleryFarmPlugin, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+):
+    """Katana's ``Job`` declares ``renderLogFilename: str``: a host that does not mount the
+    shared root gets "" there, and None from ``getRenderLogFilename`` (``str | None``)."""
+    job_id, _ = submit(plugin.farm, [["true"]])
+    monkeypatch.setenv("CELERYFARM_SHARED_ROOT", str(tmp_path / "not-mounted"))
+    elsewhere = CeleryFarmPlugin()
+    (job,) = [job for job in elsewhere.getJobs(None) if job.jobId == job_id]
+    assert job.renderLogFilename == ""
+    assert elsewhere.getRenderLogFilename(job_id) is None
+    assert wait_for_state(elsewhere, job_id) == State.kCompleted
 
 
 def test_a_farm_whose_records_are_apart_from_the_broker_runs_and_restarts_jobs(

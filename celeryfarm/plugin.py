@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -105,6 +106,9 @@ class CeleryFarmPlugin(FarmAPI.BaseFarmPlugin):
     def __init__(self, farm: Farm | None = None) -> None:
         super().__init__()
         self._farm = farm
+        #: Makes the farm core once: Katana's threads may make their first calls at once,
+        #: and each Farm is a session of its own (``getJobs({'session': ...})``).
+        self._farm_lock = threading.Lock()
         #: The ``FarmAPI.Job`` of each job the last getJobs listed, and the ``Listed`` it
         #: was made from: a job listed by the same object is unchanged, and its ``Job`` is
         #: not made again (Katana polls getJobs). Two dicts, not a tuple a job: 10,000 fewer
@@ -119,9 +123,12 @@ class CeleryFarmPlugin(FarmAPI.BaseFarmPlugin):
     def farm(self) -> Farm:
         """The farm core, made from the environment on first use: a bad ``CELERYFARM_*``
         value then raises inside a plug-in method, which reports it as a
-        ``FarmPluginException``, and never while Katana loads or builds the plug-in."""
+        ``FarmPluginException``, and never while Katana loads or builds the plug-in.
+        Threads making their first call at once get the same one."""
         if self._farm is None:
-            self._farm = Farm()
+            with self._farm_lock:
+                if self._farm is None:
+                    self._farm = Farm()
         return self._farm
 
     @property

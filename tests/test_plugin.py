@@ -16,6 +16,7 @@ import redis
 
 from celeryfarm import farmapi as FarmAPI
 from celeryfarm import nodegraphapi as NodegraphAPI
+from celeryfarm import plugin as plugin_module
 from celeryfarm.farmapi import Job
 from celeryfarm.plugin import CeleryFarmPlugin, register_farm_settings
 from celeryfarm.testing.cluster import LocalCluster
@@ -251,6 +252,50 @@ def test_many_jobs_submitted_from_several_threads_all_complete(plugin: CeleryFar
     assert len(set(submitted)) == 30
     wait_until(lambda: all(job.state == State.kCompleted for job in plugin.getJobs(None))
                and len(plugin.getJobs(None)) == 30, 120, "all 30 jobs to complete")
+
+
+def test_threads_making_their_first_call_at_once_share_one_farm_and_session(
+    plugin: CeleryFarmPlugin, monkeypatch: pytest.MonkeyPatch
+):
+    """Katana may call a new plug-in from several threads at once: they make one farm core
+    between them, so one session, and that session's filter finds every job they sent."""
+    made = []
+    real_farm = plugin_module.Farm
+    another_farm = threading.Event()
+
+    def counted_farm(*args, **kwargs):
+        made.append(None)
+        if len(made) == 1:
+            # The first farm is made slowly, so that the other threads make their first
+            # calls meanwhile: they must wait for it. A second farm started ends the wait.
+            another_farm.wait(2)
+        else:
+            another_farm.set()
+        return real_farm(*args, **kwargs)
+
+    monkeypatch.setattr(plugin_module, "Farm", counted_farm)
+    first_calls = threading.Barrier(4)
+    submitted: list[str] = []
+    errors: list[BaseException] = []
+
+    def submit_first() -> None:
+        try:
+            first_calls.wait(30)
+            submitted.append(submit_like_katana(plugin, ["true"])[0])
+        except BaseException as error:  # reported by the main thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=submit_first) for _ in range(first_calls.parties)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not errors and len(submitted) == first_calls.parties
+    assert len(made) == 1
+    found = {job.jobId for job in plugin.getJobs({"session": plugin.session})}
+    assert found == set(submitted)
+    for job_id in submitted:
+        assert wait_for_state(plugin, job_id) == State.kCompleted
 
 
 def test_non_utf8_and_very_long_output_do_not_break_a_step(plugin: CeleryFarmPlugin):

@@ -11,6 +11,7 @@ touches FarmAPI types: each method converts Katana's arguments, calls
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import threading
 from collections.abc import Iterator, Mapping
@@ -32,6 +33,10 @@ except ImportError:  # tests, the command line, the demo
     from . import farmapi as FarmAPI
     from . import nodegraphapi as NodegraphAPI
 
+logger = logging.getLogger(__name__)
+
+#: The parameter group of Katana's farm settings on a farm node (Render, ImageWrite...).
+FARM_SETTINGS_GROUP = "farmSettings"
 #: The attributes of Katana 5's ``FarmPluginManager.JobRequest``, in its constructor's order.
 JOB_REQUEST_ATTRIBUTES = ("nodeName", "renderContextName", "frames", "commands", "environment",
                           "tempDir")
@@ -247,12 +252,23 @@ class CeleryFarmPlugin(FarmAPI.BaseFarmPlugin):
                             f"made for render context {context!r} ({expected})")
 
     def _farm_settings(self, node_name: Any) -> dict[str, Any]:
-        """This farm's settings on the Render node ``node_name`` (defaults for a node that
-        has none); other farms' settings on the same node are left alone."""
+        """This farm's settings on the Render node ``node_name``; other farms' settings on
+        the same node are left alone. Katana renders remotely from any 3D node, and only
+        farm nodes have the ``farmSettings`` parameter, so a node without it gets the
+        defaults; so does one whose settings cannot be read (Katana's
+        ``ExtractFarmSettingsFromNode`` may raise), with a warning: a setting the farm
+        cannot read must not lose the render."""
         if not isinstance(node_name, str) or not node_name:
             raise FarmError(f"nodeName must be the Render node's name, got {node_name!r}")
-        node = NodegraphAPI.GetNode(node_name)
-        values = FarmAPI.ExtractFarmSettingsFromNode(node) if node is not None else {}
+        values: Mapping[str, Any] = {}
+        try:
+            node = NodegraphAPI.GetNode(node_name)
+            if node is not None and node.getParameter(FARM_SETTINGS_GROUP) is not None:
+                values = dict(FarmAPI.ExtractFarmSettingsFromNode(node))
+        except Exception as error:
+            logger.warning("celeryfarm: cannot read the farm settings of node %r (%s: %s); "
+                           "submitting with the defaults", node_name,
+                           type(error).__name__, error)
         return {name: values.get(name, default) for name, _add, default, _hints in FARM_SETTINGS}
 
     def _make_jobs(self, listed: list[Listed], log_reachable: bool) -> list[FarmAPI.Job]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shlex
@@ -379,17 +380,55 @@ def test_a_step_limit_set_on_the_node_is_enforced_by_the_render_node(
     wait_until(lambda: not tagged_processes(tag), 15, "the render to be gone")
 
 
-@pytest.mark.parametrize("node_name", ["no-such-node", "merge"])
-def test_a_node_without_farm_settings_gets_the_defaults(
-    plugin: CeleryFarmPlugin, katana_dropin: dict, node_name: str
-):
-    if node_name == "merge":  # a 3D node that is not a Render node has no farmSettings
-        merge = NodegraphAPI.CreateNode("Merge")
-        node_name = merge.setName(f"Merge_{uuid.uuid4().hex[:8]}")
-    job_id, _ = submit_like_katana(plugin, ["true"], node_name=node_name)
+def assert_default_settings(plugin: CeleryFarmPlugin, job_id: str) -> None:
     spec = plugin.farm.get(job_id).spec
     assert (spec.queue, spec.priority, spec.max_step_seconds, spec.stall_seconds,
             spec.render_type) == (plugin.farm.settings.default_queue, 50, 0, 0, "Disk")
+
+
+@pytest.mark.parametrize("node_name", ["no-such-node", "merge"])
+def test_a_node_without_farm_settings_gets_the_defaults(
+    plugin: CeleryFarmPlugin, katana_dropin: dict, node_name: str,
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+):
+    """Katana renders remotely from any 3D node: one with no ``farmSettings`` is not asked
+    for them (real Katana's ExtractFarmSettingsFromNode may raise there)."""
+    if node_name == "merge":  # a 3D node that is not a Render node has no farmSettings
+        merge = NodegraphAPI.CreateNode("Merge")
+        node_name = merge.setName(f"Merge_{uuid.uuid4().hex[:8]}")
+    extract = FarmAPI.ExtractFarmSettingsFromNode
+
+    def extract_like_katana(node):
+        if node.getParameter("farmSettings") is None:
+            raise AttributeError("'NoneType' object has no attribute 'getChildren'")
+        return extract(node)
+
+    monkeypatch.setattr(FarmAPI, "ExtractFarmSettingsFromNode", extract_like_katana)
+    job_id, _ = submit_like_katana(plugin, ["true"], node_name=node_name)
+    assert_default_settings(plugin, job_id)
+    assert "farm settings" not in caplog.text  # nothing to warn about
+    assert wait_for_state(plugin, job_id) == State.kCompleted
+
+
+def test_farm_settings_that_cannot_be_read_give_the_defaults_and_a_warning(
+    plugin: CeleryFarmPlugin, katana_dropin: dict, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture
+):
+    """Reading a farm node's settings raised (Katana's own function): the render is not
+    lost; it gets the defaults, and Katana's log says why."""
+    def extract_raises(node):
+        raise RuntimeError("parameter farmSettings.priority has no value")
+
+    monkeypatch.setattr(FarmAPI, "ExtractFarmSettingsFromNode", extract_raises)
+    node = render_node(priority=90, pool="nowhere")
+    with caplog.at_level(logging.WARNING, logger="celeryfarm.plugin"):
+        job_id, _ = submit_like_katana(plugin, ["true"], node_name=node)
+    assert_default_settings(plugin, job_id)
+    (warning,) = [r for r in caplog.records if r.name == "celeryfarm.plugin"]
+    assert warning.levelno == logging.WARNING
+    assert f"cannot read the farm settings of node '{node}'" in warning.getMessage()
+    assert "RuntimeError: parameter farmSettings.priority has no value" in \
+        warning.getMessage()
     assert wait_for_state(plugin, job_id) == State.kCompleted
 
 

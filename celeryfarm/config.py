@@ -25,6 +25,9 @@ STORE_SOCKET_TIMEOUT = 10
 #: Settings that hold credentials; each may instead come from a file named by ``NAME_FILE``.
 SECRETS = ("BROKER_URL", "RESULT_BACKEND", "STORE_URL", "FLOWER_PASSWORD", "ADMIN_URL",
            "SENTINEL_PASSWORD")
+#: The variables that carry those credentials (``CELERYFARM_BROKER_URL``,
+#: ``CELERYFARM_BROKER_URL_FILE``...): never kept in a job's record, never given to a render.
+SECRET_VARIABLES = tuple(PREFIX + name + end for name in SECRETS for end in ("", "_FILE"))
 
 
 def _parse_dso_paths(text: str) -> dict[str, str]:

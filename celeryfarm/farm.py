@@ -27,7 +27,7 @@ from kombu.exceptions import OperationalError
 from . import dispatch
 from .acl import authenticated_user
 from .celery import create_app
-from .config import Settings
+from .config import SECRET_VARIABLES, Settings
 from .errors import FarmError, NotAllowed
 from .jobs import Command, JobRecord, JobSpec, Listed, describe_frames
 from .listing import Listing
@@ -127,16 +127,21 @@ class Farm:
     ) -> JobRecord:
         """Submit ``commands`` (argv lists, or command-line strings that are split with
         shlex and never given to a shell; run in order) as a job of render ``context``,
-        recorded as this user's, host's and session's. ``environment`` adds to (and may
-        override) the context's; ``settings`` are the farm settings (pool, priority,
+        recorded as this user's, host's and session's. ``environment`` adds to the
+        context's, which wins (``KATANA_TMPDIR`` is the render's folder as the nodes see it,
+        whatever the request says); the farm's credential variables in it (Katana may pass
+        a workstation's ``CELERYFARM_BROKER_URL``) are dropped, as the record is readable
+        by nodes and wranglers. ``settings`` are the farm settings (pool, priority,
         maxStepSeconds, stallSeconds). Raises :class:`FarmError` for bad input."""
         if environment is not None and not isinstance(environment, Mapping):
             raise FarmError(f"environment must be a mapping of names to values, "
                             f"got {environment!r}")
+        requested = {name: value for name, value in (environment or {}).items()
+                     if name not in SECRET_VARIABLES}
         spec = JobSpec.build(
             name=name,
             commands=commands,
-            environment={**self.job_environment(context), **(environment or {})},
+            environment={**requested, **self.job_environment(context)},
             render_type=render_type,
             frames=frames,
             settings=settings,

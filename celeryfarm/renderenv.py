@@ -32,14 +32,13 @@ from pathlib import Path
 from typing import Any
 
 from . import sharing
-from .config import PREFIX, SECRETS, ConfigError, Settings
+from .config import PREFIX, SECRET_VARIABLES, ConfigError, Settings
 
 #: The node's variables every render gets: the program search path, locale and time zone.
 ALLOWED = ("PATH", "LANG", "LANGUAGE", "TZ", "TERM")
 ALLOWED_PREFIXES = ("LC_",)
 #: Variables the farm sets for each step, and credentials: a job's environment cannot set them.
-NOT_FROM_JOBS = ("HOME", "TMPDIR", "USER", "LOGNAME",
-                 *(PREFIX + name + end for name in SECRETS for end in ("", "_FILE")))
+NOT_FROM_JOBS = ("HOME", "TMPDIR", "USER", "LOGNAME", *SECRET_VARIABLES)
 _PR_SET_DUMPABLE = 4
 #: How a node that is not root switches users: ``setpriv`` (util-linux) with CAP_SETUID and
 #: CAP_SETGID, from the node's ambient capabilities or from file capabilities on a copy only

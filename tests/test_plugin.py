@@ -324,6 +324,33 @@ def test_the_render_gets_the_job_environment_but_not_the_farm_secrets(
     assert b"'CELERYFARM_JOB_ID'" in log and b"'CELERYFARM_RENDER_CONTEXT'" in log
 
 
+def test_the_farms_variables_win_over_the_requests_and_its_secrets_are_not_stored(
+    plugin: CeleryFarmPlugin
+):
+    """Katana's request may carry another ``KATANA_TMPDIR`` and a workstation's farm
+    credentials: the render's folder as the nodes see it is the farm's (in the record and
+    in the render), and no credential reaches the record, which nodes and wranglers read."""
+    dump = [sys.executable, "-c",
+            "import os; print('TMPDIR_SEEN=' + os.environ['KATANA_TMPDIR']); "
+            "print('CONTEXT_SEEN=' + os.environ['CELERYFARM_RENDER_CONTEXT'])"]
+    job_id, folder = submit_like_katana(plugin, [command_line(dump)], environment={
+        "KATANA_TMPDIR": "/elsewhere", "CELERYFARM_RENDER_CONTEXT": "another-render",
+        "CELERYFARM_BROKER_URL": "redis://:secret@h/0",
+        "CELERYFARM_STORE_URL_FILE": "/home/artist/secret-url", "SHOT": "sh020"})
+    record = plugin.farm.get(job_id)
+    environment = record.spec.environment
+    assert environment["KATANA_TMPDIR"] == folder and environment["SHOT"] == "sh020"
+    assert environment["CELERYFARM_RENDER_CONTEXT"] == record.spec.context != "another-render"
+    assert "CELERYFARM_BROKER_URL" not in environment
+    assert "CELERYFARM_STORE_URL_FILE" not in environment
+    stored = plugin.farm.store.redis.hgetall(plugin.farm.store.keys.job(job_id))
+    assert stored and not [field for field, value in stored.items() if "secret" in str(value)]
+    assert wait_for_state(plugin, job_id) == State.kCompleted
+    log = read_log(plugin, job_id)
+    assert f"TMPDIR_SEEN={folder}\n".encode() in log
+    assert f"CONTEXT_SEEN={record.spec.context}\n".encode() in log
+
+
 # -- farm settings on the Render node, and what Katana's request carries ----------------------
 
 

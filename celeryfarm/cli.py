@@ -173,6 +173,7 @@ def env(session: Session) -> None:
     Meant for `eval "$(celeryfarm env)"`: the output holds the Redis password.
     """
     from .localfarm import running_farm
+    from .plugin import KATANA_RESOURCES
 
     if session.environ.get(PREFIX + "BROKER_URL"):
         values = session.local_settings.client_environment()
@@ -182,11 +183,9 @@ def env(session: Session) -> None:
             raise FarmError(f"no farm is running from {session.local_settings.data_dir}: "
                             f"start one with `celeryfarm up`, or set {PREFIX}BROKER_URL")
         values = state.env
-    resources = Path(__file__).resolve().parent.parent
-    if (resources / "Plugins" / "CeleryFarmPlugin.py").is_file():
-        values["KATANA_RESOURCES"] = (
-            str(resources) + os.pathsep + session.environ.get("KATANA_RESOURCES", "")
-        ).rstrip(os.pathsep)
+    values["KATANA_RESOURCES"] = (
+        str(KATANA_RESOURCES) + os.pathsep + session.environ.get("KATANA_RESOURCES", "")
+    ).rstrip(os.pathsep)
     for name, value in values.items():
         click.echo(f"export {name}={shlex.quote(value)}")
 

@@ -15,6 +15,7 @@ import logging
 import os
 import threading
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import redis
@@ -34,6 +35,10 @@ except ImportError:  # tests, the command line, the demo
     from . import nodegraphapi as NodegraphAPI
 
 logger = logging.getLogger(__name__)
+
+#: The folder to put on Katana's ``KATANA_RESOURCES``: its ``Plugins/CeleryFarmPlugin.py``
+#: registers this plug-in. It is part of the installed package (``celeryfarm env`` prints it).
+KATANA_RESOURCES = Path(__file__).resolve().parent / "katana"
 
 #: The parameter group of Katana's farm settings on a farm node (Render, ImageWrite...).
 FARM_SETTINGS_GROUP = "farmSettings"

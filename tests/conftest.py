@@ -13,7 +13,7 @@ import pytest
 
 from celeryfarm.config import Settings
 from celeryfarm.farm import Farm
-from celeryfarm.plugin import CeleryFarmPlugin
+from celeryfarm.plugin import KATANA_RESOURCES, CeleryFarmPlugin
 from celeryfarm.testing.cluster import LocalCluster
 
 #: Short timings so stops and lost nodes resolve quickly in tests.
@@ -70,9 +70,9 @@ def plugin(farm_env: dict[str, str]) -> CeleryFarmPlugin:
 
 @pytest.fixture(scope="session")
 def katana_dropin() -> dict:
-    """``Plugins/CeleryFarmPlugin.py`` loaded as Katana loads it (which registers the farm
-    settings with the FarmAPI stand-in); its globals."""
+    """The package's ``katana/Plugins/CeleryFarmPlugin.py`` loaded as Katana loads it from
+    ``KATANA_RESOURCES`` (which registers the farm settings with the FarmAPI stand-in); its
+    globals."""
     import runpy
-    from pathlib import Path
 
-    return runpy.run_path(str(Path(__file__).parent.parent / "Plugins" / "CeleryFarmPlugin.py"))
+    return runpy.run_path(str(KATANA_RESOURCES / "Plugins" / "CeleryFarmPlugin.py"))

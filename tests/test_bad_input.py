@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from celeryfarm.farmapi import FarmPluginException, Job, JobNotFoundException
-from celeryfarm.plugin import CeleryFarmPlugin
+from celeryfarm.plugin import KATANA_RESOURCES, CeleryFarmPlugin
 from celeryfarm.testing.cluster import LocalCluster
 
 from .helpers import KatanaJobRequest, read_log, renderboot, submit, wait_for_state
@@ -172,7 +172,7 @@ def test_a_bad_setting_is_a_farm_plugin_exception_not_an_import_error(farm_env: 
     value must not break either, and each call then says what is wrong."""
     code = (
         "import sys\n"
-        "sys.path.insert(0, 'Plugins')\n"
+        f"sys.path.insert(0, {str(KATANA_RESOURCES / 'Plugins')!r})\n"
         "import CeleryFarmPlugin as registration\n"
         "import celeryfarm, celeryfarm.celery\n"
         "from celeryfarm.farmapi import FarmPluginException\n"

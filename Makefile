@@ -39,7 +39,7 @@ OLDEST_VENV := .venv-oldest
 OLDEST_TESTS := tests/test_units.py tests/test_records.py tests/test_plugin.py \
 	tests/test_farmapi_conformance.py tests/test_listing.py tests/test_bad_input.py \
 	tests/test_roundtrips.py tests/test_retention.py tests/test_retries.py tests/test_nodes.py \
-	tests/test_taskevents.py
+	tests/test_taskevents.py tests/test_package.py
 
 test-oldest: redis-server
 	@test -n "$(PYTHON_OLDEST)" || { echo "no Python 3.9 found: install one, or set PYTHON_OLDEST"; exit 1; }

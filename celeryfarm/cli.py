@@ -408,7 +408,8 @@ def _as_json(session: Session, record: JobRecord) -> dict[str, Any]:
               type=click.Choice([state.value for state in JobState]),
               help="Only jobs in this state (repeatable).")
 @click.option("--user", help="Only this user's jobs.")
-@click.option("--mine", is_flag=True, help="Only your jobs ($CELERYFARM_USER or login).")
+@click.option("--mine", is_flag=True, help="Only your jobs (the Redis user you sign in as; "
+              "on a farm without ACL users, $CELERYFARM_USER or your login).")
 @click.option("--limit", type=click.IntRange(1), help="At most this many, newest first.")
 @click.option("--json", "as_json", is_flag=True, help="JSON lines, one job per line.")
 @pass_session
@@ -553,8 +554,11 @@ def user_add(session: Session, name: str, wrangler: bool) -> None:
     values = {PREFIX + "BROKER_URL": artist.url(admin_url)}
     if settings.key_prefix != Settings().key_prefix:
         values[PREFIX + "KEY_PREFIX"] = settings.key_prefix
-    if sentinel_password and uses_sentinel(admin_url):
-        values[PREFIX + "SENTINEL_PASSWORD"] = sentinel_password
+    if uses_sentinel(admin_url):
+        if settings.sentinel_master != Settings().sentinel_master:
+            values[PREFIX + "SENTINEL_MASTER"] = settings.sentinel_master
+        if sentinel_password:
+            values[PREFIX + "SENTINEL_PASSWORD"] = sentinel_password
     for variable, value in values.items():
         click.echo(f"export {variable}={shlex.quote(value)}")
     click.echo(f"# and {PREFIX}SHARED_ROOT: where that workstation mounts the shared folder")

@@ -225,6 +225,34 @@ def set_user(admin: redis.Redis, user: FarmUser) -> None:
     """Make (or remake) ``user`` on a running Redis, and save the ACL file if it has one,
     so the user outlives a restart."""
     admin.execute_command("ACL", "SETUSER", *user.setuser_args())
+    _save(admin)
+
+
+def delete_user(admin: redis.Redis, name: str) -> bool:
+    """Remove artist ``name``'s user from a running Redis, which also closes the
+    connections signed in as it, and save the ACL file if it has one; False if there was
+    no such user. Their jobs stay, as history."""
+    removed = admin.execute_command("ACL", "DELUSER", check_name(name))
+    _save(admin)
+    return bool(removed)
+
+
+def artists(admin: redis.Redis, settings: Settings) -> list[tuple[str, bool]]:
+    """The artists' users of a running Redis (the roles left out): (name, whether a
+    wrangler: one whose rules may write every job's record)."""
+    every_job = f"~{Keys(settings.key_prefix).job('*')}"
+    found = []
+    for name in sorted(name.decode() if isinstance(name, bytes) else name
+                       for name in admin.acl_users()):
+        if name not in RESERVED:
+            keys = [key.decode() if isinstance(key, bytes) else key
+                    for key in admin.acl_getuser(name)["keys"]]
+            found.append((name, every_job in keys))
+    return found
+
+
+def _save(admin: redis.Redis) -> None:
+    """Save the users to Redis's ACL file, where it has one."""
     try:
         admin.execute_command("ACL", "SAVE")
     except redis.ResponseError as error:

@@ -37,6 +37,8 @@ from .session import Session, make_local_farm
 from .terminal import styled_state, table, when
 
 if TYPE_CHECKING:
+    import redis
+
     from .farm import Farm
     from .localfarm import FarmState, LocalFarm
 
@@ -534,21 +536,15 @@ def user_add(session: Session, name: str, wrangler: bool) -> None:
     A job's user is the Redis user its workstation authenticated as; the artist reads
     every job and may stop or restart only their own (all, with --wrangler).
     """
-    from . import acl, redisclient
+    from . import acl
 
     admin_url = session.admin_url()
     settings = session.local_settings
     # The sentinels' password: this environment's, or that of the farm `up` runs here.
     sentinel_password = session.settings.sentinel_password
     artist = acl.artist_user(acl.check_name(name), settings, wrangler)
-    # Every server of a replicated Redis: users are not replicated.
-    for admin in redisclient.every_server(admin_url, settings.tls, settings.sentinel_master,
-                                          sentinel_password, socket_connect_timeout=5,
-                                          socket_timeout=10):
-        try:
-            acl.set_user(admin, artist)
-        finally:
-            admin.close()
+    for admin in _every_server_as_admin(session):
+        acl.set_user(admin, artist)
     click.echo(f"# {name}'s settings{' (a wrangler)' if wrangler else ''}: hand them to "
                f"that workstation only; they hold {name}'s password.")
     values = {PREFIX + "BROKER_URL": artist.url(admin_url)}
@@ -562,6 +558,47 @@ def user_add(session: Session, name: str, wrangler: bool) -> None:
     for variable, value in values.items():
         click.echo(f"export {variable}={shlex.quote(value)}")
     click.echo(f"# and {PREFIX}SHARED_ROOT: where that workstation mounts the shared folder")
+
+
+@user.command(name="remove")
+@click.argument("name")
+@pass_session
+def user_remove(session: Session, name: str) -> None:
+    """Remove artist NAME's Redis user: their workstation can no longer reach the farm
+    (Redis closes its connections at once). Their jobs stay, as history."""
+    from . import acl
+
+    removed = [acl.delete_user(admin, name) for admin in _every_server_as_admin(session)]
+    if not any(removed):
+        raise FarmError(f"no user {name!r} on the farm's Redis")
+    click.echo(f"removed {name}")
+
+
+@user.command(name="list")
+@pass_session
+def user_list(session: Session) -> None:
+    """The artists' Redis users (the farm's roles left out); wranglers are marked."""
+    from . import acl
+
+    for admin in _every_server_as_admin(session):  # the primary's users, as every server's
+        for name, wrangler in acl.artists(admin, session.local_settings):
+            click.echo(f"{name}{'  (wrangler)' if wrangler else ''}")
+        break
+
+
+def _every_server_as_admin(session: Session) -> Iterator[redis.Redis]:
+    """Clients of every server of the farm's Redis as its admin (users are not replicated:
+    each replica has its own), each closed after use."""
+    from . import redisclient
+
+    settings = session.local_settings
+    for admin in redisclient.every_server(
+            session.admin_url(), settings.tls, settings.sentinel_master,
+            session.settings.sentinel_password, socket_connect_timeout=5, socket_timeout=10):
+        try:
+            yield admin
+        finally:
+            admin.close()
 
 
 @cli.group()

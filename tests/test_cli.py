@@ -162,6 +162,16 @@ def test_user_add_makes_an_artist_who_may_stop_only_their_own_jobs(farm):
     # Farm-wide settings are the admin's: on this machine the commands use its credential.
     one_line_error(cli(ann, "limit", "set", f"lic{os.getpid()}", "2"), "not allowed")
     assert "2 unit(s)" in ok(farm.env, "limit", "set", f"lic{os.getpid()}", "2")
+    listed = ok(farm.env, "user", "list").splitlines()
+    assert name in listed and any(line.endswith("  (wrangler)") for line in listed)  # owner
+    assert not {"node", "flower", "admin", "default"} & set(listed)
+    # An artist who leaves: their workstation is refused at once, their jobs stay.
+    assert ok(farm.env, "user", "remove", name).strip() == f"removed {name}"
+    one_line_error(cli(ann, "jobs"), "cannot reach the farm")
+    assert name not in ok(farm.env, "user", "list").splitlines()
+    assert job_status(farm.env, theirs)["user"] == name
+    one_line_error(cli(farm.env, "user", "remove", name), f"no user '{name}'")
+    one_line_error(cli(farm.env, "user", "remove", "node"), "user name 'node'")
 
 
 def test_log_follow_prints_lines_as_they_come(farm):

@@ -657,7 +657,7 @@ def metrics(session: Session, port: int, host: str) -> None:
 def _nodes(session: Session) -> Any:
     from .nodes import Nodes
 
-    farm = session.admin_farm  # draining and enabling are an admin's
+    farm = session.admin_farm  # draining, enabling and forgetting are an admin's
     return Nodes(farm.store, farm.app, session.settings.lease_seconds)
 
 
@@ -707,6 +707,16 @@ drain = _node_control("drain", "drained: it finishes what it runs and takes noth
                       "and takes no new ones, also after a restart, until `enable`.")
 enable = _node_control("enable", "enabled: it takes steps again",
                        "Let a drained render node take steps again.")
+
+
+@cli.command()
+@click.argument("node")
+@pass_session
+def forget(session: Session, node: str) -> None:
+    """Forget a render node that is gone (NAME or NAME@HOST): a retired machine, or a
+    container made again under a new name. It must have been silent for a lease period."""
+    info = _nodes(session).forget(node)
+    click.echo(f"{info.name} forgotten")
 
 
 def _job_control(name: str, method: str, help_text: str) -> click.Command:

@@ -34,7 +34,7 @@ import os
 import re
 import secrets
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from urllib.parse import quote, urlsplit, urlunsplit
 
@@ -167,7 +167,6 @@ class FarmUser:
     def setuser_args(self) -> list[str]:
         """``ACL SETUSER`` arguments that make (or remake) the user."""
         return [self.name, "reset", "on", f">{self.password}", *self.rules]
-
     def url(self, base_url: str) -> str:
         """``base_url`` (the farm's Redis, or its sentinels) with this user's credentials."""
         auth = f"{quote(self.name, safe='')}:{quote(self.password, safe='')}@"
@@ -225,6 +224,15 @@ def set_user(admin: redis.Redis, user: FarmUser) -> None:
     """Make (or remake) ``user`` on a running Redis, and save the ACL file if it has one,
     so the user outlives a restart."""
     admin.execute_command("ACL", "SETUSER", *user.setuser_args())
+    _save(admin)
+
+
+def refresh_user(admin: redis.Redis, name: str, rules: Sequence[str]) -> None:
+    """Give the existing user ``name`` ``rules`` (as this version makes them, after an
+    upgrade), keeping its password: ``reset`` but its ``resetpass`` and ``off``; and save
+    the ACL file if it has one."""
+    admin.execute_command("ACL", "SETUSER", name, "resetkeys", "resetchannels",
+                          "clearselectors", "-@all", "on", *rules)
     _save(admin)
 
 

@@ -574,6 +574,23 @@ def user_remove(session: Session, name: str) -> None:
     click.echo(f"removed {name}")
 
 
+@user.command(name="refresh")
+@pass_session
+def user_refresh(session: Session) -> None:
+    """Give every artist's Redis user the rules this version of celeryfarm makes (after
+    an upgrade), keeping their passwords and whether each is a wrangler."""
+    from . import acl
+
+    settings = session.local_settings
+    refreshed: dict[str, bool] = {}
+    for admin in _every_server_as_admin(session):
+        for name, wrangler in acl.artists(admin, settings):
+            acl.refresh_user(admin, name, acl.artist_rules(name, settings, wrangler))
+            refreshed[name] = wrangler
+    for name, wrangler in sorted(refreshed.items()):
+        click.echo(f"refreshed {name}{'  (wrangler)' if wrangler else ''}")
+
+
 @user.command(name="list")
 @pass_session
 def user_list(session: Session) -> None:

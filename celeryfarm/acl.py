@@ -34,7 +34,7 @@ import os
 import re
 import secrets
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from urllib.parse import quote, urlsplit, urlunsplit
 
@@ -167,7 +167,6 @@ class FarmUser:
     def setuser_args(self) -> list[str]:
         """``ACL SETUSER`` arguments that make (or remake) the user."""
         return [self.name, "reset", "on", f">{self.password}", *self.rules]
-
     def url(self, base_url: str) -> str:
         """``base_url`` (the farm's Redis, or its sentinels) with this user's credentials."""
         auth = f"{quote(self.name, safe='')}:{quote(self.password, safe='')}@"
@@ -225,6 +224,43 @@ def set_user(admin: redis.Redis, user: FarmUser) -> None:
     """Make (or remake) ``user`` on a running Redis, and save the ACL file if it has one,
     so the user outlives a restart."""
     admin.execute_command("ACL", "SETUSER", *user.setuser_args())
+    _save(admin)
+
+
+def refresh_user(admin: redis.Redis, name: str, rules: Sequence[str]) -> None:
+    """Give the existing user ``name`` ``rules`` (as this version makes them, after an
+    upgrade), keeping its password: ``reset`` but its ``resetpass`` and ``off``; and save
+    the ACL file if it has one."""
+    admin.execute_command("ACL", "SETUSER", name, "resetkeys", "resetchannels",
+                          "clearselectors", "-@all", "on", *rules)
+    _save(admin)
+
+
+def delete_user(admin: redis.Redis, name: str) -> bool:
+    """Remove artist ``name``'s user from a running Redis, which also closes the
+    connections signed in as it, and save the ACL file if it has one; False if there was
+    no such user. Their jobs stay, as history."""
+    removed = admin.execute_command("ACL", "DELUSER", check_name(name))
+    _save(admin)
+    return bool(removed)
+
+
+def artists(admin: redis.Redis, settings: Settings) -> list[tuple[str, bool]]:
+    """The artists' users of a running Redis (the roles left out): (name, whether a
+    wrangler: one whose rules may write every job's record)."""
+    every_job = f"~{Keys(settings.key_prefix).job('*')}"
+    found = []
+    for name in sorted(name.decode() if isinstance(name, bytes) else name
+                       for name in admin.acl_users()):
+        if name not in RESERVED:
+            keys = [key.decode() if isinstance(key, bytes) else key
+                    for key in admin.acl_getuser(name)["keys"]]
+            found.append((name, every_job in keys))
+    return found
+
+
+def _save(admin: redis.Redis) -> None:
+    """Save the users to Redis's ACL file, where it has one."""
     try:
         admin.execute_command("ACL", "SAVE")
     except redis.ResponseError as error:

@@ -37,6 +37,8 @@ from .session import Session, make_local_farm
 from .terminal import styled_state, table, when
 
 if TYPE_CHECKING:
+    import redis
+
     from .farm import Farm
     from .localfarm import FarmState, LocalFarm
 
@@ -407,7 +409,8 @@ def _as_json(session: Session, record: JobRecord) -> dict[str, Any]:
               type=click.Choice([state.value for state in JobState]),
               help="Only jobs in this state (repeatable).")
 @click.option("--user", help="Only this user's jobs.")
-@click.option("--mine", is_flag=True, help="Only your jobs ($CELERYFARM_USER or login).")
+@click.option("--mine", is_flag=True, help="Only your jobs (the Redis user you sign in as; "
+              "on a farm without ACL users, $CELERYFARM_USER or your login).")
 @click.option("--limit", type=click.IntRange(1), help="At most this many, newest first.")
 @click.option("--json", "as_json", is_flag=True, help="JSON lines, one job per line.")
 @pass_session
@@ -532,31 +535,86 @@ def user_add(session: Session, name: str, wrangler: bool) -> None:
     A job's user is the Redis user its workstation authenticated as; the artist reads
     every job and may stop or restart only their own (all, with --wrangler).
     """
-    from . import acl, redisclient
+    from . import acl
 
     admin_url = session.admin_url()
     settings = session.local_settings
     # The sentinels' password: this environment's, or that of the farm `up` runs here.
     sentinel_password = session.settings.sentinel_password
     artist = acl.artist_user(acl.check_name(name), settings, wrangler)
-    # Every server of a replicated Redis: users are not replicated.
-    for admin in redisclient.every_server(admin_url, settings.tls, settings.sentinel_master,
-                                          sentinel_password, socket_connect_timeout=5,
-                                          socket_timeout=10):
-        try:
-            acl.set_user(admin, artist)
-        finally:
-            admin.close()
+    for admin in _every_server_as_admin(session):
+        acl.set_user(admin, artist)
     click.echo(f"# {name}'s settings{' (a wrangler)' if wrangler else ''}: hand them to "
                f"that workstation only; they hold {name}'s password.")
     values = {PREFIX + "BROKER_URL": artist.url(admin_url)}
     if settings.key_prefix != Settings().key_prefix:
         values[PREFIX + "KEY_PREFIX"] = settings.key_prefix
-    if sentinel_password and uses_sentinel(admin_url):
-        values[PREFIX + "SENTINEL_PASSWORD"] = sentinel_password
+    if uses_sentinel(admin_url):
+        if settings.sentinel_master != Settings().sentinel_master:
+            values[PREFIX + "SENTINEL_MASTER"] = settings.sentinel_master
+        if sentinel_password:
+            values[PREFIX + "SENTINEL_PASSWORD"] = sentinel_password
     for variable, value in values.items():
         click.echo(f"export {variable}={shlex.quote(value)}")
     click.echo(f"# and {PREFIX}SHARED_ROOT: where that workstation mounts the shared folder")
+
+
+@user.command(name="remove")
+@click.argument("name")
+@pass_session
+def user_remove(session: Session, name: str) -> None:
+    """Remove artist NAME's Redis user: their workstation can no longer reach the farm
+    (Redis closes its connections at once). Their jobs stay, as history."""
+    from . import acl
+
+    removed = [acl.delete_user(admin, name) for admin in _every_server_as_admin(session)]
+    if not any(removed):
+        raise FarmError(f"no user {name!r} on the farm's Redis")
+    click.echo(f"removed {name}")
+
+
+@user.command(name="refresh")
+@pass_session
+def user_refresh(session: Session) -> None:
+    """Give every artist's Redis user the rules this version of celeryfarm makes (after
+    an upgrade), keeping their passwords and whether each is a wrangler."""
+    from . import acl
+
+    settings = session.local_settings
+    refreshed: dict[str, bool] = {}
+    for admin in _every_server_as_admin(session):
+        for name, wrangler in acl.artists(admin, settings):
+            acl.refresh_user(admin, name, acl.artist_rules(name, settings, wrangler))
+            refreshed[name] = wrangler
+    for name, wrangler in sorted(refreshed.items()):
+        click.echo(f"refreshed {name}{'  (wrangler)' if wrangler else ''}")
+
+
+@user.command(name="list")
+@pass_session
+def user_list(session: Session) -> None:
+    """The artists' Redis users (the farm's roles left out); wranglers are marked."""
+    from . import acl
+
+    for admin in _every_server_as_admin(session):  # the primary's users, as every server's
+        for name, wrangler in acl.artists(admin, session.local_settings):
+            click.echo(f"{name}{'  (wrangler)' if wrangler else ''}")
+        break
+
+
+def _every_server_as_admin(session: Session) -> Iterator[redis.Redis]:
+    """Clients of every server of the farm's Redis as its admin (users are not replicated:
+    each replica has its own), each closed after use."""
+    from . import redisclient
+
+    settings = session.local_settings
+    for admin in redisclient.every_server(
+            session.admin_url(), settings.tls, settings.sentinel_master,
+            session.settings.sentinel_password, socket_connect_timeout=5, socket_timeout=10):
+        try:
+            yield admin
+        finally:
+            admin.close()
 
 
 @cli.group()
@@ -615,7 +673,7 @@ def metrics(session: Session, port: int, host: str) -> None:
 def _nodes(session: Session) -> Any:
     from .nodes import Nodes
 
-    farm = session.admin_farm  # draining and enabling are an admin's
+    farm = session.admin_farm  # draining, enabling and forgetting are an admin's
     return Nodes(farm.store, farm.app, session.settings.lease_seconds)
 
 
@@ -665,6 +723,16 @@ drain = _node_control("drain", "drained: it finishes what it runs and takes noth
                       "and takes no new ones, also after a restart, until `enable`.")
 enable = _node_control("enable", "enabled: it takes steps again",
                        "Let a drained render node take steps again.")
+
+
+@cli.command()
+@click.argument("node")
+@pass_session
+def forget(session: Session, node: str) -> None:
+    """Forget a render node that is gone (NAME or NAME@HOST): a retired machine, or a
+    container made again under a new name. It must have been silent for a lease period."""
+    info = _nodes(session).forget(node)
+    click.echo(f"{info.name} forgotten")
 
 
 def _job_control(name: str, method: str, help_text: str) -> click.Command:

@@ -12,16 +12,14 @@ import grp
 import os
 import pwd
 import stat
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 from .config import PREFIX, ConfigError, Settings, redact
 from .errors import FarmError
-from .renderenv import RenderUser, root_problem
-
-#: Linux capability numbers a non-root node needs to run renders as another user.
-_CAP_SETGID, _CAP_SETUID = 6, 7
+from .renderenv import SWITCH_USER, RenderUser, root_problem
 
 
 def checks(settings: Settings) -> Iterator[tuple[str, str, bool]]:
@@ -84,19 +82,31 @@ def _node_user(settings: Settings) -> str:
     if not settings.render_user:
         return f"{_user()}; renders run as {_user()}"
     user = RenderUser.lookup(settings.render_user)
-    if os.geteuid() != 0 and not _can_switch_users():
-        raise FarmError(f"{_user()} cannot run renders as {user.name}: it needs root or the "
-                        f"CAP_SETUID and CAP_SETGID capabilities")
+    _switch_user(user)
+    shared = settings.shared_root
+    with contextlib.suppress(OSError):
+        gid = shared.stat().st_gid
+        if gid not in user.groups:
+            raise FarmError(f"renders run as {user.name}, who is not in group "
+                            f"{_group_name(gid)} of {shared}: they cannot write frames there")
     return f"{_user()}; renders run as {user.name}"
 
 
-def _can_switch_users() -> bool:
-    with contextlib.suppress(OSError, ValueError):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("CapEff:"):
-                caps = int(line.split()[1], 16)
-                return bool(caps >> _CAP_SETUID & 1 and caps >> _CAP_SETGID & 1)
-    return False
+def _switch_user(user: RenderUser) -> None:
+    """Start a program as ``user`` the way a step starts a render (as root, or through the
+    capable ``setpriv`` on this node's ``PATH``, as in the worker image): what the node's
+    own capabilities would not tell."""
+    try:
+        done = subprocess.run(user.command(["id", "-u"]), capture_output=True, text=True,
+                              timeout=30, **user.spawn_options())
+        problem = "" if done.stdout.strip() == str(user.uid) else (
+            done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+    except (OSError, subprocess.SubprocessError) as error:
+        problem = str(error)
+    if problem:
+        raise FarmError(f"{_user()} cannot run renders as {user.name} ({problem}): it needs "
+                        f"root, or CAP_SETUID and CAP_SETGID (its own, or on the "
+                        f"{SWITCH_USER} its PATH finds, as in the worker image)")
 
 
 def _user() -> str:

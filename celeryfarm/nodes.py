@@ -1,4 +1,4 @@
-"""Render nodes as a wrangler sees them: list them, drain one, enable it again.
+"""Render nodes as a wrangler sees them: list them, drain one, enable it again, forget one.
 
 Every node's reaper records the node in Redis on each pass (``heartbeat.lua``): when it was
 last seen, its pools and its running steps. A *drained* node finishes what it runs and takes
@@ -82,6 +82,26 @@ class Nodes:
         node = self.resolve(text)
         self.redis.srem(self.keys.drained, node.name)
         return node, self._control("add_consumer", node)
+
+    def forget(self, text: str) -> NodeInfo:
+        """Forget a node that is gone (retired, or a container made again under a new name):
+        it leaves the list, the pools' node sets and the drained set. One seen within a
+        lease period is refused; one that comes back records itself again, not drained."""
+        node = self.resolve(text)
+        seconds, micros = self.redis.time()
+        silent_ms = seconds * 1000 + micros // 1000 - node.last_seen_ms
+        if silent_ms <= self.lease_ms:
+            raise FarmError(f"render node {node.name} was seen {silent_ms / 1000:.0f} s ago: "
+                            f"stop it first (it is forgotten once silent for "
+                            f"{self.lease_ms / 1000:g} s)")
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.zrem(self.keys.nodes, node.name)
+        pipe.delete(self.keys.node(node.name))
+        pipe.srem(self.keys.drained, node.name)
+        for pool in node.pools:
+            pipe.zrem(self.keys.pool_nodes(pool), node.name)
+        pipe.execute()
+        return node
 
     def _control(self, command: str, node: NodeInfo) -> bool:
         """Send ``command`` for each of the node's pools; whether it answered every one."""

@@ -267,7 +267,10 @@ def run_step(
                 should_stop=should_stop,
                 poll_seconds=settings.poll_seconds,
                 grace_seconds=settings.stop_grace_seconds,
-                max_seconds=record.spec.max_step_seconds or settings.max_render_seconds,
+                # The node's limit caps the job's: a step running longer could outlive the
+                # broker's visibility timeout, and be delivered again while it runs.
+                max_seconds=min(spec.max_step_seconds or settings.max_render_seconds,
+                                settings.max_render_seconds),
                 stall_seconds=record.spec.stall_seconds,
                 memory_mb=record.spec.max_memory_mb,
                 token=self.request.id,

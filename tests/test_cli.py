@@ -19,7 +19,10 @@ from pathlib import Path
 
 import psutil
 import pytest
+import redis
 
+from celeryfarm.config import Settings
+from celeryfarm.localfarm import embedded_admin_url
 from celeryfarm.records.keys import short_id
 from celeryfarm.redisserver import free_port
 
@@ -162,6 +165,24 @@ def test_user_add_makes_an_artist_who_may_stop_only_their_own_jobs(farm):
     # Farm-wide settings are the admin's: on this machine the commands use its credential.
     one_line_error(cli(ann, "limit", "set", f"lic{os.getpid()}", "2"), "not allowed")
     assert "2 unit(s)" in ok(farm.env, "limit", "set", f"lic{os.getpid()}", "2")
+    listed = ok(farm.env, "user", "list").splitlines()
+    assert name in listed and any(line.endswith("  (wrangler)") for line in listed)  # owner
+    assert not {"node", "flower", "admin", "default"} & set(listed)
+    # After an upgrade whose rules differ (here: rules an admin took away), `user refresh`
+    # gives every artist this version's rules and keeps their passwords.
+    admin = redis.Redis.from_url(embedded_admin_url(Settings.from_env(farm.env).data_dir))
+    admin.execute_command("ACL", "SETUSER", name, "resetkeys", "-@all")
+    one_line_error(cli(ann, "jobs"), "no permissions")
+    assert f"refreshed {name}" in ok(farm.env, "user", "refresh").splitlines()
+    assert "anns" in ok(ann, "jobs")
+    admin.close()
+    # An artist who leaves: their workstation is refused at once, their jobs stay.
+    assert ok(farm.env, "user", "remove", name).strip() == f"removed {name}"
+    one_line_error(cli(ann, "jobs"), "cannot reach the farm")
+    assert name not in ok(farm.env, "user", "list").splitlines()
+    assert job_status(farm.env, theirs)["user"] == name
+    one_line_error(cli(farm.env, "user", "remove", name), f"no user '{name}'")
+    one_line_error(cli(farm.env, "user", "remove", "node"), "user name 'node'")
 
 
 def test_log_follow_prints_lines_as_they_come(farm):

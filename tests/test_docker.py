@@ -520,6 +520,42 @@ def nodes_ready(farm: ComposeFarm, plugin: CeleryFarmPlugin, count: int) -> set[
     return nodes
 
 
+#: Node settings the README documents (farm-wide or "on a node") that the compose file's own
+#: nodes do not take from .env, and why.
+NOT_FROM_ENV = {
+    "CELERYFARM_BROKER_URL": "each service's own credential, made from its password",
+    "CELERYFARM_RESULT_BACKEND": "one Redis: the broker's",
+    "CELERYFARM_STORE_URL": "one Redis: the broker's",
+    "CELERYFARM_SENTINEL_MASTER": "docker-compose.sentinel.yml's",
+    "CELERYFARM_SENTINEL_PASSWORD": "docker-compose.sentinel.yml's",
+    "CELERYFARM_TLS_CA_FILE": "docker-compose.tls.yml's",
+    "CELERYFARM_KATANA_ROOT": "where CELERYFARM_HOST_KATANA_ROOT is mounted",
+    "CELERYFARM_RENDER_USER": "the image's `render` user",
+    "CELERYFARM_ALLOW_ROOT": "compose nodes never run as root",
+}
+
+
+def test_every_node_setting_the_readme_documents_reaches_the_compose_nodes(
+    tmp_path: Path, shared_dir: Path
+):
+    """Each setting the README's table says a node reads (farm-wide or "on a node"), set in
+    .env, is in the worker containers' environment as compose renders it; a setting left out
+    of the compose file would silently take its default on the compose nodes."""
+    table = [line for line in (REPO / "README.md").read_text().splitlines()
+             if line.startswith("| `CELERYFARM_")]
+    documented = {re.match(r"\| `(CELERYFARM_\w+)`", line).group(1) for line in table
+                  if "*farm-wide*" in line or "on a node" in line}
+    assert {"CELERYFARM_KEEP_DAYS", "CELERYFARM_RENDER_ENV"} <= documented  # the table parsed
+    wanted = sorted(documented - set(NOT_FROM_ENV))
+    markers = {name: f"marker-{name.lower()}" for name in wanted}
+    farm = ComposeFarm(tmp_path, shared_dir, **markers)
+    rendered = farm.compose("config", timeout=60).stdout
+    worker = re.search(r"^  worker:\n(.*?)(?=^  \S|^\S)", rendered, re.M | re.S).group(1)
+    missing = [name for name, marker in markers.items()
+               if not re.search(rf"^\s+{name}: '?{marker}'?$", worker, re.M)]
+    assert not missing, f"not given to the compose nodes: {missing}"
+
+
 def test_compose_farm_runs_jobs_from_the_host_on_three_nodes(compose_up):
     farm = compose_up(3)
     plugin = host_plugin(farm.broker_url, farm.broker_url, farm.shared)

@@ -73,3 +73,40 @@ def test_draining_an_unknown_node_is_a_one_line_error(farm_env: dict[str, str]):
 
     result = cli(base_env(**farm_env), "drain", "no-such-node")
     assert result.returncode == 1 and "no render node 'no-such-node'" in result.stderr
+
+
+def test_a_node_that_is_gone_is_forgotten_and_one_that_comes_back_records_itself_again(
+    cluster: LocalCluster, farm_env: dict[str, str], plugin: CeleryFarmPlugin
+):
+    from .cli_fixtures import cli
+
+    env = base_env(**farm_env)
+    pool, name = f"gone-{uuid.uuid4().hex[:6]}", f"g{uuid.uuid4().hex[:6]}"
+    cluster.start_worker(name, concurrency=1, queues=pool)
+    try:
+        cluster.wait_for_workers(plugin.farm.app, [name])
+        wait_until(lambda: listed(env, name), 30, f"{name} to record itself")
+        assert "drained" in ok(env, "drain", name)
+        refused = cli(env, "forget", name)
+        assert refused.returncode == 1 and "stop it first" in refused.stderr
+        assert listed(env, name)
+    finally:
+        cluster.stop_worker(name)
+    # Silent for a lease period (this command's CELERYFARM_LEASE_SECONDS): forgotten.
+    quick = {**env, "CELERYFARM_LEASE_SECONDS": "3", "CELERYFARM_STOP_GRACE_SECONDS": "1"}
+    wait_until(lambda: cli(quick, "forget", name).returncode == 0, 30, f"{name} forgotten")
+    assert listed(env, name) is None
+    store = plugin.farm.store
+    assert not [n for n in store.redis.smembers(store.keys.drained) if n.startswith(f"{name}@")]
+    assert not [n for n in store.redis.zrange(store.keys.pool_nodes(pool), 0, -1)
+                if n.startswith(f"{name}@")]
+    # It comes back: recorded again, and no longer drained (its drain was forgotten too).
+    cluster.start_worker(name, concurrency=1, queues=pool)
+    try:
+        cluster.wait_for_workers(plugin.farm.app, [name])
+        node = wait_until(lambda: listed(env, name), 30, f"{name} to record itself again")
+        assert node["state"] == "up"
+        job_id, _ = submit(plugin.farm, [["true"]], settings={"pool": pool})
+        assert wait_for_state(plugin, job_id) == State.kCompleted
+    finally:
+        cluster.stop_worker(name)

@@ -12,7 +12,6 @@ import json
 import os
 import secrets
 import shutil
-import struct
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,7 +27,7 @@ from celeryfarm.testing.cluster import LocalCluster
 
 from .conftest import WORKER_ENV
 from .helpers import command_line, read_log, submit_like_katana, wait_for_state
-from .users import NODE, RENDER, ensure_user, python_as, python_for_others
+from .users import NODE, RENDER, capable_setpriv, ensure_user, python_as, python_for_others
 
 #: Looks for the strings whose reversals are its arguments (so its own command line does
 #: not hold them) wherever it can read, and prints a JSON report.
@@ -199,16 +198,10 @@ def test_a_node_that_is_not_root_runs_renders_as_the_render_user(tmp_path_factor
     """As in the worker image: the node may run (only it) a ``setpriv`` with CAP_SETUID and
     CAP_SETGID; its renders run as the render user, with no capability left, in a home the
     render user owns, removed afterwards."""
-    node, render = ensure_user(NODE), ensure_user(RENDER)
-    switch = Path(tempfile.mkdtemp(prefix="celeryfarm-switch-"))
-    switch.chmod(0o755)
-    try:
+    ensure_user(NODE)
+    render = ensure_user(RENDER)
+    with capable_setpriv(NODE) as switch:
         setpriv = switch / "setpriv"
-        shutil.copy(shutil.which("setpriv"), setpriv)
-        os.chown(setpriv, 0, node.pw_gid)
-        setpriv.chmod(0o750)
-        os.setxattr(setpriv, "security.capability",  # cap_setuid,cap_setgid=ep
-                    struct.pack("<5I", 0x02000001, 1 << 6 | 1 << 7, 0, 0, 0))
         code = (
             "import io, os, sys\n"
             "from celeryfarm import process, renderenv\n"
@@ -231,5 +224,3 @@ def test_a_node_that_is_not_root_runs_renders_as_the_render_user(tmp_path_factor
         assert lines[lines.index(who) + 2].startswith("TMPDIR /tmp/celeryfarm-steps-")
         assert "PermissionError" in result.stdout  # nor can it run the node's setpriv
         assert lines[-1].startswith("home ") and lines[-1].endswith(" False")
-    finally:
-        shutil.rmtree(switch, ignore_errors=True)

@@ -32,7 +32,10 @@ from .users import (
     ARTIST,
     FARM_GROUP,
     NODE,
+    OUTSIDER,
+    RENDER,
     as_user,
+    capable_setpriv,
     ensure_group,
     ensure_user,
     python_as,
@@ -161,6 +164,26 @@ def test_doctor_says_what_is_wrong_with_a_node_s_set_up(studio: Studio):
     os.chown(private, studio.node.pw_uid, -1)  # writable now, but not shared with a group
     result = studio.cli_as(NODE, "doctor", env={"CELERYFARM_SHARED_ROOT": str(private)})
     assert "is 0755: make it 2775" in result.stdout.splitlines()[0]
+
+
+def test_doctor_tries_the_switch_to_the_render_user_as_a_step_would(studio: Studio):
+    """A node that is not root switches users through a capable ``setpriv`` on its PATH (the
+    worker image's way), with no capability of its own: doctor says ok only where that
+    switch works, and that the render user must be in the shared folder's group."""
+    ensure_user(RENDER, [FARM_GROUP])
+    katana = {"CELERYFARM_KATANA_ROOT": str(studio.base)}
+    with capable_setpriv(NODE) as switch:
+        env = {**katana, "CELERYFARM_RENDER_USER": RENDER,
+               "PATH": f"{switch}:{os.environ['PATH']}"}
+        line = studio.cli_as(NODE, "doctor", env=env).stdout.splitlines()[-1]
+        assert line.startswith(f"node user:    ok {NODE}; renders run as {RENDER}"), line
+        outsider = ensure_user(OUTSIDER)  # in no farm group
+        line = studio.cli_as(NODE, "doctor", env={**env, "CELERYFARM_RENDER_USER": OUTSIDER}
+                             ).stdout.splitlines()[-1]
+        assert f"renders run as {outsider.pw_name}, who is not in group {FARM_GROUP}" in line
+    line = studio.cli_as(NODE, "doctor", env={**katana, "CELERYFARM_RENDER_USER": RENDER}
+                         ).stdout.splitlines()[-1]  # the system's setpriv: no capability
+    assert line.startswith("node user:    PROBLEM ") and "cannot run renders as" in line, line
 
 
 def test_a_node_refuses_to_run_as_root_unless_told(tmp_path):

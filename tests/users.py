@@ -6,14 +6,17 @@ themselves: idempotently, and safely when two test runs make them at once.
 
 from __future__ import annotations
 
+import contextlib
 import grp
 import os
 import pwd
 import shutil
 import site
+import struct
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import celeryfarm
@@ -22,6 +25,8 @@ import celeryfarm
 FARM_GROUP = "cf-test-farm"
 #: An artist submitting from a workstation, a render node's account, a render account.
 ARTIST, NODE, RENDER = "cf-test-artist", "cf-test-node", "cf-test-render"
+#: An account in no farm group.
+OUTSIDER = "cf-test-outsider"
 
 
 def ensure_group(name: str) -> int:
@@ -91,3 +96,23 @@ def python_as(name: str, code: str, env: Mapping[str, str] | None = None, umask:
         env={**os.environ, "HOME": "/nonexistent", **python_env, **(env or {})},
         capture_output=True, text=True, timeout=timeout, **as_user(name, umask),
     )
+
+
+@contextlib.contextmanager
+def capable_setpriv(node: str) -> Iterator[Path]:
+    """A folder holding a copy of ``setpriv`` with CAP_SETUID and CAP_SETGID as file
+    capabilities, which only ``node``'s group may run: the worker image's way of letting a
+    node that is not root run renders as another user."""
+    node_gid = pwd.getpwnam(node).pw_gid
+    switch = Path(tempfile.mkdtemp(prefix="celeryfarm-switch-"))
+    switch.chmod(0o755)
+    try:
+        setpriv = switch / "setpriv"
+        shutil.copy(shutil.which("setpriv"), setpriv)
+        os.chown(setpriv, 0, node_gid)
+        setpriv.chmod(0o750)
+        os.setxattr(setpriv, "security.capability",  # cap_setuid,cap_setgid=ep
+                    struct.pack("<5I", 0x02000001, 1 << 6 | 1 << 7, 0, 0, 0))
+        yield switch
+    finally:
+        shutil.rmtree(switch, ignore_errors=True)

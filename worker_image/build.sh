@@ -10,7 +10,8 @@
 # Idempotent; a rerun with nothing changed takes a few seconds (wheels are rebuilt only when
 # pyproject.toml or celeryfarm/ changed, docker's layer cache does the rest).
 #
-# Environment (all optional):
+# Environment (all optional; each is also read from the repository's .env, as docker-compose
+# reads it, when the shell does not set it):
 #   CELERYFARM_WORKER_IMAGE  worker image tag     (default celeryfarm-worker:latest)
 #   CELERYFARM_REDIS_IMAGE   Redis image tag      (default redis:7-bookworm)
 #   CELERYFARM_BASE_IMAGE    base image tag       (default: the Dockerfile's BASE_IMAGE)
@@ -23,13 +24,22 @@ set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$here/.." && pwd)
-worker_image=${CELERYFARM_WORKER_IMAGE:-celeryfarm-worker:latest}
-redis_image=${CELERYFARM_REDIS_IMAGE:-redis:7-bookworm}
+# setting NAME DEFAULT: the shell's $NAME, else .env's NAME=value (its last, unquoted), else
+# DEFAULT; so the image's users get the uid/gid the compose file's .env gives them.
+setting() {
+    local value=${!1:-}
+    if [ -z "$value" ] && [ -f "$repo/.env" ]; then
+        value=$(sed -n "s/^$1=//p" "$repo/.env" | tail -n 1 | sed -e "s/^[\"']//" -e "s/[\"']\$//")
+    fi
+    printf '%s' "${value:-$2}"
+}
+worker_image=$(setting CELERYFARM_WORKER_IMAGE celeryfarm-worker:latest)
+redis_image=$(setting CELERYFARM_REDIS_IMAGE redis:7-bookworm)
 default_base=$(sed -n 's/^ARG BASE_IMAGE=\(.*\)$/\1/p' "$here/Dockerfile" | head -n 1)
-base_image=${CELERYFARM_BASE_IMAGE:-$default_base}
-render_uid=${CELERYFARM_RENDER_UID:-1000}
-render_gid=${CELERYFARM_RENDER_GID:-1000}
-node_uid=${CELERYFARM_NODE_UID:-1001}
+base_image=$(setting CELERYFARM_BASE_IMAGE "$default_base")
+render_uid=$(setting CELERYFARM_RENDER_UID 1000)
+render_gid=$(setting CELERYFARM_RENDER_GID 1000)
+node_uid=$(setting CELERYFARM_NODE_UID 1001)
 wheels=$here/wheels
 
 say() { printf 'build: %s\n' "$*" >&2; }

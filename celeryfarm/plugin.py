@@ -29,10 +29,12 @@ from .listing import collector_paused
 from .records.states import JobState
 
 try:  # inside Katana
-    from Katana import FarmAPI, NodegraphAPI  # type: ignore[import-not-found]
+    from Katana import Callbacks, FarmAPI, NodegraphAPI  # type: ignore[import-not-found]
 except ImportError:  # tests, the command line, the demo
     from . import farmapi as FarmAPI
     from . import nodegraphapi as NodegraphAPI
+
+    Callbacks = None
 
 logger = logging.getLogger(__name__)
 
@@ -101,12 +103,22 @@ FARM_SETTINGS = (
 )
 
 
-def register_farm_settings() -> None:
+def register_farm_settings(**_callback_arguments: Any) -> None:
     """Add the farm's settings to Katana's farm nodes (once, however often called)."""
     added = {setting.getName() for setting in FarmAPI.GetAddedFarmSettings()}
     for name, add, default, hints in FARM_SETTINGS:
         if name not in added:
             getattr(FarmAPI, add)(name, default, hints)
+
+
+def install_farm_settings() -> None:
+    """Register the farm's settings as the drop-in loads and, inside Katana, again when
+    it has started (``Callbacks.Type.onStartup``, where Katana's documentation and other
+    farm integrations register theirs): a drop-in loaded before FarmAPI takes settings
+    still gets them, and one loaded after gets them at once."""
+    register_farm_settings()
+    if Callbacks is not None:
+        Callbacks.addCallback(Callbacks.Type.onStartup, register_farm_settings)
 
 
 class CeleryFarmPlugin(FarmAPI.BaseFarmPlugin):

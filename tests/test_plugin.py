@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import re
+import runpy
 import shlex
 import sys
 import threading
@@ -19,7 +20,7 @@ from celeryfarm import farmapi as FarmAPI
 from celeryfarm import nodegraphapi as NodegraphAPI
 from celeryfarm import plugin as plugin_module
 from celeryfarm.farmapi import Job
-from celeryfarm.plugin import CeleryFarmPlugin, register_farm_settings
+from celeryfarm.plugin import KATANA_RESOURCES, CeleryFarmPlugin, register_farm_settings
 from celeryfarm.testing.cluster import LocalCluster
 
 from .cli_fixtures import ok
@@ -375,6 +376,33 @@ def test_loading_the_dropin_registers_the_farm_settings(katana_dropin: dict):
     assert node.getParameter("farmSettings.priority").getValue(0) == 50.0  # Katana: floats
     runpy_again = register_farm_settings()  # loading twice adds nothing twice
     assert runpy_again is None and len(FarmAPI.GetAddedFarmSettings()) == len(added)
+
+
+def test_inside_katana_the_dropin_registers_the_settings_again_once_katana_has_started(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    """Katana's documentation registers farm settings in an ``onStartup`` callback: the
+    drop-in adds them as it loads and asks Katana's ``Callbacks`` for that too, which adds
+    nothing twice."""
+    callbacks: list = []
+
+    class Callbacks:  # Katana's, as much as the drop-in uses
+        class Type:
+            onStartup = "onStartup"
+
+        @staticmethod
+        def addCallback(kind: str, callback) -> None:
+            callbacks.append((kind, callback))
+
+    monkeypatch.setattr(plugin_module, "Callbacks", Callbacks)
+    loaded = runpy.run_path(str(KATANA_RESOURCES / "Plugins" / "CeleryFarmPlugin.py"))
+    assert loaded["PluginRegistry"][0][3] is CeleryFarmPlugin
+    ((kind, on_startup),) = callbacks
+    assert kind == "onStartup"
+    count = len(FarmAPI.GetAddedFarmSettings())
+    assert {"pool", "priority"} <= {s.getName() for s in FarmAPI.GetAddedFarmSettings()}
+    on_startup(objectHash=None)  # as Katana calls it, with keyword arguments
+    assert len(FarmAPI.GetAddedFarmSettings()) == count
 
 
 def test_farm_settings_on_the_render_node_reach_the_job(

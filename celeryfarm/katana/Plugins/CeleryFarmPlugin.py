@@ -8,8 +8,8 @@ retries and failure rules, limits, renderType) to the ``farmSettings`` of Render
 artists set them per render.
 """
 
-from celeryfarm.plugin import CeleryFarmPlugin, register_farm_settings
+from celeryfarm.plugin import CeleryFarmPlugin, install_farm_settings
 
-register_farm_settings()
+install_farm_settings()
 
 PluginRegistry = [("FarmPlugin", 2.0, "Celery Farm", CeleryFarmPlugin)]

@@ -9,6 +9,9 @@ touches the job (:func:`celeryfarm.tasks.checked_message`).
 A node may also narrow which programs it runs (``CELERYFARM_ALLOWED_PROGRAMS``: globs over
 the executable's absolute path). The program is found on the render's own ``PATH`` once,
 checked, and run by that absolute path, so nothing can swap it between check and start.
+
+And a node runs a job only where its files are: in the job's folder on the shared mount,
+which every node must mount at one path (:func:`check_job_folder`).
 """
 
 from __future__ import annotations
@@ -24,6 +27,18 @@ from .jobs import JobRecord
 
 class Refused(FarmError):
     """The node will not run a step; the message says why (also in the log and record)."""
+
+
+def check_job_folder(record: JobRecord, shared_root: object) -> None:
+    """Refuse a job whose folder (``KATANA_TMPDIR``: the shared mount as the workstation was
+    told the nodes mount it, ``CELERYFARM_REMOTE_SHARED_ROOT``) is not on this node, which
+    mounts the shared folder at ``shared_root``: Katana's commands name the scene's files
+    under that folder, and would fail later with a less clear message."""
+    folder = record.spec.environment.get("KATANA_TMPDIR", "")
+    if folder and not os.path.isdir(folder):
+        raise Refused(f"the job's folder {folder} (KATANA_TMPDIR) is not on this node, which "
+                      f"mounts the shared folder at {shared_root}: every node must mount it "
+                      f"at the path the workstations' CELERYFARM_REMOTE_SHARED_ROOT names")
 
 
 def command_to_run(

@@ -300,13 +300,15 @@ def run_step(
 
 def _admitted(lease: StepLease, log: RenderLog, record: JobRecord, step: int,
               settings: Settings, label: str) -> list[str]:
-    """The command the node runs for ``step`` (see :mod:`celeryfarm.admission`); a refusal
-    is logged, noted in the render log and fails the step before anything runs."""
+    """The command the node runs for ``step``, of a job whose folder is on this node (see
+    :mod:`celeryfarm.admission`); a refusal is logged, noted in the render log and fails the
+    step before anything runs."""
     # The render's PATH matters only where programs are restricted (found there, then
     # matched); elsewhere the command runs as the record has it.
     search_path = (render_environment(record, {}, settings, None).get("PATH", os.defpath)
                    if settings.allowed_programs else None)
     try:
+        admission.check_job_folder(record, settings.shared_root)
         return admission.command_to_run(record, step, settings.allowed_programs, search_path)
     except admission.Refused as refusal:
         logger.error("job %s %s refused: %s", record.job_id, label, refusal)

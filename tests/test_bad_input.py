@@ -133,6 +133,26 @@ def test_a_node_that_cannot_write_the_log_fails_the_job_with_the_reason(
         cluster.stop_worker(name)
 
 
+def test_a_node_that_mounts_the_share_elsewhere_refuses_the_job_with_the_reason(
+    cluster: LocalCluster, farm_env: dict, monkeypatch: pytest.MonkeyPatch
+):
+    """The workstation was told the nodes mount the shared folder at a path this node does
+    not have: the job fails before anything runs, saying so in its record and render log."""
+    monkeypatch.setenv("CELERYFARM_REMOTE_SHARED_ROOT", "/celeryfarm-nodes-mount/share")
+    plugin = CeleryFarmPlugin()
+    context = str(uuid.uuid4())
+    temp_dir = plugin.createTemporaryDirectory(context)
+    job_id = plugin.submitJob(KatanaJobRequest(
+        "Render", context, [1], ["true"], plugin.getEnvironmentForJob(context), temp_dir))
+    assert wait_for_state(plugin, job_id) == Job.State.kFailed
+    reason = plugin.farm.get(job_id).reason
+    assert f"the job's folder {temp_dir} (KATANA_TMPDIR) is not on this node" in reason
+    assert str(cluster.shared_root) in reason
+    log = read_log(plugin, job_id).decode()
+    assert "refused: the job's folder" in log and "CELERYFARM_REMOTE_SHARED_ROOT" in log
+    assert "| exit status" not in log  # nothing ran
+
+
 def test_an_unreachable_broker_is_a_farm_error_not_a_hang(
     farm_env: dict, monkeypatch: pytest.MonkeyPatch
 ):

@@ -30,6 +30,14 @@ SECRETS = ("BROKER_URL", "RESULT_BACKEND", "STORE_URL", "FLOWER_PASSWORD", "ADMI
 SECRET_VARIABLES = tuple(PREFIX + name + end for name in SECRETS for end in ("", "_FILE"))
 
 
+def names_farm_redis(environ: Mapping[str, str]) -> bool:
+    """Whether ``environ`` names a farm's Redis, in ``CELERYFARM_BROKER_URL`` or in the file
+    ``CELERYFARM_BROKER_URL_FILE`` names: then that farm is the one meant, not the one
+    ``celeryfarm up`` runs (or would start) on this machine."""
+    return any(environ.get(PREFIX + name, "").strip()
+               for name in ("BROKER_URL", "BROKER_URL_FILE"))
+
+
 def _parse_dso_paths(text: str) -> dict[str, str]:
     """Parse ``"dl=/opt/3delight/katana,prman=/opt/prman/katana"`` into a dict."""
     paths: dict[str, str] = {}

@@ -188,3 +188,19 @@ def test_a_context_folder_removed_after_its_first_use_is_made_again(tmp_path: Pa
     folder = root.make_context_dir("ctx")
     folder.rmdir()
     assert root.make_context_dir("ctx").is_dir()
+
+
+def test_the_broker_url_or_its_file_names_the_farm_up_does_not_start_its_own(tmp_path: Path):
+    from celeryfarm.config import names_farm_redis
+    from celeryfarm.localfarm import wants_embedded_redis
+
+    secret = tmp_path / "broker-url"
+    secret.write_text("redis://:pw@farm.example.com:6379/0\n")
+    only_file = {"CELERYFARM_DATA_DIR": str(tmp_path / "data"),
+                 "CELERYFARM_BROKER_URL_FILE": str(secret)}
+    assert names_farm_redis(only_file)
+    assert names_farm_redis({"CELERYFARM_BROKER_URL": "redis://farm:6379/0"})
+    assert not names_farm_redis({"CELERYFARM_BROKER_URL": " ", "CELERYFARM_BROKER_URL_FILE": ""})
+    assert not wants_embedded_redis(Settings.from_env(only_file), only_file)
+    alone = {"CELERYFARM_DATA_DIR": str(tmp_path / "data")}
+    assert wants_embedded_redis(Settings.from_env(alone), alone)

@@ -237,7 +237,8 @@ class Settings:
             (readable by the node, not by its renders)."""
             return get(name) or _read_secret(name, get(name + "_FILE"))
 
-        def number(name: str, default: float, kind: type = float):
+        def number(name: str, default: float, kind: type = float, zero: bool = False):
+            """A positive number (or 0, where ``zero`` says it means "never")."""
             raw = get(name)
             if not raw:
                 return kind(default)
@@ -245,8 +246,9 @@ class Settings:
                 value = kind(raw)
             except ValueError:
                 raise ConfigError(f"{PREFIX}{name}: expected a number, got {raw!r}") from None
-            if value <= 0:
-                raise ConfigError(f"{PREFIX}{name}: must be positive, got {raw!r}")
+            if value < 0 or (value == 0 and not zero):
+                raise ConfigError(f"{PREFIX}{name}: must be {'0 or more' if zero else 'positive'}"
+                                  f", got {raw!r}")
             return value
 
         defaults = cls()
@@ -279,7 +281,8 @@ class Settings:
             reap_seconds=number("REAP_SECONDS", defaults.reap_seconds),
             max_node_losses=number("MAX_NODE_LOSSES", defaults.max_node_losses, int),
             keep_days=number("KEEP_DAYS", defaults.keep_days),
-            events_idle_seconds=number("EVENTS_IDLE_SECONDS", defaults.events_idle_seconds),
+            events_idle_seconds=number("EVENTS_IDLE_SECONDS", defaults.events_idle_seconds,
+                                       zero=True),
             key_prefix=get("KEY_PREFIX") or defaults.key_prefix,
             user=get("USER") or _login_name(),
             session=get("SESSION"),

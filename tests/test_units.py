@@ -190,6 +190,27 @@ def test_a_context_folder_removed_after_its_first_use_is_made_again(tmp_path: Pa
     assert root.make_context_dir("ctx").is_dir()
 
 
+def test_events_idle_seconds_0_means_never(monkeypatch: pytest.MonkeyPatch):
+    """0 is documented as "never" for this setting (and only for it): the node starts,
+    and keeps Celery's own enable_events, which never turns task events off."""
+    from celery.worker import control
+
+    from celeryfarm import controls
+
+    assert Settings.from_env({"CELERYFARM_EVENTS_IDLE_SECONDS": "0"}).events_idle_seconds == 0
+    for name, value, problem in (("EVENTS_IDLE_SECONDS", "-1", "must be 0 or more"),
+                                 ("POLL_SECONDS", "0", "must be positive"),
+                                 ("MAX_RENDER_SECONDS", "0", "must be positive")):
+        with pytest.raises(ConfigError, match=f"CELERYFARM_{name}: {problem}"):
+            Settings.from_env({f"CELERYFARM_{name}": value})
+    for handler in ("enable_events", "add_consumer"):  # install() changes the registry
+        monkeypatch.setitem(control.Panel.data, handler, control.Panel.data[handler])
+    controls.install(0)
+    assert control.Panel.data["enable_events"] is controls._CELERY_ENABLE
+    controls.install(60)
+    assert control.Panel.data["enable_events"].__self__.idle_seconds == 60
+
+
 def test_the_broker_url_or_its_file_names_the_farm_up_does_not_start_its_own(tmp_path: Path):
     from celeryfarm.config import names_farm_redis
     from celeryfarm.localfarm import wants_embedded_redis

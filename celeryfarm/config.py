@@ -372,12 +372,14 @@ def _login_name() -> str:
 
 def redact(url: str) -> str:
     """``url`` with any password replaced, for messages and logs (each sentinel's, in a
-    Sentinel URL)."""
+    Sentinel URL; a mistyped URL's too, one without its scheme)."""
     if ";" in url:
         return ";".join(redact(part) for part in url.split(";"))
     scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
     credentials, at, host = rest.rpartition("@")
-    if not sep or not at:
+    if not at:
         return url
     user = credentials.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{host}"
+    return f"{scheme}{sep}{user}:***@{host}"

@@ -211,6 +211,19 @@ def test_events_idle_seconds_0_means_never(monkeypatch: pytest.MonkeyPatch):
     assert control.Panel.data["enable_events"].__self__.idle_seconds == 60
 
 
+def test_a_bad_sentinel_address_is_named_without_its_password():
+    from celeryfarm.sentinel import SentinelUrl
+
+    for part in ("redis://node:S3CRET@10.0.0.2:6379", "sentinel://node:S3CRET/x@h:26379",
+                 "sentinel://:S3CRET@[bad", "node:S3CRET@h:26379"):
+        with pytest.raises(ValueError, match="not a sentinel://host:port address") as error:
+            SentinelUrl.parse(f"sentinel://:pw@h1:26379;{part}")
+        assert "S3CRET" not in str(error.value) and "***@" in str(error.value)
+        with pytest.raises(ConfigError, match="CELERYFARM_BROKER_URL: not a sentinel") as error:
+            Settings.from_env({"CELERYFARM_BROKER_URL": f"sentinel://h1:26379;{part}"})
+        assert "S3CRET" not in str(error.value)
+
+
 def test_the_broker_url_or_its_file_names_the_farm_up_does_not_start_its_own(tmp_path: Path):
     from celeryfarm.config import names_farm_redis
     from celeryfarm.localfarm import wants_embedded_redis

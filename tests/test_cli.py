@@ -257,6 +257,13 @@ def test_env_hands_on_the_farm_a_broker_url_file_names(tmp_path):
     assert shlex.split(exports["CELERYFARM_BROKER_URL"]) == [url]
 
 
+@pytest.mark.parametrize("variable", ["CELERYFARM_BROKER_URL", "CELERYFARM_STORE_URL"])
+def test_a_malformed_redis_url_gives_a_one_line_error_without_the_password(variable):
+    env = base_env(**{variable: "redis://u:S3CRET@[bad"})
+    line = one_line_error(cli(env, "jobs"), f"{variable}: not a Redis URL")
+    assert "S3CRET" not in line and "Traceback" not in line
+
+
 def flower(farm, path: str, data: bytes | None = None, login: bool = True):
     """Call Flower's API as an admin would (``data`` makes it a POST)."""
     port = re.search(r"http://127\.0\.0\.1:(\d+)", farm.output.text).group(1)

@@ -224,6 +224,39 @@ def test_a_bad_sentinel_address_is_named_without_its_password():
         assert "S3CRET" not in str(error.value)
 
 
+@pytest.mark.parametrize("url", [
+    "redis://u:S3CRET@[bad", "redis://u:S3C/RET@host:6379/0", "redis://:S3CRET@host:63x9/0",
+    "redis://:S3CRET@host:6379/zero", "localhost:6379", "redis://:S3CRET@:6379/0",
+    "http://:S3CRET@host/0",
+])
+@pytest.mark.parametrize("name", ["BROKER_URL", "RESULT_BACKEND", "STORE_URL", "ADMIN_URL"])
+def test_a_malformed_redis_url_is_refused_naming_the_variable_not_the_password(
+    name: str, url: str, tmp_path: Path
+):
+    with pytest.raises(ConfigError, match=f"^CELERYFARM_{name}: not a Redis URL") as error:
+        Settings.from_env({f"CELERYFARM_{name}": url})
+    assert "S3CRET" not in str(error.value)
+    secret = tmp_path / "url"
+    secret.write_text(url)
+    with pytest.raises(ConfigError, match=f"^CELERYFARM_{name}: not a Redis URL") as error:
+        Settings.from_env({f"CELERYFARM_{name}_FILE": str(secret)})
+    assert "S3CRET" not in str(error.value)
+    for good in ("redis://:pw@host:6379/0", "rediss://u:p%40ss@[::1]:6380/2", "redis://h"):
+        assert Settings.from_env({"CELERYFARM_BROKER_URL": good}).broker_url == good
+
+
+def test_a_malformed_redis_url_reaches_katana_as_a_farm_plugin_exception(
+    monkeypatch: pytest.MonkeyPatch
+):
+    from celeryfarm.plugin import CeleryFarmPlugin
+
+    monkeypatch.setenv("CELERYFARM_BROKER_URL", "redis://u:S3CRET@[bad")
+    with pytest.raises(farmapi.FarmPluginException,
+                       match="CELERYFARM_BROKER_URL: not a Redis URL") as error:
+        CeleryFarmPlugin().getJobs(None)
+    assert "S3CRET" not in str(error.value)
+
+
 def test_the_broker_url_or_its_file_names_the_farm_up_does_not_start_its_own(tmp_path: Path):
     from celeryfarm.config import names_farm_redis
     from celeryfarm.localfarm import wants_embedded_redis

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from .config import PREFIX, Settings, redact
+from .config import PREFIX, Settings, names_farm_redis, redact
 from .errors import FarmError
 from .jobs import RENDER_TYPES, JobRecord, describe_frames, parse_command
 from .progress import describe as describe_progress
@@ -177,7 +177,7 @@ def env(session: Session) -> None:
     from .localfarm import running_farm
     from .plugin import KATANA_RESOURCES
 
-    if session.environ.get(PREFIX + "BROKER_URL"):
+    if names_farm_redis(session.environ):
         values = session.local_settings.client_environment()
     else:
         state = running_farm(session.local_settings.data_dir)

@@ -14,6 +14,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from .errors import ConfigError
 from .sentinel import SentinelUrl, uses_sentinel
@@ -28,6 +29,16 @@ SECRETS = ("BROKER_URL", "RESULT_BACKEND", "STORE_URL", "FLOWER_PASSWORD", "ADMI
 #: The variables that carry those credentials (``CELERYFARM_BROKER_URL``,
 #: ``CELERYFARM_BROKER_URL_FILE``...): never kept in a job's record, never given to a render.
 SECRET_VARIABLES = tuple(PREFIX + name + end for name in SECRETS for end in ("", "_FILE"))
+#: The schemes of the farm's Redis URLs (``sentinel://`` has its own check).
+REDIS_SCHEMES = ("redis", "rediss")
+
+
+def names_farm_redis(environ: Mapping[str, str]) -> bool:
+    """Whether ``environ`` names a farm's Redis, in ``CELERYFARM_BROKER_URL`` or in the file
+    ``CELERYFARM_BROKER_URL_FILE`` names: then that farm is the one meant, not the one
+    ``celeryfarm up`` runs (or would start) on this machine."""
+    return any(environ.get(PREFIX + name, "").strip()
+               for name in ("BROKER_URL", "BROKER_URL_FILE"))
 
 
 def _parse_dso_paths(text: str) -> dict[str, str]:
@@ -191,6 +202,7 @@ class Settings:
     def __post_init__(self) -> None:
         urls = [("BROKER_URL", self.broker_url), ("RESULT_BACKEND", self.result_backend),
                 ("STORE_URL", self.store_url)]
+        _check_url_syntax([*urls, ("ADMIN_URL", self.admin_url)])
         self._check_sentinel_urls(urls)
         check_urls(urls, self.tls, PREFIX)
         if self.wait_replicas < 0 or not 0 < self.wait_seconds < STORE_SOCKET_TIMEOUT:
@@ -208,11 +220,6 @@ class Settings:
 
     def _check_sentinel_urls(self, urls: list[tuple[str, str]]) -> None:
         sentinel = [(name, url) for name, url in urls if url and uses_sentinel(url)]
-        for name, url in sentinel:
-            try:
-                SentinelUrl.parse(url)
-            except ValueError as error:
-                raise ConfigError(f"{PREFIX}{name}: {error}") from None
         if sentinel and not self.sentinel_master:
             raise ConfigError(f"{PREFIX}SENTINEL_MASTER: the primary's name is needed with "
                               f"sentinel:// URLs")
@@ -229,7 +236,8 @@ class Settings:
             (readable by the node, not by its renders)."""
             return get(name) or _read_secret(name, get(name + "_FILE"))
 
-        def number(name: str, default: float, kind: type = float):
+        def number(name: str, default: float, kind: type = float, zero: bool = False):
+            """A positive number (or 0, where ``zero`` says it means "never")."""
             raw = get(name)
             if not raw:
                 return kind(default)
@@ -237,8 +245,9 @@ class Settings:
                 value = kind(raw)
             except ValueError:
                 raise ConfigError(f"{PREFIX}{name}: expected a number, got {raw!r}") from None
-            if value <= 0:
-                raise ConfigError(f"{PREFIX}{name}: must be positive, got {raw!r}")
+            if value < 0 or (value == 0 and not zero):
+                raise ConfigError(f"{PREFIX}{name}: must be {'0 or more' if zero else 'positive'}"
+                                  f", got {raw!r}")
             return value
 
         defaults = cls()
@@ -271,7 +280,8 @@ class Settings:
             reap_seconds=number("REAP_SECONDS", defaults.reap_seconds),
             max_node_losses=number("MAX_NODE_LOSSES", defaults.max_node_losses, int),
             keep_days=number("KEEP_DAYS", defaults.keep_days),
-            events_idle_seconds=number("EVENTS_IDLE_SECONDS", defaults.events_idle_seconds),
+            events_idle_seconds=number("EVENTS_IDLE_SECONDS", defaults.events_idle_seconds,
+                                       zero=True),
             key_prefix=get("KEY_PREFIX") or defaults.key_prefix,
             user=get("USER") or _login_name(),
             session=get("SESSION"),
@@ -296,6 +306,37 @@ class Settings:
 def _list(text: str) -> tuple[str, ...]:
     """A comma-separated list, without blanks."""
     return tuple(filter(None, (item.strip() for item in text.split(","))))
+
+
+def _check_url_syntax(urls: list[tuple[str, str]]) -> None:
+    """Refuse a (name, url) pair whose URL cannot be read, in one line that names the
+    variable and hides the password, rather than as a traceback from the first client that
+    parses it (a ``ValueError`` in Katana, not a farm error)."""
+    for name, url in urls:
+        if not url:
+            continue
+        if uses_sentinel(url):
+            try:
+                SentinelUrl.parse(url)
+            except ValueError as error:
+                raise ConfigError(f"{PREFIX}{name}: {error}") from None
+            continue
+        if not _readable_redis_url(url):
+            raise ConfigError(
+                f"{PREFIX}{name}: not a Redis URL: {redact(url)} (expected "
+                f"redis[s]://[USER:PASSWORD@]host[:port][/db], the password URL-encoded)")
+
+
+def _readable_redis_url(url: str) -> bool:
+    """Whether ``url`` reads as ``redis[s]://[USER:PASSWORD@]host[:port][/db]``."""
+    try:
+        parts = urlsplit(url)
+        if not parts.hostname or parts.port == 0:  # .port: ValueError unless a number
+            return False
+    except ValueError:  # a bad IPv6 address, a port that is not one
+        return False
+    db = parts.path.strip("/")
+    return parts.scheme.lower() in REDIS_SCHEMES and (not db or db.isdigit())
 
 
 def _count(name: str, text: str, default: int) -> int:
@@ -361,12 +402,14 @@ def _login_name() -> str:
 
 def redact(url: str) -> str:
     """``url`` with any password replaced, for messages and logs (each sentinel's, in a
-    Sentinel URL)."""
+    Sentinel URL; a mistyped URL's too, one without its scheme)."""
     if ";" in url:
         return ";".join(redact(part) for part in url.split(";"))
     scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
     credentials, at, host = rest.rpartition("@")
-    if not sep or not at:
+    if not at:
         return url
     user = credentials.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{host}"
+    return f"{scheme}{sep}{user}:***@{host}"

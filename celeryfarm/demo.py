@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .config import PREFIX, redact
+from .config import names_farm_redis, redact
 from .errors import FarmError
 from .records.keys import short_id
 from .records.states import FINISHED, JobState
@@ -128,7 +128,7 @@ def run(session: Session, workers: int = 2, timeout: float = 300.0) -> bool:
     console = Console(highlight=False)
     settings = session.local_settings
     try:
-        if session.environ.get(PREFIX + "BROKER_URL") or running_farm(settings.data_dir):
+        if names_farm_redis(session.environ) or running_farm(settings.data_dir):
             console.print(f"using the running farm at "
                           f"[bold]{redact(session.settings.broker_url)}[/]")
             return _show(session, console, timeout)

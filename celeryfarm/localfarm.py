@@ -45,7 +45,7 @@ import redis
 
 from . import acl, redisclient
 from .celery import create_app
-from .config import PREFIX, Settings, redact
+from .config import PREFIX, Settings, names_farm_redis, redact
 from .errors import FarmError, LocalFarmError
 from .passwords import require_strong
 from .process import become_subreaper
@@ -154,7 +154,7 @@ def client_environment(environ: Mapping[str, str], node: bool = False) -> dict[s
     the node user's credential), for commands run without ``CELERYFARM_BROKER_URL``: with
     it set, that farm is the one meant."""
     env = dict(environ)
-    if env.get(PREFIX + "BROKER_URL") or env.get(PREFIX + "BROKER_URL_FILE"):
+    if names_farm_redis(env):
         return env
     state = running_farm(Settings.from_env(env).data_dir)
     if state is not None:
@@ -207,13 +207,12 @@ def embedded_users(settings: Settings, kept: dict) -> dict[str, acl.FarmUser]:
 
 
 def wants_embedded_redis(settings: Settings, environ: Mapping[str, str]) -> bool:
-    """Whether ``up`` runs its own Redis: yes unless ``CELERYFARM_BROKER_URL`` names another
-    one than the embedded Redis of this data folder (a shell that ran ``celeryfarm env``
-    names that one, and must be able to start it again)."""
-    url = environ.get(PREFIX + "BROKER_URL", "").strip()
-    if not url:
+    """Whether ``up`` runs its own Redis: yes unless ``CELERYFARM_BROKER_URL`` (or its
+    ``_FILE``) names another one than the embedded Redis of this data folder (a shell that
+    ran ``celeryfarm env`` names that one, and must be able to start it again)."""
+    if not names_farm_redis(environ):
         return True
-    kept = _read_json(settings.data_dir / KEEP_FILE)
+    url = settings.broker_url
     kept = _read_json(settings.data_dir / KEEP_FILE)
     if uses_sentinel(url):  # the sentinels of `up --replicas`?
         sentinels = (kept.get("redis_ports") or [])[-ReplicatedRedis.SENTINELS:]

@@ -2,7 +2,9 @@
 empty, short and placeholder ones before anything starts.
 
 Run as ``python -m celeryfarm.passwords NAME...`` (the compose file's ``preflight``
-service) it checks the environment variables ``NAME...`` and exits 1, saying which are weak.
+service) it checks the environment variables ``NAME...`` and exits 1, saying which are weak
+or hold characters other than letters and digits: the compose file writes its passwords
+into ``redis://user:password@...`` URLs as they are, where ``@ / # % :`` would break them.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ MIN_LENGTH = 16
 #: The placeholders of .env.example and their spellings.
 _PLACEHOLDER = re.compile(r"change[-_ ]?me", re.IGNORECASE)
 HINT = "make one with `openssl rand -hex 24`"
+#: What the compose file's passwords may hold (they go into URLs unencoded).
+URL_SAFE = re.compile(r"[A-Za-z0-9]*")
 
 
 def weakness(password: str) -> str:
@@ -37,13 +41,19 @@ def require_strong(what: str, password: str) -> None:
         raise ConfigError(f"{what} {problem}: {HINT}")
 
 
+def preflight_problem(password: str) -> str:
+    """Why the compose file cannot use ``password``, or "": weak, or holding characters
+    other than letters and digits."""
+    problem = weakness(password)
+    if not problem and not URL_SAFE.fullmatch(password):
+        problem = ("holds characters other than letters (A-Z, a-z) and digits (0-9), which "
+                   "would break the redis:// URLs made with it")
+    return problem
+
+
 def main(names: list[str]) -> int:
-    problems = []
-    for name in names:
-        try:
-            require_strong(name, os.environ.get(name, ""))
-        except ConfigError as error:
-            problems.append(str(error))
+    problems = [f"{name} {problem}: {HINT}" for name in names
+                if (problem := preflight_problem(os.environ.get(name, "")))]
     for problem in problems:
         print(f"refusing to start: {problem}", file=sys.stderr)
     return 1 if problems else 0

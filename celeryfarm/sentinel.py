@@ -34,12 +34,24 @@ class SentinelUrl:
     def parse(cls, url: str) -> SentinelUrl:
         sentinels, username, password, db = [], None, None, 0
         for part in filter(None, (p.strip() for p in url.split(SEPARATOR))):
-            parsed = urlsplit(part)
+            try:
+                parsed = urlsplit(part)
+                address = (parsed.hostname, parsed.port or 26379)
+                if parsed.path.strip("/"):
+                    db = int(parsed.path.strip("/"))
+            except ValueError:  # a bad IPv6 address, port or database
+                raise _not_an_address(part) from None
             if parsed.scheme.lower() != SCHEME or not parsed.hostname:
-                raise ValueError(f"not a sentinel://host:port address: {part!r}")
-            sentinels.append((parsed.hostname, parsed.port or 26379))
+                raise _not_an_address(part)
+            sentinels.append(address)
             username = username or (unquote(parsed.username) if parsed.username else None)
             password = password or (unquote(parsed.password) if parsed.password else None)
-            if parsed.path.strip("/"):
-                db = int(parsed.path.strip("/"))
         return cls(tuple(sentinels), username, password, db)
+
+
+def _not_an_address(part: str) -> ValueError:
+    """The error for a part of a Sentinel URL that is not a sentinel's address. Its message
+    reaches logs (Katana's, the containers'), so it shows the part without its password."""
+    from .config import redact  # config imports this module
+
+    return ValueError(f"not a sentinel://host:port address: {redact(part)!r}")

@@ -12,7 +12,7 @@ import re
 from functools import cached_property
 from typing import TYPE_CHECKING, Callable
 
-from .config import PREFIX, Settings
+from .config import PREFIX, Settings, names_farm_redis
 from .errors import FarmError, JobNotFound
 from .jobs import JobRecord
 from .records.keys import owner_free
@@ -101,7 +101,7 @@ class Session:
         from .localfarm import embedded_admin_url
 
         url = self.local_settings.admin_url
-        if not url and not self.environ.get(PREFIX + "BROKER_URL"):  # the farm `up` runs here
+        if not url and not names_farm_redis(self.environ):  # the farm `up` runs here
             url = embedded_admin_url(self.local_settings.data_dir)
         if not url:
             raise FarmError(f"no admin credential: set {PREFIX}ADMIN_URL (or "

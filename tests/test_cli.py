@@ -247,6 +247,23 @@ def test_env_without_a_farm_says_how_to_start_one(tmp_path):
     one_line_error(cli(up_env(tmp_path), "env"), "no farm is running", "celeryfarm up")
 
 
+def test_env_hands_on_the_farm_a_broker_url_file_names(tmp_path):
+    """CELERYFARM_BROKER_URL_FILE names a farm as the variable does: no running farm needed."""
+    url = "redis://:pw@farm.example.com:6379/0"
+    secret = tmp_path / "broker-url"
+    secret.write_text(url + "\n")
+    exports = dict(re.findall(r"^export (\w+)=(.*)$", ok(
+        up_env(tmp_path, CELERYFARM_BROKER_URL_FILE=str(secret)), "env"), re.M))
+    assert shlex.split(exports["CELERYFARM_BROKER_URL"]) == [url]
+
+
+@pytest.mark.parametrize("variable", ["CELERYFARM_BROKER_URL", "CELERYFARM_STORE_URL"])
+def test_a_malformed_redis_url_gives_a_one_line_error_without_the_password(variable):
+    env = base_env(**{variable: "redis://u:S3CRET@[bad"})
+    line = one_line_error(cli(env, "jobs"), f"{variable}: not a Redis URL")
+    assert "S3CRET" not in line and "Traceback" not in line
+
+
 def flower(farm, path: str, data: bytes | None = None, login: bool = True):
     """Call Flower's API as an admin would (``data`` makes it a POST)."""
     port = re.search(r"http://127\.0\.0\.1:(\d+)", farm.output.text).group(1)

@@ -47,14 +47,16 @@ class Pool:
         self.name = f"pool-{uuid.uuid4().hex[:6]}"
         self.nodes: list[str] = []
 
-    def add_node(self, concurrency: int = 1) -> str:
+    def add_node(self, concurrency: int = 1, env: dict[str, str] | None = None) -> str:
         node = f"n{uuid.uuid4().hex[:6]}"
-        self.cluster.start_worker(node, concurrency=concurrency, queues=self.name)
+        self.cluster.start_worker(node, concurrency=concurrency, queues=self.name, env=env)
         self.nodes.append(node)
         return node
 
-    def start(self, count: int, concurrency: int = 1) -> Pool:
-        new = [self.add_node(concurrency) for _ in range(count)]
+    def start(self, count: int, concurrency: int = 1, env: dict[str, str] | None = None
+              ) -> Pool:
+        """``count`` nodes more, each with these variables besides the farm's."""
+        new = [self.add_node(concurrency, env) for _ in range(count)]
         self.cluster.wait_for_workers(self.plugin.farm.app, new)
         return self
 
@@ -290,6 +292,17 @@ def test_time_limits_and_stalls_fail_the_job_and_kill_the_render(
     assert wait_for_state(plugin, job_id, timeout=30) == State.kFailed
     assert reason in plugin.farm.get(job_id).reason
     assert f"killed: {reason}".encode() in read_log(plugin, job_id)
+    wait_until(lambda: not tagged_processes(tag), 15, "the render to be gone")
+
+
+def test_the_node_s_max_render_seconds_caps_a_job_s_longer_max_step_seconds(pool: Pool):
+    """A job may ask for a shorter limit than the node's, never a longer one: a step
+    running past the node's limit could outlive the broker's visibility timeout."""
+    pool.start(1, env={"CELERYFARM_MAX_RENDER_SECONDS": "2"})
+    tag = uuid.uuid4().hex
+    job_id = pool.submit([renderboot("--seconds", 60, "--tag", tag)], maxStepSeconds=600)
+    assert wait_for_state(pool.plugin, job_id, timeout=30) == State.kFailed
+    assert b"killed: ran longer than its limit of 2 s" in read_log(pool.plugin, job_id)
     wait_until(lambda: not tagged_processes(tag), 15, "the render to be gone")
 
 

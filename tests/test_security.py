@@ -237,6 +237,23 @@ def test_weak_passwords_are_named(password: str, problem: str):
         passwords.weakness(password))
 
 
+@pytest.mark.parametrize("char", ["@", "/", "#", "%", ":", "?", "+", " "])
+def test_the_preflight_refuses_passwords_that_would_break_redis_urls(
+    char: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+):
+    """The compose file writes its passwords into redis://user:password@ URLs as they are."""
+    bad = f"{secrets.token_hex(8)}{char}{secrets.token_hex(8)}"
+    monkeypatch.setenv("CELERYFARM_REDIS_NODE_PASSWORD", bad)
+    monkeypatch.setenv("CELERYFARM_REDIS_ADMIN_PASSWORD", secrets.token_hex(16))
+    assert passwords.main(["CELERYFARM_REDIS_ADMIN_PASSWORD",
+                           "CELERYFARM_REDIS_NODE_PASSWORD"]) == 1
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("refusing to start: CELERYFARM_REDIS_NODE_PASSWORD holds characters "
+                           "other than letters (A-Z, a-z) and digits (0-9)")
+    assert bad not in line
+    assert passwords.preflight_problem(secrets.token_hex(16) + "XYZ") == ""
+
+
 def test_the_example_env_file_holds_no_password_that_passes():
     """What the compose file's preflight service checks, on .env.example as it is."""
     example = Path(__file__).parent.parent / ".env.example"

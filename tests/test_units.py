@@ -188,3 +188,86 @@ def test_a_context_folder_removed_after_its_first_use_is_made_again(tmp_path: Pa
     folder = root.make_context_dir("ctx")
     folder.rmdir()
     assert root.make_context_dir("ctx").is_dir()
+
+
+def test_events_idle_seconds_0_means_never(monkeypatch: pytest.MonkeyPatch):
+    """0 is documented as "never" for this setting (and only for it): the node starts,
+    and keeps Celery's own enable_events, which never turns task events off."""
+    from celery.worker import control
+
+    from celeryfarm import controls
+
+    assert Settings.from_env({"CELERYFARM_EVENTS_IDLE_SECONDS": "0"}).events_idle_seconds == 0
+    for name, value, problem in (("EVENTS_IDLE_SECONDS", "-1", "must be 0 or more"),
+                                 ("POLL_SECONDS", "0", "must be positive"),
+                                 ("MAX_RENDER_SECONDS", "0", "must be positive")):
+        with pytest.raises(ConfigError, match=f"CELERYFARM_{name}: {problem}"):
+            Settings.from_env({f"CELERYFARM_{name}": value})
+    for handler in ("enable_events", "add_consumer"):  # install() changes the registry
+        monkeypatch.setitem(control.Panel.data, handler, control.Panel.data[handler])
+    controls.install(0)
+    assert control.Panel.data["enable_events"] is controls._CELERY_ENABLE
+    controls.install(60)
+    assert control.Panel.data["enable_events"].__self__.idle_seconds == 60
+
+
+def test_a_bad_sentinel_address_is_named_without_its_password():
+    from celeryfarm.sentinel import SentinelUrl
+
+    for part in ("redis://node:S3CRET@10.0.0.2:6379", "sentinel://node:S3CRET/x@h:26379",
+                 "sentinel://:S3CRET@[bad", "node:S3CRET@h:26379"):
+        with pytest.raises(ValueError, match="not a sentinel://host:port address") as error:
+            SentinelUrl.parse(f"sentinel://:pw@h1:26379;{part}")
+        assert "S3CRET" not in str(error.value) and "***@" in str(error.value)
+        with pytest.raises(ConfigError, match="CELERYFARM_BROKER_URL: not a sentinel") as error:
+            Settings.from_env({"CELERYFARM_BROKER_URL": f"sentinel://h1:26379;{part}"})
+        assert "S3CRET" not in str(error.value)
+
+
+@pytest.mark.parametrize("url", [
+    "redis://u:S3CRET@[bad", "redis://u:S3C/RET@host:6379/0", "redis://:S3CRET@host:63x9/0",
+    "redis://:S3CRET@host:6379/zero", "localhost:6379", "redis://:S3CRET@:6379/0",
+    "http://:S3CRET@host/0",
+])
+@pytest.mark.parametrize("name", ["BROKER_URL", "RESULT_BACKEND", "STORE_URL", "ADMIN_URL"])
+def test_a_malformed_redis_url_is_refused_naming_the_variable_not_the_password(
+    name: str, url: str, tmp_path: Path
+):
+    with pytest.raises(ConfigError, match=f"^CELERYFARM_{name}: not a Redis URL") as error:
+        Settings.from_env({f"CELERYFARM_{name}": url})
+    assert "S3CRET" not in str(error.value)
+    secret = tmp_path / "url"
+    secret.write_text(url)
+    with pytest.raises(ConfigError, match=f"^CELERYFARM_{name}: not a Redis URL") as error:
+        Settings.from_env({f"CELERYFARM_{name}_FILE": str(secret)})
+    assert "S3CRET" not in str(error.value)
+    for good in ("redis://:pw@host:6379/0", "rediss://u:p%40ss@[::1]:6380/2", "redis://h"):
+        assert Settings.from_env({"CELERYFARM_BROKER_URL": good}).broker_url == good
+
+
+def test_a_malformed_redis_url_reaches_katana_as_a_farm_plugin_exception(
+    monkeypatch: pytest.MonkeyPatch
+):
+    from celeryfarm.plugin import CeleryFarmPlugin
+
+    monkeypatch.setenv("CELERYFARM_BROKER_URL", "redis://u:S3CRET@[bad")
+    with pytest.raises(farmapi.FarmPluginException,
+                       match="CELERYFARM_BROKER_URL: not a Redis URL") as error:
+        CeleryFarmPlugin().getJobs(None)
+    assert "S3CRET" not in str(error.value)
+
+
+def test_the_broker_url_or_its_file_names_the_farm_up_does_not_start_its_own(tmp_path: Path):
+    from celeryfarm.config import names_farm_redis
+    from celeryfarm.localfarm import wants_embedded_redis
+
+    secret = tmp_path / "broker-url"
+    secret.write_text("redis://:pw@farm.example.com:6379/0\n")
+    only_file = {"CELERYFARM_DATA_DIR": str(tmp_path / "data"),
+                 "CELERYFARM_BROKER_URL_FILE": str(secret)}
+    assert names_farm_redis(only_file)
+    assert names_farm_redis({"CELERYFARM_BROKER_URL": "redis://farm:6379/0"})
+    assert not names_farm_redis({"CELERYFARM_BROKER_URL": " ", "CELERYFARM_BROKER_URL_FILE": ""})
+    assert not wants_embedded_redis(Settings.from_env(only_file), only_file)
+    alone = {"CELERYFARM_DATA_DIR": str(tmp_path / "data")}
+    assert wants_embedded_redis(Settings.from_env(alone), alone)

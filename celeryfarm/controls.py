@@ -28,10 +28,12 @@ _CELERY_ADD_CONSUMER = control.Panel.data["add_consumer"]
 
 
 def install(events_idle_seconds: float) -> None:
-    """Take over the worker's ``add_consumer`` and, unless ``events_idle_seconds`` is 0,
-    its ``enable_events`` (:class:`OnDemand`)."""
-    if events_idle_seconds > 0:
-        control.Panel.data["enable_events"] = OnDemand(events_idle_seconds).enable_events
+    """Take over the worker's ``add_consumer`` and, unless ``events_idle_seconds`` is 0
+    (Celery's own, then: events stay on once asked for), its ``enable_events``
+    (:class:`OnDemand`). The registry is the process's: each call sets both."""
+    control.Panel.data["enable_events"] = (
+        OnDemand(events_idle_seconds).enable_events if events_idle_seconds > 0
+        else _CELERY_ENABLE)
     control.Panel.data["add_consumer"] = add_consumer
 
 

@@ -167,6 +167,7 @@ class FarmUser:
     def setuser_args(self) -> list[str]:
         """``ACL SETUSER`` arguments that make (or remake) the user."""
         return [self.name, "reset", "on", f">{self.password}", *self.rules]
+
     def url(self, base_url: str) -> str:
         """``base_url`` (the farm's Redis, or its sentinels) with this user's credentials."""
         auth = f"{quote(self.name, safe='')}:{quote(self.password, safe='')}@"
@@ -229,10 +230,10 @@ def set_user(admin: redis.Redis, user: FarmUser) -> None:
 
 def refresh_user(admin: redis.Redis, name: str, rules: Sequence[str]) -> None:
     """Give the existing user ``name`` ``rules`` (as this version makes them, after an
-    upgrade), keeping its password: ``reset`` but its ``resetpass`` and ``off``; and save
-    the ACL file if it has one."""
+    upgrade), keeping its password and whether it is on: ``reset`` but its ``resetpass``
+    and ``off``; and save the ACL file if it has one."""
     admin.execute_command("ACL", "SETUSER", name, "resetkeys", "resetchannels",
-                          "clearselectors", "-@all", "on", *rules)
+                          "clearselectors", "-@all", *rules)
     _save(admin)
 
 
@@ -246,16 +247,20 @@ def delete_user(admin: redis.Redis, name: str) -> bool:
 
 
 def artists(admin: redis.Redis, settings: Settings) -> list[tuple[str, bool]]:
-    """The artists' users of a running Redis (the roles left out): (name, whether a
-    wrangler: one whose rules may write every job's record)."""
-    every_job = f"~{Keys(settings.key_prefix).job('*')}"
+    """The farm's artists' users on a running Redis: (name, whether a wrangler: one whose
+    rules may write every job's record). An artist's rules read every key of the farm's
+    prefix; the roles, and users of anything else sharing the Redis, are left out."""
+    keys = Keys(settings.key_prefix)
+    reads_farm, every_job = f"%R~{keys.prefix}:*", f"~{keys.job('*')}"
     found = []
     for name in sorted(name.decode() if isinstance(name, bytes) else name
                        for name in admin.acl_users()):
-        if name not in RESERVED:
-            keys = [key.decode() if isinstance(key, bytes) else key
+        if name in RESERVED or not USER_NAME.fullmatch(name):
+            continue
+        patterns = [key.decode() if isinstance(key, bytes) else key
                     for key in admin.acl_getuser(name)["keys"]]
-            found.append((name, every_job in keys))
+        if reads_farm in patterns:
+            found.append((name, every_job in patterns))
     return found
 
 

@@ -20,6 +20,7 @@ import fnmatch
 import os
 import shutil
 from collections.abc import Sequence
+from pathlib import Path
 
 from .errors import FarmError
 from .jobs import JobRecord
@@ -29,7 +30,7 @@ class Refused(FarmError):
     """The node will not run a step; the message says why (also in the log and record)."""
 
 
-def check_job_folder(record: JobRecord, shared_root: object) -> None:
+def check_job_folder(record: JobRecord, shared_root: Path) -> None:
     """Refuse a job whose folder (``KATANA_TMPDIR``: the shared mount as the workstation was
     told the nodes mount it, ``CELERYFARM_REMOTE_SHARED_ROOT``) is not on this node, which
     mounts the shared folder at ``shared_root``: Katana's commands name the scene's files

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from .config import PREFIX, Settings, names_farm_redis, redact
+from .config import PREFIX, SECRETS, Settings, names_farm_redis, redact
 from .errors import FarmError
 from .jobs import RENDER_TYPES, JobRecord, describe_frames, parse_command
 from .progress import describe as describe_progress
@@ -172,13 +172,19 @@ def _print_farm(state: FarmState, farm: LocalFarm, seconds: float) -> None:
 def env(session: Session) -> None:
     """Print the environment that joins a Katana session or a shell to the farm.
 
-    Meant for `eval "$(celeryfarm env)"`: the output holds the Redis password.
+    Meant for `eval "$(celeryfarm env)"`: the output holds the Redis password, unless this
+    environment gives it in a file (CELERYFARM_BROKER_URL_FILE...): then it names the file.
     """
     from .localfarm import running_farm
     from .plugin import KATANA_RESOURCES
 
     if names_farm_redis(session.environ):
         values = session.local_settings.client_environment()
+        for name in SECRETS:  # a credential kept in a file stays there
+            kept_in = session.environ.get(f"{PREFIX}{name}_FILE", "")
+            if kept_in and not session.environ.get(PREFIX + name):
+                values.pop(PREFIX + name, None)
+                values[f"{PREFIX}{name}_FILE"] = kept_in
     else:
         state = running_farm(session.local_settings.data_dir)
         if state is None:
@@ -586,6 +592,9 @@ def user_refresh(session: Session) -> None:
         for name, wrangler in acl.artists(admin, settings):
             acl.refresh_user(admin, name, acl.artist_rules(name, settings, wrangler))
             refreshed[name] = wrangler
+    if not refreshed:
+        raise FarmError(f"no artist's user of the key prefix {settings.key_prefix!r} on the "
+                        f"farm's Redis (is {PREFIX}KEY_PREFIX the farm's?)")
     for name, wrangler in sorted(refreshed.items()):
         click.echo(f"refreshed {name}{'  (wrangler)' if wrangler else ''}")
 

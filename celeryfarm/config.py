@@ -402,8 +402,9 @@ def _login_name() -> str:
 
 def redact(url: str) -> str:
     """``url`` with any password replaced, for messages and logs (each sentinel's, in a
-    Sentinel URL; a mistyped URL's too, one without its scheme)."""
-    if ";" in url:
+    Sentinel URL; a mistyped URL's too, one without its scheme). Only a Sentinel URL is split
+    on ``;``: in a ``redis://`` URL it may be part of the password."""
+    if ";" in url and uses_sentinel(url):
         return ";".join(redact(part) for part in url.split(";"))
     scheme, sep, rest = url.partition("://")
     if not sep:

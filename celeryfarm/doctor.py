@@ -85,8 +85,9 @@ def _node_user(settings: Settings) -> str:
     _switch_user(user)
     shared = settings.shared_root
     with contextlib.suppress(OSError):
-        gid = shared.stat().st_gid
-        if gid not in user.groups:
+        info = shared.stat()
+        gid = info.st_gid
+        if info.st_uid != user.uid and gid not in user.groups:
             raise FarmError(f"renders run as {user.name}, who is not in group "
                             f"{_group_name(gid)} of {shared}: they cannot write frames there")
     return f"{_user()}; renders run as {user.name}"

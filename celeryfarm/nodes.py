@@ -88,19 +88,13 @@ class Nodes:
         it leaves the list, the pools' node sets and the drained set. One seen within a
         lease period is refused; one that comes back records itself again, not drained."""
         node = self.resolve(text)
-        seconds, micros = self.redis.time()
-        silent_ms = seconds * 1000 + micros // 1000 - node.last_seen_ms
-        if silent_ms <= self.lease_ms:
-            raise FarmError(f"render node {node.name} was seen {silent_ms / 1000:.0f} s ago: "
-                            f"stop it first (it is forgotten once silent for "
+        silent_ms, forgotten = self.store.forget_node(node.name, node.pools, self.lease_ms)
+        if silent_ms < 0:
+            raise FarmError(f"render node {node.name} is not known any more (forgotten meanwhile)")
+        if not forgotten:
+            raise FarmError(f"render node {node.name} was seen {max(silent_ms, 0) / 1000:.0f} s "
+                            f"ago: stop it first (it is forgotten once silent for "
                             f"{self.lease_ms / 1000:g} s)")
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.zrem(self.keys.nodes, node.name)
-        pipe.delete(self.keys.node(node.name))
-        pipe.srem(self.keys.drained, node.name)
-        for pool in node.pools:
-            pipe.zrem(self.keys.pool_nodes(pool), node.name)
-        pipe.execute()
         return node
 
     def _control(self, command: str, node: NodeInfo) -> bool:

@@ -3,8 +3,9 @@ empty, short and placeholder ones before anything starts.
 
 Run as ``python -m celeryfarm.passwords NAME...`` (the compose file's ``preflight``
 service) it checks the environment variables ``NAME...`` and exits 1, saying which are weak
-or hold characters other than letters and digits: the compose file writes its passwords
-into ``redis://user:password@...`` URLs as they are, where ``@ / # % :`` would break them.
+or hold characters other than letters, digits and ``- . _ ~`` (URL-safe): the compose file
+writes its passwords into ``redis://user:password@...`` URLs as they are, where
+``@ / # % :`` would break them.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ MIN_LENGTH = 16
 #: The placeholders of .env.example and their spellings.
 _PLACEHOLDER = re.compile(r"change[-_ ]?me", re.IGNORECASE)
 HINT = "make one with `openssl rand -hex 24`"
-#: What the compose file's passwords may hold (they go into URLs unencoded).
-URL_SAFE = re.compile(r"[A-Za-z0-9]*")
+#: What the compose file's passwords may hold: URL-safe characters (RFC 3986's
+#: unreserved ones), as they go into URLs unencoded (``secrets.token_urlsafe``'s are).
+URL_SAFE = re.compile(r"[A-Za-z0-9._~-]*")
 
 
 def weakness(password: str) -> str:
@@ -43,11 +45,11 @@ def require_strong(what: str, password: str) -> None:
 
 def preflight_problem(password: str) -> str:
     """Why the compose file cannot use ``password``, or "": weak, or holding characters
-    other than letters and digits."""
+    other than letters, digits and ``- . _ ~``."""
     problem = weakness(password)
     if not problem and not URL_SAFE.fullmatch(password):
-        problem = ("holds characters other than letters (A-Z, a-z) and digits (0-9), which "
-                   "would break the redis:// URLs made with it")
+        problem = ("holds characters other than letters (A-Z, a-z), digits (0-9) and - . _ ~, "
+                   "which would break the redis:// URLs made with it")
     return problem
 
 

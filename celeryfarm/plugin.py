@@ -29,11 +29,13 @@ from .listing import collector_paused
 from .records.states import JobState
 
 try:  # inside Katana
-    from Katana import Callbacks, FarmAPI, NodegraphAPI  # type: ignore[import-not-found]
+    from Katana import FarmAPI, NodegraphAPI  # type: ignore[import-not-found]
 except ImportError:  # tests, the command line, the demo
     from . import farmapi as FarmAPI
     from . import nodegraphapi as NodegraphAPI
-
+try:  # apart: Katana's FarmAPI must never give way to the stand-in for want of Callbacks
+    from Katana import Callbacks  # type: ignore[import-not-found]
+except ImportError:
     Callbacks = None
 
 logger = logging.getLogger(__name__)

@@ -171,10 +171,18 @@ def test_user_add_makes_an_artist_who_may_stop_only_their_own_jobs(farm):
     # After an upgrade whose rules differ (here: rules an admin took away), `user refresh`
     # gives every artist this version's rules and keeps their passwords.
     admin = redis.Redis.from_url(embedded_admin_url(Settings.from_env(farm.env).data_dir))
-    admin.execute_command("ACL", "SETUSER", name, "resetkeys", "-@all")
+    admin.execute_command("ACL", "SETUSER", name, "-@all")  # its keys stay: an artist's
+    # Another user of the same Redis (a monitoring tool's): not an artist, left alone.
+    admin.execute_command("ACL", "SETUSER", "monitor", "on", ">monitor-password", "+info")
     one_line_error(cli(ann, "jobs"), "no permissions")
-    assert f"refreshed {name}" in ok(farm.env, "user", "refresh").splitlines()
+    refreshed = ok(farm.env, "user", "refresh").splitlines()
+    assert f"refreshed {name}" in refreshed
+    assert [line for line in refreshed if line.endswith("  (wrangler)")]  # the owner stays one
     assert "anns" in ok(ann, "jobs")
+    assert admin.acl_getuser("monitor")["commands"] == ["+info"]
+    assert "monitor" not in ok(farm.env, "user", "list")
+    one_line_error(cli({**farm.env, "CELERYFARM_KEY_PREFIX": "other"}, "user", "refresh"),
+                   "no artist's user of the key prefix 'other'")
     admin.close()
     # An artist who leaves: their workstation is refused at once, their jobs stay.
     assert ok(farm.env, "user", "remove", name).strip() == f"removed {name}"
@@ -248,13 +256,15 @@ def test_env_without_a_farm_says_how_to_start_one(tmp_path):
 
 
 def test_env_hands_on_the_farm_a_broker_url_file_names(tmp_path):
-    """CELERYFARM_BROKER_URL_FILE names a farm as the variable does: no running farm needed."""
+    """CELERYFARM_BROKER_URL_FILE names a farm as the variable does: no running farm needed;
+    and the password stays in its file, which env names rather than prints."""
     url = "redis://:pw@farm.example.com:6379/0"
     secret = tmp_path / "broker-url"
     secret.write_text(url + "\n")
-    exports = dict(re.findall(r"^export (\w+)=(.*)$", ok(
-        up_env(tmp_path, CELERYFARM_BROKER_URL_FILE=str(secret)), "env"), re.M))
-    assert shlex.split(exports["CELERYFARM_BROKER_URL"]) == [url]
+    printed = ok(up_env(tmp_path, CELERYFARM_BROKER_URL_FILE=str(secret)), "env")
+    exports = dict(re.findall(r"^export (\w+)=(.*)$", printed, re.M))
+    assert shlex.split(exports["CELERYFARM_BROKER_URL_FILE"]) == [str(secret)]
+    assert "CELERYFARM_BROKER_URL" not in exports and "pw@" not in printed
 
 
 @pytest.mark.parametrize("variable", ["CELERYFARM_BROKER_URL", "CELERYFARM_STORE_URL"])

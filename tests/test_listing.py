@@ -278,6 +278,7 @@ def test_a_step_revoked_outside_the_farm_shows_cancelled_at_once_everywhere(
             if record.job_id == revoked] == [JobState.CANCELLED]
     record = farm.store.get(revoked)
     assert record.state == JobState.CANCELLED and "outside celeryfarm" in record.reason
+    assert record.end_ms  # the record keeps the end Katana's Job leaves out
     assert record.end_ms  # the farm keeps the end Katana's "Completed" column leaves empty
     assert listed(CeleryFarmPlugin())[revoked][0] == State.kCancelled  # a new session too
     # A listing of every user's jobs (no user filter) reads them again too.

@@ -249,9 +249,11 @@ def test_the_preflight_refuses_passwords_that_would_break_redis_urls(
                            "CELERYFARM_REDIS_NODE_PASSWORD"]) == 1
     (line,) = capsys.readouterr().err.splitlines()
     assert line.startswith("refusing to start: CELERYFARM_REDIS_NODE_PASSWORD holds characters "
-                           "other than letters (A-Z, a-z) and digits (0-9)")
+                           "other than letters (A-Z, a-z), digits (0-9) and - . _ ~")
     assert bad not in line
     assert passwords.preflight_problem(secrets.token_hex(16) + "XYZ") == ""
+    # URL-safe characters pass: those of secrets.token_urlsafe, and . ~
+    assert passwords.preflight_problem(secrets.token_urlsafe(24) + "-_.~") == ""
 
 
 def test_the_example_env_file_holds_no_password_that_passes():

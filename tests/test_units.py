@@ -124,6 +124,13 @@ def test_passwords_are_redacted():
     assert redact("redis://:pw@host:6379/0") == "redis://:***@host:6379/0"
     assert redact("redis://user:pw@host/0") == "redis://user:***@host/0"
     assert redact("redis://host:6379/0") == "redis://host:6379/0"
+    # A ';' splits only a Sentinel URL: in a redis:// password it is a character.
+    assert redact("redis://u:pa;ss/x@host/0") == "redis://u:***@host/0"
+    assert redact("sentinel://:a@h1:26379;sentinel://:b@h2:26380") == (
+        "sentinel://:***@h1:26379;sentinel://:***@h2:26380")
+    with pytest.raises(ConfigError) as refused:
+        Settings.from_env({"CELERYFARM_BROKER_URL": "redis://u:pa;ss/x@host"})
+    assert "pa;ss" not in str(refused.value) and "ss/x" not in str(refused.value)
 
 
 def test_shared_root_maps_node_paths_and_refuses_escapes(tmp_path: Path):

@@ -19,7 +19,7 @@ COMMON = "common.lua"
 #: Scripts by name: each is ``lua/<name>.lua``.
 NAMES = ("claim", "renew", "finish", "abandon", "expired", "reap", "rescue", "stale_outbox",
          "transition", "sent", "forget", "fail_lost", "retry", "due", "avoid", "heartbeat",
-         "adopt", "create", "listing", "retire", "trim_changes")
+         "forget_node", "adopt", "create", "listing", "retire", "trim_changes")
 
 
 @functools.cache
@@ -49,6 +49,7 @@ class Scripts:
             load("transition"), load("sent"), load("forget"))
         self.retry, self.due = load("retry"), load("due")
         self.avoid, self.heartbeat = load("avoid"), load("heartbeat")
+        self.forget_node = load("forget_node")
         self.adopt, self.create, self.listing = load("adopt"), load("create"), load("listing")
         self.retire, self.trim_changes = load("retire"), load("trim_changes")
 

@@ -373,6 +373,14 @@ class JobStore:
         return bool(self.scripts.heartbeat(keys=keys, args=[
             node, ",".join(pools), json.dumps(list(running)), ",".join(consuming)]))
 
+    def forget_node(self, node: str, pools: Sequence[str], live_ms: int) -> tuple[int, bool]:
+        """Forget ``node`` (of ``pools``) unless it was seen within ``live_ms``: (ms since
+        it was last seen, -1 if unknown; whether it was forgotten). See ``forget_node.lua``."""
+        keys = [self.keys.nodes, self.keys.node(node), self.keys.drained,
+                *(self.keys.pool_nodes(pool) for pool in pools)]
+        silent, forgotten = self.scripts.forget_node(keys=keys, args=[node, live_ms])
+        return int(silent), bool(forgotten)
+
     # -- farm statistics (celeryfarm metrics) ------------------------------------------------
     def stats(self) -> dict[str, float]:
         """The farm's counters and histogram fields."""

@@ -34,17 +34,47 @@ def transport(broker_url: str) -> str:
 class SetAsideQoS(kombu_redis.QoS):
     """kombu's deliveries, except for a channel closed after its connection was let go
     (seen in a failover: the consumer's connection dropped, then its channel closed): kombu
-    would fail to connect to restore them, with an ``AttributeError`` that Celery takes for
-    an unrecoverable error, and the node would stop. Here they stay set aside in Redis,
-    where the reapers find them (:mod:`celeryfarm.rescue`)."""
+    would fail to connect to restore them, or to acknowledge a step that ends afterwards,
+    with an ``AttributeError`` that Celery takes for an unrecoverable error, and the node
+    would stop. Here they stay set aside in Redis, where the reapers find them
+    (:mod:`celeryfarm.rescue`: a message whose step has ended is dropped)."""
 
     def restore_unacked(self, client: Any = None) -> None:
-        if client is None and self.channel.connection.client is None:
+        if client is None and self._let_go():
             logger.warning("a broker channel closed after its connection: %d unacknowledged "
                            "message(s) left set aside for the reapers", len(self._delivered))
             self._delivered.clear()
             return
         super().restore_unacked(client)
+
+    def ack(self, delivery_tag: str) -> None:
+        if self._let_go():
+            self._leave_set_aside(delivery_tag)
+            return
+        self._acknowledge(delivery_tag)
+
+    def reject(self, delivery_tag: str, requeue: bool = False) -> None:
+        if self._let_go():
+            self._leave_set_aside(delivery_tag)
+            return
+        self._reject(delivery_tag, requeue)
+
+    def _acknowledge(self, delivery_tag: str) -> None:
+        kombu_redis.QoS.ack(self, delivery_tag)
+
+    def _reject(self, delivery_tag: str, requeue: bool) -> None:
+        kombu_redis.QoS.reject(self, delivery_tag, requeue=requeue)
+
+    def _let_go(self) -> bool:
+        """Whether this channel's connection was let go (the channel closed after it)."""
+        connection = self.channel.connection
+        return connection is None or connection.client is None
+
+    def _leave_set_aside(self, delivery_tag: str) -> None:
+        """Forget a delivery here and leave its message set aside in Redis."""
+        logger.warning("message %s ended after its broker channel closed: left set aside "
+                       "for the reapers", delivery_tag)
+        virtual.QoS.ack(self, delivery_tag)
 
 
 class Channel(CapturingPut, kombu_redis.Channel):
@@ -69,16 +99,15 @@ class PatientQoS(SetAsideQoS):
     the record says so). A channel closed after its connection sets its deliveries aside
     (:class:`SetAsideQoS`)."""
 
-    def ack(self, delivery_tag: str) -> None:
+    def _acknowledge(self, delivery_tag: str) -> None:
         self._remove_patiently(delivery_tag)
         virtual.QoS.ack(self, delivery_tag)
 
-    def reject(self, delivery_tag: str, requeue: bool = False) -> None:
+    def _reject(self, delivery_tag: str, requeue: bool) -> None:
         if requeue:
-            super().reject(delivery_tag, requeue=True)
+            super()._reject(delivery_tag, requeue)
             return
-        self._remove_patiently(delivery_tag)
-        virtual.QoS.ack(self, delivery_tag)
+        self._acknowledge(delivery_tag)
 
     def _remove_patiently(self, delivery_tag: str) -> None:
         for pause in (*ACK_PAUSES, None):

@@ -3,8 +3,10 @@ it runs, takes nothing new, stays drained when it restarts, and takes steps once
 
 from __future__ import annotations
 
+import contextlib
 import json
 import uuid
+from collections.abc import Iterator
 
 from celeryfarm.farmapi import Job
 from celeryfarm.plugin import CeleryFarmPlugin
@@ -33,14 +35,26 @@ def heartbeats_after(env: dict[str, str], name: str, count: int = 2) -> None:
                                and n["last_seen"], 30, f"{name}'s next heartbeat"))
 
 
+@contextlib.contextmanager
+def running_node(cluster: LocalCluster, plugin: CeleryFarmPlugin, name: str,
+                 pool: str) -> Iterator[None]:
+    """Node ``name`` serving ``pool`` alone, answering before the block runs; stopped after
+    it, if it still runs."""
+    cluster.start_worker(name, concurrency=1, queues=pool)
+    try:
+        cluster.wait_for_workers(plugin.farm.app, [name])
+        yield
+    finally:
+        if name in cluster.workers:
+            cluster.stop_worker(name)
+
+
 def test_nodes_lists_drain_survives_a_restart_and_enable_brings_a_node_back(
     cluster: LocalCluster, farm_env: dict[str, str], plugin: CeleryFarmPlugin
 ):
     env = base_env(**farm_env)
     pool, name = f"drain-{uuid.uuid4().hex[:6]}", f"d{uuid.uuid4().hex[:6]}"
-    cluster.start_worker(name, concurrency=1, queues=pool)
-    try:
-        cluster.wait_for_workers(plugin.farm.app, [name])
+    with running_node(cluster, plugin, name, pool):
         running, _ = submit(plugin.farm, [renderboot("--seconds", 4)], settings={"pool": pool})
         node = wait_until(lambda: (n := listed(env, name)) and n["running"] and n, 30,
                           "the node to report its running step")
@@ -63,9 +77,6 @@ def test_nodes_lists_drain_survives_a_restart_and_enable_brings_a_node_back(
         assert "enabled" in ok(env, "enable", name)
         assert wait_for_state(plugin, waiting) == State.kCompleted
         assert listed(env, name)["state"] == "up"
-    finally:
-        if name in cluster.workers:
-            cluster.stop_worker(name)
 
 
 def test_draining_an_unknown_node_is_a_one_line_error(farm_env: dict[str, str]):
@@ -82,16 +93,12 @@ def test_a_node_that_is_gone_is_forgotten_and_one_that_comes_back_records_itself
 
     env = base_env(**farm_env)
     pool, name = f"gone-{uuid.uuid4().hex[:6]}", f"g{uuid.uuid4().hex[:6]}"
-    cluster.start_worker(name, concurrency=1, queues=pool)
-    try:
-        cluster.wait_for_workers(plugin.farm.app, [name])
+    with running_node(cluster, plugin, name, pool):
         wait_until(lambda: listed(env, name), 30, f"{name} to record itself")
         assert "drained" in ok(env, "drain", name)
         refused = cli(env, "forget", name)
         assert refused.returncode == 1 and "stop it first" in refused.stderr
         assert listed(env, name)
-    finally:
-        cluster.stop_worker(name)
     # Silent for a lease period (this command's CELERYFARM_LEASE_SECONDS): forgotten.
     quick = {**env, "CELERYFARM_LEASE_SECONDS": "3", "CELERYFARM_STOP_GRACE_SECONDS": "1"}
     wait_until(lambda: cli(quick, "forget", name).returncode == 0, 30, f"{name} forgotten")
@@ -101,12 +108,8 @@ def test_a_node_that_is_gone_is_forgotten_and_one_that_comes_back_records_itself
     assert not [n for n in store.redis.zrange(store.keys.pool_nodes(pool), 0, -1)
                 if n.startswith(f"{name}@")]
     # It comes back: recorded again, and no longer drained (its drain was forgotten too).
-    cluster.start_worker(name, concurrency=1, queues=pool)
-    try:
-        cluster.wait_for_workers(plugin.farm.app, [name])
+    with running_node(cluster, plugin, name, pool):
         node = wait_until(lambda: listed(env, name), 30, f"{name} to record itself again")
         assert node["state"] == "up"
         job_id, _ = submit(plugin.farm, [["true"]], settings={"pool": pool})
         assert wait_for_state(plugin, job_id) == State.kCompleted
-    finally:
-        cluster.stop_worker(name)
